@@ -1,0 +1,121 @@
+"""Activation clustering (Chen et al. 2018), with thresholds that need no poison rate.
+
+Per class: centre the representations, reduce them (PCA or ICA), split them in two with k-means.
+The class is poisoned when the two clusters stand apart: silhouette >= ``min_silhouette`` and
+centroid separation >= ``min_separation`` pooled standard deviations along the line joining the
+centroids (a clean class split in two gives about 2.7). Relative size alone cannot decide: at 10%
+all-to-one poisoning the poisons are half of the target class. Which cluster is the poison is
+decided by :func:`choose_poison_group` (lower loss) when losses are given, else the smaller
+one. Per-sample score: robust z of the position along the centroid line, measured from
+the clean cluster towards the poison one. In a poisoned class the poison cluster and every sample
+with z > ``tail_z`` are flagged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
+
+from poisonguard.detect.common import (
+    MAD_TO_SIGMA,
+    check_inputs,
+    choose_poison_group,
+    per_class,
+    top_principal,
+)
+from poisonguard.errors import ConfigError, DataError
+from poisonguard.types import ClassFinding, DetectorResult
+
+
+@dataclass(frozen=True)
+class ActivationClustering:
+    n_components: int = 10
+    reduce: str = "pca"
+    min_silhouette: float = 0.25
+    min_separation: float = 4.0
+    min_size: float = 0.005
+    tail_z: float = 4.0
+    silhouette_samples: int = 2000
+    seed: int = 0
+    name: str = "activation_clustering"
+
+    def __post_init__(self) -> None:
+        if self.reduce not in ("pca", "ica"):
+            raise ConfigError(f"reduce must be 'pca' or 'ica', got {self.reduce!r}")
+        if self.n_components < 1:
+            raise ConfigError(f"n_components must be >= 1, got {self.n_components}")
+
+    def _reduce(self, xc: np.ndarray) -> np.ndarray:
+        k = max(1, min(self.n_components, xc.shape[1], len(xc) - 1))
+        if self.reduce == "ica":
+            from sklearn.decomposition import FastICA
+
+            return FastICA(n_components=k, random_state=self.seed, max_iter=400,
+                           whiten="unit-variance").fit_transform(xc)
+        comps, _ = top_principal(xc, k)
+        return xc @ comps.T
+
+    def detect(self, features: np.ndarray, labels: np.ndarray,
+               losses: np.ndarray | None = None) -> DetectorResult:
+        check_inputs(features, labels, self.name)
+        if losses is not None and np.shape(losses) != np.shape(labels):
+            raise DataError(f"{self.name}: {np.shape(losses)} losses for {np.shape(labels)} "
+                            "labels")
+        t0 = time.perf_counter()
+        feats = np.asarray(features, dtype=np.float64)
+        scores = np.zeros(len(labels))
+        flags = np.zeros(len(labels), dtype=bool)
+        findings = []
+        for c, idx in per_class(labels):
+            xc = feats[idx] - feats[idx].mean(axis=0)
+            if len(idx) < 4 or not np.any(xc):
+                findings.append(ClassFinding(c, False, len(idx), 0,
+                                             {"reason": "too few or constant samples"}))
+                continue
+            z = self._reduce(xc)
+            assign = KMeans(n_clusters=2, n_init=3, random_state=self.seed).fit(z).labels_
+            groups = [np.flatnonzero(assign == g) for g in (0, 1)]
+            sil = 0.0
+            if min(len(g) for g in groups) >= 2:
+                rng = np.random.default_rng(self.seed)
+                sample = (rng.choice(len(z), self.silhouette_samples, replace=False)
+                          if len(z) > self.silhouette_samples else np.arange(len(z)))
+                if len(np.unique(assign[sample])) == 2:
+                    sil = float(silhouette_score(z[sample], assign[sample]))
+            poison, evidence = choose_poison_group([idx[g] for g in groups], losses)
+            pg, cg = groups[poison], groups[1 - poison]
+            if len(pg) == 0 or len(cg) == 0:
+                findings.append(ClassFinding(c, False, len(idx), 0, {"reason": "one cluster"}))
+                continue
+            direction = z[pg].mean(0) - z[cg].mean(0)
+            proj = z @ (direction / (np.linalg.norm(direction) + 1e-12))
+            pooled = np.sqrt(0.5 * (proj[pg].var() + proj[cg].var())) + 1e-12
+            sep = float((proj[pg].mean() - proj[cg].mean()) / pooled)
+            med = float(np.median(proj[cg]))
+            zscore = (proj - med) / max(
+                MAD_TO_SIGMA * float(np.median(np.abs(proj[cg] - med))), 1e-12)
+            scores[idx] = zscore
+            rel = len(pg) / len(idx)
+            suspicious = (sil >= self.min_silhouette and sep >= self.min_separation
+                          and rel >= self.min_size)
+            class_flags = np.zeros(len(idx), dtype=bool)
+            if suspicious:
+                class_flags[pg] = True
+                class_flags |= zscore > self.tail_z
+            flags[idx] = class_flags
+            findings.append(ClassFinding(c, suspicious, len(idx), int(class_flags.sum()), {
+                "poison_cluster_size": round(rel, 4), "silhouette": round(sil, 4),
+                "separation": round(sep, 3), **evidence}))
+        rule = {"rule": "per-class 2-means; poisoned if silhouette >= min_silhouette and "
+                        "separation >= min_separation and poison cluster >= min_size of the "
+                        "class; flag the poison cluster and robust z > tail_z",
+                "min_silhouette": self.min_silhouette, "min_separation": self.min_separation,
+                "min_size": self.min_size, "tail_z": self.tail_z}
+        return DetectorResult(self.name, scores, flags, self.tail_z, rule, tuple(findings),
+                              time.perf_counter() - t0,
+                              params={"n_components": self.n_components, "reduce": self.reduce,
+                                      "seed": self.seed, "losses": losses is not None})

@@ -1,0 +1,91 @@
+"""Shared helpers for detectors: input checks, robust statistics, per-class iteration."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from poisonguard.errors import DataError
+
+MAD_TO_SIGMA = 1.4826
+
+
+def check_inputs(features: np.ndarray | None, labels: np.ndarray, name: str,
+                 need_features: bool = True) -> None:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or len(labels) == 0:
+        raise DataError(f"{name}: labels must be a non-empty 1-D array, got shape {labels.shape}")
+    if need_features:
+        if features is None:
+            raise DataError(f"{name}: needs per-sample features")
+        if features.ndim != 2:
+            raise DataError(f"{name}: features must be 2-D (samples, dims), got "
+                            f"{features.shape}")
+        if len(features) != len(labels):
+            raise DataError(f"{name}: {len(features)} feature rows but {len(labels)} labels")
+        if not np.isfinite(features).all():
+            raise DataError(f"{name}: features contain NaN or inf")
+
+
+def robust_z(values: np.ndarray, center: float | None = None) -> np.ndarray:
+    """(v - median) / (1.4826 MAD), with a floor on the scale so constant data gives 0."""
+    med = float(np.median(values)) if center is None else center
+    mad = float(np.median(np.abs(values - med))) * MAD_TO_SIGMA
+    scale = max(mad, 1e-12, 1e-6 * float(np.std(values)))
+    return (values - med) / scale
+
+
+def per_class(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    for c in np.unique(labels):
+        yield int(c), np.flatnonzero(labels == c)
+
+
+def top_principal(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k principal directions (k, D) and their variances of centred ``x`` (via D x D eigh)."""
+    d = x.shape[1]
+    if len(x) < d:
+        _, s, vt = np.linalg.svd(x, full_matrices=False)
+        return vt[:k], (s[:k] ** 2) / max(len(x) - 1, 1)
+    cov = (x.T @ x) / max(len(x) - 1, 1)
+    w, v = np.linalg.eigh(cov)
+    order = np.argsort(w)[::-1][:k]
+    return v[:, order].T, w[order]
+
+
+def choose_poison_group(groups: list[np.ndarray], losses: np.ndarray | None
+                        ) -> tuple[int, dict]:
+    """Which of two groups (index arrays into ``losses``) is the poison.
+
+    Backdoor poisons are learned faster and more confidently than clean samples of their label
+    (the premise of ABL, Li et al. 2021), so the group with the lower median log-loss under the
+    sacrificial model is the poison. Relative size cannot decide: at 10% all-to-one poisoning the
+    poisons are half of the target class. Without losses, the smaller group is taken."""
+    sizes = [len(g) for g in groups]
+    if losses is None or min(sizes) == 0:
+        return int(np.argmin(sizes)), {"poison_group_rule": "smaller group"}
+    med = [float(np.median(np.log10(losses[g] + 1e-30))) for g in groups]
+    return int(np.argmin(med)), {"poison_group_rule": "lower median log-loss",
+                                 "median_log10_loss": [round(m, 2) for m in med]}
+
+
+def split_1d(values: np.ndarray) -> tuple[float, float]:
+    """Best two-group split of 1-D values (Otsu / 1-D 2-means): (threshold, separation), where
+    separation = gap between group means over their pooled standard deviation."""
+    v = np.sort(values)
+    n = len(v)
+    if n < 4:
+        return float(v[-1]), 0.0
+    csum = np.cumsum(v)
+    csq = np.cumsum(v * v)
+    k = np.arange(1, n)
+    left_mean = csum[:-1] / k
+    right_mean = (csum[-1] - csum[:-1]) / (n - k)
+    left_ss = csq[:-1] - k * left_mean**2
+    right_ss = (csq[-1] - csq[:-1]) - (n - k) * right_mean**2
+    within = left_ss + right_ss
+    best = int(np.argmin(within))
+    kk = best + 1
+    pooled = np.sqrt(0.5 * (left_ss[best] / kk + right_ss[best] / (n - kk))) + 1e-12
+    sep = float((right_mean[best] - left_mean[best]) / pooled)
+    return float(0.5 * (v[best] + v[best + 1])), sep

@@ -1,0 +1,221 @@
+"""The torch adapter: numpy in, numpy out; representations from a named layer via a forward hook,
+batched probabilities, per-sample losses and per-sample gradient norms (``torch.func``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from poisonguard.errors import DataError, ModelError
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How raw numpy samples become model inputs.
+
+    ``layout``: ``"nchw"`` (images given NHW or NHWC are moved to NCHW), ``"flat"`` (each sample
+    flattened to a vector) or ``"raw"`` (passed as the data holds them: uint8 stays uint8, other
+    dtypes become float32; for TorchScript models that do their own preprocessing). ``scale``
+    multiplies the values (1/255 for uint8 images). ``dtype`` is
+    the torch dtype the model takes: ``"float32"`` or ``"uint8"`` (TorchScript models fed raw).
+    """
+
+    layout: str = "nchw"
+    scale: float = 1.0 / 255.0
+    dtype: str = "float32"
+
+    @classmethod
+    def for_data(cls, x: np.ndarray) -> InputSpec:
+        """The spec the built-in models use for data like ``x``."""
+        if x.ndim == 2:
+            return cls(layout="flat", scale=1.0)
+        scale = 1.0 / 255.0 if np.issubdtype(x.dtype, np.integer) else 1.0
+        return cls(layout="nchw", scale=scale)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def sample_shape(self, x: np.ndarray) -> tuple[int, ...]:
+        return tuple(self.prepare(x[:1]).shape[1:])
+
+    def prepare(self, x: np.ndarray) -> torch.Tensor:
+        """Convert a numpy batch to a model-ready tensor."""
+        if self.layout == "raw":
+            if x.dtype == np.uint8:
+                return torch.from_numpy(np.ascontiguousarray(x))
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if self.layout == "flat":
+            arr = x.reshape(len(x), -1)
+        elif x.ndim == 3:
+            arr = x[:, None, :, :]
+        elif x.ndim == 4:
+            arr = np.transpose(x, (0, 3, 1, 2))
+        else:
+            raise DataError(f"input of shape {x.shape} cannot be laid out as images (NCHW)")
+        if self.dtype == "uint8":
+            return torch.from_numpy(np.ascontiguousarray(arr))
+        t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        return t * self.scale if self.scale != 1.0 else t
+
+
+def batches(n: int, batch_size: int) -> Iterator[slice]:
+    for start in range(0, n, batch_size):
+        yield slice(start, min(start + batch_size, n))
+
+
+class TorchClassifier:
+    """Wraps any ``nn.Module`` (or TorchScript module) that maps inputs to class logits.
+
+    ``layer`` names the representation layer (``model.get_submodule`` path); its output is
+    captured with a forward hook and flattened. ``outputs`` is ``"logits"`` or ``"probs"``.
+    """
+
+    def __init__(self, model: nn.Module, input_spec: InputSpec, layer: str | None = None,
+                 batch_size: int = 512, outputs: str = "logits", progress: bool = False,
+                 n_classes: int | None = None) -> None:
+        if outputs not in ("logits", "probs"):
+            raise ModelError(f"outputs must be 'logits' or 'probs', got {outputs!r}")
+        self.model = model.eval()
+        self.input_spec = input_spec
+        self.batch_size = int(batch_size)
+        self.outputs = outputs
+        self.progress = progress
+        self.n_classes = n_classes
+        self.layer = layer
+        if layer is not None:
+            self._resolve_layer(layer)
+
+    def _resolve_layer(self, layer: str) -> nn.Module:
+        try:
+            return self.model.get_submodule(layer)
+        except AttributeError:
+            names = [n for n, _ in self.model.named_modules() if n]
+            raise ModelError(
+                f"layer {layer!r} does not exist in the model; available layers: "
+                f"{', '.join(names[:40])}{' …' if len(names) > 40 else ''}"
+            ) from None
+
+    def _iter(self, n: int, desc: str) -> Iterator[slice]:
+        it = batches(n, self.batch_size)
+        if self.progress and n > 5 * self.batch_size:
+            return tqdm(it, total=(n + self.batch_size - 1) // self.batch_size, desc=desc,
+                        leave=False)
+        return it
+
+    def _logits(self, xb: torch.Tensor) -> torch.Tensor:
+        try:
+            out = self.model(xb)
+        except RuntimeError as exc:
+            raise ModelError(f"the model rejected inputs of shape {tuple(xb.shape)}: "
+                             f"{str(exc).splitlines()[0]}") from None
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        if out.ndim != 2:
+            raise ModelError(f"model output has shape {tuple(out.shape)}; expected (batch, "
+                             "classes)")
+        if self.n_classes is not None and out.shape[1] != self.n_classes:
+            raise ModelError(f"model outputs {out.shape[1]} classes but the data has "
+                             f"{self.n_classes}; use a model trained for these labels")
+        if self.outputs == "probs":
+            return torch.log(out.clamp_min(1e-12))
+        return out
+
+    @torch.no_grad()
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """Class probabilities, shape (N, K)."""
+        out = [F.softmax(self._logits(self.input_spec.prepare(x[s])), dim=1)
+               for s in self._iter(len(x), "predict")]
+        return torch.cat(out).numpy()
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.predict_proba(x).argmax(axis=1)
+
+    @torch.no_grad()
+    def forward_all(self, x: np.ndarray, y: np.ndarray | None = None,
+                    layer: str | None = None,
+                    extra_layers: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+        """One pass: probabilities, per-sample losses (if ``y``), the flattened activations of
+        ``layer`` (default: the adapter's) as ``representations`` (log-probabilities when no layer
+        is set) and of each of ``extra_layers`` under ``layer:<name>``."""
+        layer = layer or self.layer
+        names = ([layer] if layer is not None else []) + [n for n in extra_layers if n != layer]
+        captured: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        handles = []
+
+        def hook_for(name: str):  # noqa: ANN202
+            def hook(_m: nn.Module, _i: object, o: object) -> None:
+                t = o[0] if isinstance(o, (tuple, list)) else o
+                captured[name].append(t.detach().flatten(1).clone())
+            return hook
+
+        try:
+            for name in names:
+                module = self._resolve_layer(name)
+                try:
+                    handles.append(module.register_forward_hook(hook_for(name)))
+                except RuntimeError as exc:
+                    raise ModelError(f"cannot attach a hook to layer {name!r} ({exc}); pass "
+                                     "layer=None to use the model output") from None
+            probs, losses = [], []
+            for s in self._iter(len(x), "representations"):
+                logits = self._logits(self.input_spec.prepare(x[s]))
+                probs.append(F.softmax(logits, dim=1))
+                if y is not None:
+                    yb = torch.from_numpy(np.asarray(y[s], dtype=np.int64))
+                    losses.append(F.cross_entropy(logits.double(), yb, reduction="none"))
+                for name in names:
+                    if len(captured[name]) != len(probs):
+                        raise ModelError(f"layer {name!r} was not called exactly once in "
+                                         "forward()")
+        finally:
+            for h in handles:
+                h.remove()
+        result = {"probs": torch.cat(probs).numpy()}
+        for name in names:
+            result[f"layer:{name}"] = torch.cat(captured[name]).numpy()
+        result["representations"] = (result[f"layer:{layer}"] if layer is not None
+                                     else np.log(result["probs"] + 1e-12))
+        if y is not None:
+            result["losses"] = torch.cat(losses).numpy()
+        return result
+
+    def representations(self, x: np.ndarray, layer: str | None = None) -> np.ndarray:
+        """Flattened activations of ``layer`` (default: the adapter's layer), shape (N, D)."""
+        return self.forward_all(x, layer=layer)["representations"]
+
+    def per_sample_loss(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self.forward_all(x, y)["losses"]
+
+    def per_sample_grad_norm(self, x: np.ndarray, y: np.ndarray,
+                             params: list[str] | None = None) -> np.ndarray:
+        """L2 norm of each sample's loss gradient w.r.t. the parameters (default: all)."""
+        from torch.func import functional_call, grad, vmap
+
+        named = {k: v.detach() for k, v in self.model.named_parameters()
+                 if params is None or k in params}
+        if not named:
+            raise ModelError(f"no parameters selected for gradients (params={params})")
+        buffers = {k: v.detach() for k, v in self.model.named_buffers()}
+
+        def loss_fn(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+            out = functional_call(self.model, (p, buffers), (xi.unsqueeze(0),))
+            if self.outputs == "probs":
+                out = torch.log(out.clamp_min(1e-12))
+            return F.cross_entropy(out, yi.unsqueeze(0))
+
+        per_sample = vmap(grad(loss_fn), in_dims=(None, 0, 0))
+        norms = []
+        for s in self._iter(len(x), "gradient norms"):
+            xb = self.input_spec.prepare(x[s])
+            yb = torch.from_numpy(np.asarray(y[s], dtype=np.int64))
+            grads = per_sample(named, xb, yb)
+            sq = sum(g.reshape(len(xb), -1).pow(2).sum(1) for g in grads.values())
+            norms.append(sq.sqrt())
+        return torch.cat(norms).numpy()

@@ -1,0 +1,120 @@
+"""Saving and safely loading models. Untrusted files are never unpickled: weights load through
+safetensors or ``torch.load(weights_only=True)``; TorchScript archives through ``torch.jit.load``.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from poisonguard import __version__
+from poisonguard.errors import ModelError, UnsafeModelFileError
+from poisonguard.io import atomic_write_bytes, atomic_write_json
+from poisonguard.models.adapter import InputSpec, TorchClassifier
+from poisonguard.models.architectures import build_model
+
+MODEL_JSON = "model.json"
+WEIGHTS = "model.safetensors"
+FORMAT = "poisonguard-model"
+
+
+def save_model(out_dir: str | Path, model: nn.Module, arch: str, arch_kwargs: dict[str, Any],
+               input_spec: InputSpec, n_classes: int, layer: str | None,
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` (what rebuilds it) into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tmp = out / f".{WEIGHTS}.tmp"
+    save_file(state, str(tmp))
+    atomic_write_bytes(out / WEIGHTS, tmp.read_bytes())
+    tmp.unlink()
+    atomic_write_json(out / MODEL_JSON, {
+        "format": FORMAT, "format_version": 1, "poisonguard_version": __version__,
+        "arch": arch, "arch_kwargs": arch_kwargs, "input_spec": input_spec.to_dict(),
+        "n_classes": int(n_classes), "layer": layer, "extra": extra or {},
+    })
+    return out
+
+
+def _is_torchscript(path: Path) -> bool:
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+    return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
+
+
+def _refuse_pickle(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        raise ModelError(f"{path}: file is empty")
+    if not zipfile.is_zipfile(path):
+        raise UnsafeModelFileError(
+            f"{path}: a raw pickle (or unknown format) model file is refused, never loaded; "
+            "provide safetensors weights with model.json, a TorchScript archive, or a state dict "
+            "saved with torch.save (loaded with weights_only=True)")
+
+
+def load_model(path: str | Path, batch_size: int = 512, progress: bool = False
+               ) -> TorchClassifier:
+    """Load a model written by ``save_model`` (folder, model.json or .safetensors beside it),
+    a TorchScript archive, or a torch state dict with a model.json beside it."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such model file or folder")
+    meta_path = None
+    if path.is_dir():
+        meta_path = path / MODEL_JSON
+    elif path.suffix == ".json":
+        meta_path = path
+    elif path.suffix == ".safetensors" or (path.parent / MODEL_JSON).exists():
+        meta_path = path.parent / MODEL_JSON
+    if meta_path is None or not meta_path.exists():
+        if path.is_dir():
+            raise ModelError(f"{path}: folder has no {MODEL_JSON}")
+        _refuse_pickle(path)
+        if not _is_torchscript(path):
+            raise ModelError(f"{path}: a state dict needs a {MODEL_JSON} beside it to rebuild "
+                             "the architecture")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"{path}: not a loadable TorchScript archive ({exc})") from None
+        return TorchClassifier(module, InputSpec(layout="raw", scale=1.0), layer=None,
+                               batch_size=batch_size, progress=progress)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{meta_path}: unreadable model description ({exc})") from None
+    if meta.get("format") != FORMAT:
+        raise ModelError(f"{meta_path}: not a poisonguard model description")
+    model = build_model(meta["arch"], **meta["arch_kwargs"])
+    weights = path if path.is_file() and path.suffix != ".json" else meta_path.parent / WEIGHTS
+    if not weights.exists():
+        raise ModelError(f"{weights}: weights file missing")
+    if weights.suffix == ".safetensors":
+        try:
+            state = load_file(str(weights))
+        except Exception as exc:  # noqa: BLE001
+            raise ModelError(f"{weights}: unreadable safetensors file ({exc})") from None
+    else:
+        _refuse_pickle(weights)
+        try:
+            state = torch.load(str(weights), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise UnsafeModelFileError(f"{weights}: refused by the safe loader "
+                                       f"(weights_only=True): {exc}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ModelError(f"{weights}: weights do not fit the {meta['arch']} architecture "
+                         f"({str(exc).splitlines()[0]})") from None
+    spec = InputSpec(**meta["input_spec"])
+    return TorchClassifier(model.eval(), spec, layer=meta.get("layer"), batch_size=batch_size,
+                           progress=progress, n_classes=meta["n_classes"])

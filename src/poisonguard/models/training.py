@@ -1,0 +1,146 @@
+"""A seeded training loop for the built-in (or any) classifier."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from poisonguard.data.labeled import LabeledData
+from poisonguard.errors import ConfigError, DataError
+from poisonguard.models.adapter import InputSpec, TorchClassifier
+from poisonguard.models.architectures import (
+    DEFAULT_LAYER,
+    build_model,
+    choose_architecture,
+    fit_normalization,
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters. ``augment`` adds random crops (pad 2) and, for colour images,
+    horizontal flips."""
+
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 3e-3
+    weight_decay: float = 5e-4
+    seed: int = 0
+    augment: bool = False
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    classifier: TorchClassifier
+    arch: str
+    arch_kwargs: dict[str, Any]
+    config: TrainConfig
+    history: list[dict[str, float]] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
+
+
+def _augment(xb: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor:
+    n, _, h, w = xb.shape
+    padded = F.pad(xb, (2, 2, 2, 2), mode="replicate")
+    dx = torch.randint(0, 5, (1,), generator=gen).item()
+    dy = torch.randint(0, 5, (1,), generator=gen).item()
+    out = padded[:, :, dy:dy + h, dx:dx + w]
+    if flip:
+        mask = torch.rand(n, generator=gen) < 0.5
+        out = torch.where(mask[:, None, None, None], out.flip(3), out)
+    return out
+
+
+def train_classifier(data: LabeledData, config: TrainConfig | None = None,
+                     model: nn.Module | None = None, input_spec: InputSpec | None = None,
+                     arch: str | None = None, n_classes: int | None = None,
+                     progress: bool = False) -> TrainResult:
+    """Train ``model`` (default: a built-in architecture sized to ``data``) on ``data``.
+
+    Deterministic for a given seed on one machine. Returns the trained adapter and history.
+    """
+    config = config or TrainConfig()
+    spec = input_spec or InputSpec.for_data(data.x)
+    n_classes = n_classes or data.n_classes
+    if len(data) < config.batch_size // 4 or len(data) < 2:
+        raise DataError(f"dataset has {len(data)} samples, too few for batch size "
+                        f"{config.batch_size}; lower the batch size or add data")
+    seed_everything(config.seed)
+    arch_kwargs: dict[str, Any] = {}
+    if model is None:
+        chosen, arch_kwargs = choose_architecture(spec.sample_shape(data.x), n_classes)
+        arch = arch or chosen
+        model = build_model(arch, **arch_kwargs)
+        sample = np.random.default_rng(config.seed).choice(len(data), min(len(data), 5000),
+                                                            replace=False)
+        fit_normalization(model, spec.prepare(data.x[np.sort(sample)]))
+    arch = arch or "custom"
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = (len(data) + config.batch_size - 1) // config.batch_size
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, epochs=config.epochs,
+                                                steps_per_epoch=steps_per_epoch,
+                                                pct_start=0.25)
+    rng = np.random.default_rng(config.seed)
+    gen = torch.Generator().manual_seed(config.seed)
+    flip = data.x.ndim == 4 and data.x.shape[-1] == 3
+    y_all = torch.from_numpy(data.y)
+    history = []
+    t0 = time.perf_counter()
+    for epoch in range(config.epochs):
+        model.train()
+        order = rng.permutation(len(data))
+        total, correct, seen = 0.0, 0, 0
+        it = range(0, len(data), config.batch_size)
+        if progress:
+            it = tqdm(it, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
+        for start in it:
+            idx = order[start:start + config.batch_size]
+            if len(idx) < 2:
+                continue
+            xb = spec.prepare(data.x[idx])
+            if config.augment and xb.ndim == 4:
+                xb = _augment(xb, gen, flip)
+            yb = y_all[idx]
+            logits = model(xb)
+            if logits.ndim != 2 or logits.shape[1] < n_classes:
+                raise DataError(f"model output shape {tuple(logits.shape)} does not match "
+                                f"{n_classes} classes")
+            loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yb).sum())
+            seen += len(idx)
+        history.append({"epoch": epoch + 1, "loss": total / max(seen, 1),
+                        "train_acc": correct / max(seen, 1)})
+    model.eval()
+    clf = TorchClassifier(model, spec, layer=DEFAULT_LAYER if hasattr(model, DEFAULT_LAYER)
+                          else None, n_classes=n_classes, progress=progress)
+    return TrainResult(classifier=clf, arch=arch, arch_kwargs=arch_kwargs, config=config,
+                       history=history, wall_s=time.perf_counter() - t0)

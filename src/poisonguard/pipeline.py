@@ -1,0 +1,289 @@
+"""The quarantine workflow: sacrificial model -> shared inputs -> detectors -> cross-reference
+-> sanitised set -> (optionally) retrain and measure. Each step is a plain function."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from poisonguard.attacks.base import PoisonedData
+from poisonguard.data.labeled import LabeledData, check_scannable
+from poisonguard.detect import ActivationClustering, LossOutliers, SpectralSignatures
+from poisonguard.detect.crossref import CrossReference
+from poisonguard.errors import ConfigError, DataError
+from poisonguard.metrics import accuracy, attack_success_rate, detection_metrics
+from poisonguard.models.adapter import TorchClassifier
+from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
+from poisonguard.types import ClassFinding, DetectorResult
+
+DETECTORS = ("activation_clustering", "spectral_signatures", "loss_outliers")
+
+
+def auto_epochs(n_samples: int) -> int:
+    """Epochs for the sacrificial model: about 120k sample visits, between 2 and 30 epochs."""
+    return int(min(30, max(2, math.ceil(120_000 / max(n_samples, 1)))))
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    """Options of a quarantine scan. ``epochs=None`` picks :func:`auto_epochs`."""
+
+    seed: int = 0
+    epochs: int | None = None
+    batch_size: int = 128
+    layer: str | None = None
+    detectors: tuple[str, ...] = DETECTORS
+    min_class_votes: int = 2
+    max_rounds: int = 3
+    final_model: bool = True
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = set(self.detectors) - set(DETECTORS)
+        if self.max_rounds < 1:
+            raise ConfigError(f"max_rounds must be >= 1, got {self.max_rounds}")
+        if unknown or not self.detectors:
+            raise ConfigError(f"unknown or no detectors {sorted(unknown)}; choose from "
+                              f"{list(DETECTORS)}")
+
+    def train_config(self, n_samples: int) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs or auto_epochs(n_samples),
+                           batch_size=self.batch_size, seed=self.seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RoundResult:
+    """One round: a model trained on ``kept`` (indices into the scanned data) and the detectors
+    run on those samples."""
+
+    kept: np.ndarray
+    detectors: list[DetectorResult]
+    combined: DetectorResult
+    classifier: TorchClassifier
+    train: TrainResult | None
+    timings: dict[str, float]
+
+
+@dataclass
+class ScanResult:
+    """The outcome of a scan. ``combined`` merges all rounds (flags: union; confidence: max;
+    a class is poisoned if any round says so); ``detectors`` are the first round's results on
+    every sample; ``final_classifier`` was trained on the sanitised set (None when a user model
+    was scanned)."""
+
+    data: LabeledData
+    rounds: list[RoundResult]
+    combined: DetectorResult
+    representations: np.ndarray
+    losses: np.ndarray
+    config: ScanConfig
+    final_classifier: TorchClassifier | None
+    final_train: TrainResult | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def detectors(self) -> list[DetectorResult]:
+        return self.rounds[0].detectors
+
+    @property
+    def classifier(self) -> TorchClassifier:
+        return self.rounds[0].classifier
+
+    @property
+    def train(self) -> TrainResult | None:
+        return self.rounds[0].train
+
+    @property
+    def flags(self) -> np.ndarray:
+        return self.combined.flags
+
+    @property
+    def poisoned_classes(self) -> list[int]:
+        return self.combined.suspicious_classes
+
+
+def run_detectors(features: np.ndarray, labels: np.ndarray, losses: np.ndarray | None,
+                  names: tuple[str, ...] = DETECTORS,
+                  seed: int = 0, min_class_votes: int = 2
+                  ) -> tuple[list[DetectorResult], DetectorResult]:
+    """Run the named detectors on precomputed inputs and cross-reference them."""
+    results = []
+    for name in names:
+        if name == "activation_clustering":
+            results.append(ActivationClustering(seed=seed).detect(features, labels, losses))
+        elif name == "spectral_signatures":
+            results.append(SpectralSignatures().detect(features, labels, losses))
+        elif name == "loss_outliers":
+            if losses is None:
+                raise DataError("loss_outliers needs per-sample losses")
+            results.append(LossOutliers().detect(losses, labels))
+    combined = CrossReference(min_class_votes=min_class_votes).combine(results, labels)
+    return results, combined
+
+
+def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
+                classifier: TorchClassifier | None, n_classes: int
+                ) -> tuple[RoundResult, dict[str, np.ndarray]]:
+    timings: dict[str, float] = {}
+    train = None
+    subset = data.subset(kept)
+    t0 = time.perf_counter()
+    if classifier is None:
+        train = train_classifier(subset, config.train_config(len(data)), n_classes=n_classes,
+                                 progress=config.progress)
+        classifier = train.classifier
+    timings["training_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    out = classifier.forward_all(subset.x, subset.y, layer=config.layer or classifier.layer)
+    if out["probs"].shape[1] < n_classes:
+        raise DataError(f"the model outputs {out['probs'].shape[1]} classes but the labels go "
+                        f"up to {n_classes - 1}")
+    timings["representations_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    results, combined = run_detectors(out["representations"], subset.y, out["losses"],
+                                      config.detectors, config.seed, config.min_class_votes)
+    timings["detectors_s"] = round(time.perf_counter() - t0, 3)
+    return RoundResult(kept, results, combined, classifier, train, timings), out
+
+
+def _merge_rounds(rounds: list[RoundResult], labels: np.ndarray) -> DetectorResult:
+    n = len(labels)
+    flags = np.zeros(n, dtype=bool)
+    confidence = np.zeros(n)
+    votes = np.zeros(n, dtype=np.int64)
+    names = [r.name for r in rounds[0].detectors]
+    det_flags = {name: np.zeros(n, dtype=bool) for name in names}
+    class_info: dict[int, dict[str, Any]] = {}
+    for rnd in rounds:
+        k = rnd.kept
+        flags[k] |= rnd.combined.flags
+        confidence[k] = np.maximum(confidence[k], rnd.combined.scores)
+        votes[k] = np.maximum(votes[k], rnd.combined.extras["votes"])
+        for name, f in rnd.combined.extras["detector_flags"].items():
+            det_flags[name][k] |= f
+        for f in rnd.combined.findings:
+            info = class_info.setdefault(f.label, {"poisoned": False, "verdict": "clean",
+                                                   "detectors": set(), "rounds": []})
+            if f.suspicious:
+                info["poisoned"] = True
+                info["rounds"].append(len(info["rounds"]) + 1)
+            order = ["clean", "suspect", "poisoned"]
+            if order.index(f.evidence["verdict"]) > order.index(info["verdict"]):
+                info["verdict"] = f.evidence["verdict"]
+            info["detectors"] |= set(f.evidence["detectors"])
+    findings = []
+    for c in sorted(class_info):
+        info = class_info[c]
+        idx = labels == c
+        findings.append(ClassFinding(c, info["poisoned"], int(idx.sum()),
+                                     int(flags[idx].sum()),
+                                     {"verdict": info["verdict"],
+                                      "detectors": sorted(info["detectors"])}))
+    first = rounds[0].combined
+    return DetectorResult(first.name, confidence, flags, None, first.threshold_rule,
+                          tuple(findings), sum(r.combined.runtime_s for r in rounds),
+                          extras={"votes": votes, "detector_flags": det_flags,
+                                  "rounds": [{"n_trained_on": int(len(r.kept)),
+                                              "n_flagged": int(r.combined.flags.sum()),
+                                              "poisoned_classes": r.combined.suspicious_classes,
+                                              "timings": r.timings} for r in rounds]})
+
+
+def scan(data: LabeledData, config: ScanConfig | None = None,
+         classifier: TorchClassifier | None = None) -> ScanResult:
+    """Scan ``data`` for poisons; the scan is told nothing about any attack.
+
+    Without ``classifier``, a sacrificial model is trained on the data itself; after each round
+    that flags samples, a fresh model is trained without them and the kept samples are scanned
+    again (poisons the first model had not learned show up once the bulk is gone), for at most
+    ``config.max_rounds`` rounds. The last model, trained on the sanitised set, is kept as
+    ``final_classifier``. With a user ``classifier`` there is one round.
+    """
+    config = config or ScanConfig()
+    check_scannable(data)
+    n_classes = data.n_classes
+    kept = np.arange(len(data))
+    rounds: list[RoundResult] = []
+    first_out: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    max_rounds = 1 if classifier is not None else config.max_rounds
+    for r in range(max_rounds):
+        rnd, out = _scan_round(data, kept, config, classifier, n_classes)
+        rounds.append(rnd)
+        if r == 0:
+            first_out = out
+        new = rnd.combined.flags
+        if not new.any():
+            break
+        kept = kept[~new]
+    combined = _merge_rounds(rounds, data.y)
+    final_clf, final_train = None, None
+    if classifier is None:
+        last = rounds[-1]
+        if len(last.kept) == int((~combined.flags).sum()):
+            final_clf, final_train = last.classifier, last.train
+        elif config.final_model:
+            final_train = train_classifier(data.subset(np.flatnonzero(~combined.flags)),
+                                           config.train_config(len(data)), n_classes=n_classes,
+                                           progress=config.progress)
+            final_clf = final_train.classifier
+    timings = {"total_s": round(time.perf_counter() - t0, 3), "rounds": len(rounds)}
+    for key in ("training_s", "representations_s", "detectors_s"):
+        timings[key] = round(sum(r.timings[key] for r in rounds), 3)
+    return ScanResult(data=data, rounds=rounds, combined=combined,
+                      representations=first_out["representations"],
+                      losses=first_out["losses"], config=config, final_classifier=final_clf,
+                      final_train=final_train, timings=timings)
+
+
+def sanitize(result: ScanResult) -> tuple[LabeledData, list[dict[str, Any]]]:
+    """The dataset without flagged samples, and one record per removed sample saying why."""
+    flags = result.flags
+    per_det = result.combined.extras["detector_flags"]
+    removed = []
+    for i in np.flatnonzero(flags):
+        removed.append({"index": int(i), "id": result.data.ids[i].item(),
+                        "label": int(result.data.y[i]),
+                        "confidence": round(float(result.combined.scores[i]), 4),
+                        "detectors": [n for n, f in per_det.items() if f[i]]})
+    return result.data.subset(np.flatnonzero(~flags)), removed
+
+
+def evaluate_model(classifier: TorchClassifier, test: LabeledData | None,
+                   poisoned: PoisonedData | None) -> dict[str, float | None]:
+    """Clean accuracy on ``test`` and ASR on the attack's triggered test set (when known)."""
+    out: dict[str, float | None] = {"clean_accuracy": None, "asr": None}
+    if test is not None:
+        out["clean_accuracy"] = accuracy(classifier.predict(test.x), test.y)
+    if poisoned is not None and poisoned.test_triggered is not None:
+        trig = poisoned.test_triggered
+        out["asr"] = attack_success_rate(classifier.predict(trig.x), trig.y)
+    return out
+
+
+def score_against_truth(result: ScanResult, truth: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Detection metrics of every detector and of the cross-referenced set."""
+    out = {r.name: detection_metrics(r.flags, truth, r.scores) for r in result.detectors}
+    out[result.combined.name] = detection_metrics(result.flags, truth, result.combined.scores)
+    return out
+
+
+def compare_before_after(result: ScanResult, test: LabeledData | None,
+                         poisoned: PoisonedData | None) -> dict[str, Any]:
+    """Clean accuracy and ASR of the model trained on the data as given (the first sacrificial
+    model) and of the model trained on the sanitised set (same recipe)."""
+    if result.final_classifier is None:
+        raise ConfigError("no model was trained on the sanitised set (a user model was scanned "
+                          "or final_model=False)")
+    n_after = int((~result.flags).sum())
+    return {"before": evaluate_model(result.classifier, test, poisoned),
+            "after": evaluate_model(result.final_classifier, test, poisoned),
+            "train_config": result.config.train_config(len(result.data)).to_dict(),
+            "n_train_before": len(result.data), "n_train_after": n_after}

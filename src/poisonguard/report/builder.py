@@ -1,0 +1,152 @@
+"""Build the canonical JSON report (a plain dict) of a quarantine scan."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from typing import Any
+
+import numpy as np
+
+from poisonguard import SCHEMA_VERSION, __version__
+from poisonguard.attacks.base import PoisonedData
+from poisonguard.types import jsonable
+
+MAX_PROJECTION_PER_CLASS = 1500
+N_THUMBNAILS = 48
+
+
+def environment() -> dict[str, str]:
+    import sklearn
+    import torch
+
+    return {"python": platform.python_version(), "platform": platform.platform(),
+            "numpy": np.__version__, "torch": torch.__version__,
+            "scikit-learn": sklearn.__version__}
+
+
+def _projections(result: Any, seed: int) -> dict[str, Any]:
+    """Per class: 2-D PCA of the representations (subsampled, flagged samples kept)."""
+    from poisonguard.detect.common import top_principal
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c in np.unique(result.data.y):
+        idx = np.flatnonzero(result.data.y == c)
+        flagged = idx[result.flags[idx]]
+        rest = idx[~result.flags[idx]]
+        budget = max(MAX_PROJECTION_PER_CLASS - len(flagged), MAX_PROJECTION_PER_CLASS // 2)
+        if len(rest) > budget:
+            rest = rng.choice(rest, budget, replace=False)
+        if len(flagged) > MAX_PROJECTION_PER_CLASS:
+            flagged = rng.choice(flagged, MAX_PROJECTION_PER_CLASS, replace=False)
+        keep = np.sort(np.concatenate([flagged, rest]))
+        x = result.representations[idx].astype(np.float64)
+        mean = x.mean(0)
+        comps, _ = top_principal(x - mean, 2)
+        xy = (result.representations[keep] - mean) @ comps.T
+        if xy.shape[1] < 2:
+            xy = np.hstack([xy, np.zeros((len(xy), 2 - xy.shape[1]))])
+        out[str(int(c))] = {"index": keep.tolist(), "x": np.round(xy[:, 0], 4).tolist(),
+                            "y": np.round(xy[:, 1], 4).tolist()}
+    return out
+
+
+def _thumbnails(result: Any) -> list[dict[str, Any]]:
+    x = result.data.x
+    if x.ndim not in (3, 4):
+        return []
+    conf = result.combined.scores
+    order = np.lexsort((-np.abs(result.detectors[0].scores), -conf))[:N_THUMBNAILS]
+    thumbs = []
+    for i in order:
+        img = x[i]
+        if img.dtype != np.uint8:
+            img = np.clip(img * 255.0, 0, 255).astype(np.uint8)
+        thumbs.append({"index": int(i), "id": result.data.ids[i].item(),
+                       "label": int(result.data.y[i]), "confidence": float(conf[i]),
+                       "flagged": bool(result.flags[i]), "shape": list(img.shape),
+                       "pixels": img.reshape(-1).tolist()})
+    return thumbs
+
+
+def build_scan_report(result: Any, command: str = "scan", poisoned: PoisonedData | None = None,
+                      sanitize_info: dict[str, Any] | None = None,
+                      retrain: dict[str, Any] | None = None,
+                      metrics: dict[str, Any] | None = None,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The canonical report of a scan (see README, "Report schema")."""
+    data = result.data
+    combined = result.combined
+    per_det = combined.extras["detector_flags"]
+    classes = []
+    for f in combined.findings:
+        det_evidence = {r.name: next(x.to_dict() for x in r.findings if x.label == f.label)
+                        for r in result.detectors}
+        classes.append({"label": f.label, "verdict": f.evidence["verdict"],
+                        "detectors": f.evidence["detectors"], "n_samples": f.n_samples,
+                        "n_flagged": f.n_flagged, "evidence": det_evidence})
+    poisoned_classes = combined.suspicious_classes
+    n_flagged = int(result.flags.sum())
+    if poisoned_classes:
+        summary = (f"POISONING FOUND: class(es) {poisoned_classes} hold a separable "
+                   f"sub-population; {n_flagged} of {len(data)} samples flagged")
+    elif n_flagged:
+        summary = (f"no class judged poisoned; {n_flagged} isolated samples flagged by several "
+                   "detectors for review")
+    else:
+        summary = "no poisoning found"
+    train_info = None
+    if result.train is not None:
+        train_info = {"arch": result.train.arch, "arch_kwargs": result.train.arch_kwargs,
+                      "config": result.train.config.to_dict(), "history": result.train.history,
+                      "wall_s": round(result.train.wall_s, 3)}
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "poisonguard", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "environment": environment(),
+        "seeds": {"scan": result.config.seed},
+        "config": result.config.to_dict(),
+        "data": {"fingerprint": data.fingerprint(), "n_samples": len(data),
+                 "n_classes": data.n_classes, "sample_shape": list(data.x.shape[1:]),
+                 "dtype": str(data.x.dtype), "class_counts": data.class_counts()},
+        "verdict": {"poisoning_found": bool(poisoned_classes), "poisoned_classes":
+                    poisoned_classes, "n_flagged": n_flagged, "summary": summary},
+        "layers": {
+            "quarantine": {
+                "model": {"sacrificial": result.train is not None, "layer":
+                          result.classifier.layer, "training": train_info},
+                "detectors": [r.summary() for r in result.detectors],
+                "cross_reference": combined.summary(),
+                "classes": classes,
+            },
+        },
+        "samples": {
+            "index": list(range(len(data))),
+            "id": data.ids.tolist(),
+            "label": data.y.tolist(),
+            "scores": {r.name: np.round(r.scores, 4).tolist() for r in result.detectors},
+            "flags": {n: f.astype(int).tolist() for n, f in per_det.items()},
+            "confidence": np.round(combined.scores, 4).tolist(),
+            "flagged": result.flags.astype(int).tolist(),
+        },
+        "plots": {"projections": _projections(result, result.config.seed),
+                  "thumbnails": _thumbnails(result)},
+        "timings": dict(result.timings),
+    }
+    if sanitize_info is not None:
+        report["layers"]["quarantine"]["sanitize"] = sanitize_info
+    if retrain is not None:
+        report["layers"]["quarantine"]["retrain"] = {k: v for k, v in retrain.items()
+                                                     if not k.startswith("_")}
+    if poisoned is not None:
+        report["ground_truth"] = {"attack": poisoned.attack,
+                                  "n_poison": int(poisoned.is_poison.sum())}
+        report["samples"]["is_poison"] = poisoned.is_poison.astype(int).tolist()
+    if metrics is not None:
+        report["layers"]["quarantine"]["metrics"] = metrics
+    if extra:
+        report.update(extra)
+    return jsonable(report)
