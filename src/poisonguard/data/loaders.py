@@ -36,6 +36,9 @@ def load_npz(path: str | Path, split: str = "train") -> LabeledData:
         raise DataError(f"{path}: is a directory; expected an .npz file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: file is empty; expected an .npz archive")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a readable .npz archive (no zip structure); save it with "
+                        "numpy.savez")
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)

@@ -1,0 +1,220 @@
+"""Quarantine benchmark: detection quality, sanitise-and-retrain, and speed.
+
+Runs on MNIST (60k) and the CIFAR-10 20k subset from ../shared/datasets, 3 seeds each, for:
+no attack, BadNets 3x3 at 10% and 1% (all-to-one), blended (alpha 0.2) at 10%. The scan is told
+nothing about the attack; ground truth is used only to score it afterwards. Also: detector speed
+on 50,000 x 512 representations, and the ART comparison setting (MNIST 4,000 images, 10%).
+
+    python benchmarks/quarantine.py                      # everything (~40 min on 2 cores)
+    python benchmarks/quarantine.py --datasets mnist --seeds 0 --scenarios badnets10
+
+Results are merged into benchmarks/results/quarantine.json (one record per run) and summarised
+in benchmarks/results/quarantine.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from poisonguard.attacks import badnets, blended
+from poisonguard.data import LabeledData, load_shared
+from poisonguard.detect import ActivationClustering, LossOutliers, SpectralSignatures
+from poisonguard.detect.crossref import cross_reference
+from poisonguard.io import atomic_write_json, atomic_write_text
+from poisonguard.pipeline import (
+    ScanConfig,
+    compare_before_after,
+    evaluate_model,
+    scan,
+    score_against_truth,
+)
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent.parent / "shared" / "datasets"
+RESULTS = ROOT / "results"
+SCENARIOS = {
+    "clean": None,
+    "badnets10": ("badnets", 0.10),
+    "badnets1": ("badnets", 0.01),
+    "blended10": ("blended", 0.10),
+}
+
+
+def target_for(seed: int) -> int:
+    return (3 * seed + 1) % 10
+
+
+def run_one(name: str, scenario: str, seed: int, train: LabeledData, test: LabeledData
+            ) -> dict:
+    spec = SCENARIOS[scenario]
+    poisoned = None
+    data = train
+    if spec is not None:
+        attack, rate = spec
+        kwargs = {"size": 3} if attack == "badnets" else {"alpha": 0.2}
+        fn = badnets if attack == "badnets" else blended
+        poisoned = fn(train, rate=rate, target=target_for(seed), seed=seed, test=test, **kwargs)
+        data = poisoned.data
+    t0 = time.perf_counter()
+    result = scan(data, ScanConfig(seed=seed))
+    wall = time.perf_counter() - t0
+    truth = poisoned.is_poison if poisoned is not None else np.zeros(len(data), dtype=bool)
+    record = {
+        "dataset": name, "scenario": scenario, "seed": seed,
+        "attack": poisoned.attack if poisoned else None,
+        "n_train": len(data), "n_poison": int(truth.sum()),
+        "poisoned_classes_reported": result.poisoned_classes,
+        "true_target": poisoned.target if poisoned else None,
+        "metrics": score_against_truth(result, truth),
+        "rounds": result.combined.extras["rounds"],
+        "timings": result.timings, "scan_wall_s": round(wall, 2),
+    }
+    record["first_round_model"] = evaluate_model(result.classifier, test, poisoned)
+    if result.final_classifier is not None:
+        record["before_after"] = compare_before_after(result, test, poisoned)
+    return record
+
+
+def detector_speed(n: int = 50_000, d: int = 512, k: int = 10, seed: int = 0) -> dict:
+    """Detectors alone on n x d synthetic representations (10 classes, one with a planted
+    cluster of 5% of the data): wall time of each detector and of the cross-reference."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, k, n)
+    means = rng.normal(0, 3, (k, d))
+    feats = (means[labels] + rng.normal(0, 1, (n, d))).astype(np.float32)
+    planted = np.flatnonzero(labels == 0)[: n // 20]
+    feats[planted] += rng.normal(0, 3, d).astype(np.float32)
+    losses = rng.exponential(0.1, n)
+    losses[planted] *= 0.01
+    out = {"n": n, "d": d}
+    t_all = time.perf_counter()
+    results = []
+    for det, args in [(ActivationClustering(), (feats, labels, losses)),
+                      (SpectralSignatures(), (feats, labels, losses)),
+                      (LossOutliers(), (losses, labels))]:
+        t0 = time.perf_counter()
+        results.append(det.detect(*args))
+        out[det.name + "_s"] = round(time.perf_counter() - t0, 3)
+    cross_reference(results, labels)
+    out["total_s"] = round(time.perf_counter() - t_all, 3)
+    truth = np.zeros(n, dtype=bool)
+    truth[planted] = True
+    out["planted_recall"] = float((results[0].flags & truth).sum() / truth.sum())
+    return out
+
+
+def art_setting(seed: int) -> dict:
+    """The setting of ART's published comparison: MNIST, 4,000 images, 10% BadNets."""
+    train = load_shared("mnist", SHARED)
+    test = load_shared("mnist", SHARED, split="test")
+    idx = np.random.default_rng(seed).choice(len(train), 4000, replace=False)
+    sub = train.subset(np.sort(idx))
+    out = {}
+    for mode in ("all-to-one", "all-to-all"):
+        poisoned = badnets(sub, rate=0.1, target=target_for(seed) if mode == "all-to-one"
+                           else None, mode=mode, seed=seed, test=test, size=3,
+                           pattern="checker")
+        result = scan(poisoned.data, ScanConfig(seed=seed))
+        out[mode] = {"metrics": score_against_truth(result, poisoned.is_poison),
+                     "poisoned_classes_reported": result.poisoned_classes,
+                     "before_after": compare_before_after(result, test, poisoned)}
+    return out
+
+
+def summarise(records: list[dict]) -> str:
+    lines = ["# Quarantine benchmark", "",
+             "Generated by `python benchmarks/quarantine.py`; raw records in quarantine.json.",
+             "Recall/FPR: the cross-referenced flags over all rounds (per-detector: round 1).", ""]
+    runs = [r for r in records if r.get("kind", "run") == "run"]
+    header = ("| dataset | scenario | seed | reported classes | target | recall (AC / SS / "
+              "cross) | flagged clean % (cross) | ASR before → after | clean acc before → "
+              "after | scan s |")
+    lines += [header, "|" + "---|" * 10]
+    for r in sorted(runs, key=lambda r: (r["dataset"], r["scenario"], r["seed"])):
+        m = r["metrics"]
+
+        def rec(name: str, m: dict = m) -> str:
+            v = m[name]["recall"]
+            return "-" if v is None else f"{v:.4f}"
+
+        ba = r.get("before_after", {})
+        b, a = ba.get("before", {}), ba.get("after", {})
+
+        def pct(v: float | None) -> str:
+            return "-" if v is None else f"{100 * v:.2f}"
+
+        lines.append(
+            f"| {r['dataset']} | {r['scenario']} | {r['seed']} | "
+            f"{r['poisoned_classes_reported']} | {r['true_target']} | "
+            f"{rec('activation_clustering')} / {rec('spectral_signatures')} / "
+            f"{rec('cross_reference')} | {pct(m['cross_reference']['fpr'])} | "
+            f"{pct(b.get('asr'))} → {pct(a.get('asr'))} | {pct(b.get('clean_accuracy'))} → "
+            f"{pct(a.get('clean_accuracy'))} | {r['scan_wall_s']} |")
+    refs = {(r["dataset"], r["seed"]): r["first_round_model"]["clean_accuracy"]
+            for r in runs if r["scenario"] == "clean"}
+    if refs:
+        lines += ["", "Clean-data reference accuracy (same recipe, no attack): " + ", ".join(
+            f"{d} seed {s}: {100 * v:.2f}%" for (d, s), v in sorted(refs.items()))]
+    for r in records:
+        if r.get("kind") == "speed":
+            lines += ["", f"Detector speed on {r['n']} x {r['d']}: " + ", ".join(
+                f"{k} {v}" for k, v in r.items() if k.endswith("_s"))]
+        if r.get("kind") == "art":
+            for mode, v in r["result"].items():
+                m = v["metrics"]
+                lines += ["", f"ART setting (MNIST 4,000, 10% BadNets checker 3x3, {mode}): "
+                          + ", ".join(f"{k} F1 {m[k]['f1']:.3f}" for k in m)
+                          + f"; ASR after sanitising {v['before_after']['after']['asr']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--datasets", nargs="+", default=["mnist", "cifar10"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--scenarios", nargs="+", default=list(SCENARIOS))
+    ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-art", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS / "quarantine.json"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    records = json.loads(out.read_text()) if out.exists() else []
+
+    def save(rec: dict) -> None:
+        key = (rec.get("kind", "run"), rec.get("dataset"), rec.get("scenario"), rec.get("seed"))
+        records[:] = [r for r in records if (r.get("kind", "run"), r.get("dataset"),
+                                             r.get("scenario"), r.get("seed")) != key]
+        records.append(rec)
+        atomic_write_json(out, records)
+        atomic_write_text(out.with_suffix(".md"), summarise(records))
+
+    if not args.skip_speed:
+        rec = {"kind": "speed", **detector_speed()}
+        print("speed", rec, flush=True)
+        save(rec)
+    for name in args.datasets:
+        train = load_shared(name, SHARED)
+        test = load_shared(name, SHARED, split="test")
+        for seed in args.seeds:
+            for scenario in args.scenarios:
+                rec = run_one(name, scenario, seed, train, test)
+                m = rec["metrics"]["cross_reference"]
+                print(f"{name} {scenario} seed {seed}: classes {rec['poisoned_classes_reported']}"
+                      f" recall {m['recall']} fpr {m['fpr']:.4f} "
+                      f"{rec.get('before_after', {}).get('after')} {rec['scan_wall_s']}s",
+                      flush=True)
+                save(rec)
+    if not args.skip_art:
+        rec = {"kind": "art", "seed": 0, "result": art_setting(0)}
+        print("art", {k: v["metrics"]["cross_reference"]["f1"] for k, v in rec["result"].items()},
+              flush=True)
+        save(rec)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The ``poisonguard`` command line. It only parses arguments and calls library functions.
+
+Exit codes: 0 clean (or the command succeeded), 1 poisoning found (``scan``), 2 bad usage or
+input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from poisonguard import __version__
+from poisonguard.errors import PoisonguardError
+
+EXIT_CLEAN, EXIT_FOUND, EXIT_BAD = 0, 1, 2
+
+
+def _add_common_scan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="sacrificial-model epochs (default: about 120k sample visits, 2..30)")
+    p.add_argument("--max-rounds", type=int, default=3,
+                   help="scan rounds: retrain without flagged samples and rescan (default 3)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or console table")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="poisonguard",
+        description="Find and remove data poisoning and backdoors in training sets.")
+    parser.add_argument("--version", action="version", version=f"poisonguard {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="poison scikit-learn's digits with BadNets, scan, sanitise, "
+                                    "retrain, report")
+    d.add_argument("--out", default="poisonguard-demo", help="output folder")
+    _add_common_scan(d)
+
+    a = sub.add_parser("attack", help="write a poisoned copy of a dataset (.npz)")
+    a.add_argument("data", help="dataset: .npz (x/y or x_train/y_train), image folder, …")
+    a.add_argument("--attack", default="badnets", choices=["badnets", "blended", "label-flip"])
+    a.add_argument("--rate", type=float, default=0.1, help="poison rate (default 0.1)")
+    a.add_argument("--target", type=int, default=0, help="target class (all-to-one)")
+    a.add_argument("--mode", default="all-to-one", choices=["all-to-one", "all-to-all"])
+    a.add_argument("--size", type=int, default=3, help="BadNets patch size in pixels")
+    a.add_argument("--position", default="bottom-right", help="BadNets patch position")
+    a.add_argument("--alpha", type=float, default=0.2, help="blended trigger alpha")
+    a.add_argument("--test", default=None,
+                   help="test set (.npz) to also write a triggered test set (for ASR)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--out", required=True, help="output .npz")
+
+    s = sub.add_parser("scan", help="scan a dataset; write report, sanitised set, flagged list")
+    s.add_argument("data", help="dataset: .npz with x and y (or x_train/y_train), image folder")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--model", default=None,
+                   help="scan with this model instead of a sacrificial one: a folder or "
+                        "model.json written by poisonguard, or a TorchScript file")
+    s.add_argument("--layer", default=None, help="representation layer (module path)")
+    s.add_argument("--test", default=None,
+                   help="test .npz: report clean accuracy (and ASR if it holds x_triggered/"
+                        "y_triggered) before and after sanitising")
+    s.add_argument("--ground-truth", default=None,
+                   help=".npz with is_poison, used only to score the scan afterwards "
+                        "(default: the data file's is_poison key, if present)")
+    _add_common_scan(s)
+
+    r = sub.add_parser("report", help="re-render a JSON report as HTML")
+    r.add_argument("report", help="report.json")
+    r.add_argument("--out", default=None, help="output .html (default: beside the JSON)")
+
+    pr = sub.add_parser("predict", help="predict with a model; write index,prediction,p_k")
+    pr.add_argument("model", help="model folder / model.json, or TorchScript file")
+    pr.add_argument("data", help="dataset .npz (x, or x_test)")
+    pr.add_argument("--out", default="predictions.csv", help="output CSV")
+    return parser
+
+
+def _load_x(path: str) -> np.ndarray:
+    from poisonguard.data.loaders import load_npz
+    from poisonguard.errors import DataError
+
+    try:
+        return load_npz(path).x
+    except DataError as exc:
+        if "keys" not in str(exc):
+            raise
+    try:
+        return load_npz(path, split="test").x
+    except DataError:
+        with np.load(path, allow_pickle=False) as arc:
+            if "x" in arc.files:
+                from poisonguard.data.labeled import _validate_x
+
+                x = arc["x"]
+                _validate_x(x, path)
+                return x
+        raise
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from poisonguard.attacks import make_attack
+    from poisonguard.data import load_dataset
+    from poisonguard.io import atomic_save_npz
+
+    data = load_dataset(args.data)
+    test = load_dataset(args.test, split="test") if args.test else None
+    kwargs: dict[str, Any] = {"rate": args.rate, "mode": args.mode, "seed": args.seed,
+                              "test": test,
+                              "target": args.target if args.mode == "all-to-one" else None}
+    if args.attack == "badnets":
+        kwargs.update(size=args.size, position=args.position)
+    elif args.attack == "blended":
+        kwargs.update(alpha=args.alpha)
+    else:
+        kwargs.pop("test")
+    poisoned = make_attack(args.attack, data, **kwargs)
+    arrays = {"x": poisoned.data.x, "y": poisoned.data.y, "ids": poisoned.data.ids,
+              "is_poison": poisoned.is_poison, "original_y": poisoned.original_y,
+              "attack_json": np.array(json.dumps(poisoned.attack))}
+    if poisoned.test_triggered is not None:
+        arrays["x_triggered"] = poisoned.test_triggered.x
+        arrays["y_triggered"] = poisoned.test_triggered.y
+    if test is not None:
+        arrays["x_test"], arrays["y_test"] = test.x, test.y
+    atomic_save_npz(args.out, **arrays)
+    print(f"wrote {args.out}: {int(poisoned.is_poison.sum())} of {len(data)} samples poisoned "
+          f"({args.attack}, {args.mode}, target {kwargs['target']})")
+    return EXIT_CLEAN
+
+
+def _read_optional(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    from poisonguard.errors import DataError
+
+    try:
+        with np.load(path, allow_pickle=False) as arc:
+            return {k: arc[k] for k in keys if k in arc.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+
+
+def write_scan_outputs(out: Path, result: Any, report: dict[str, Any],
+                       removed: list[dict[str, Any]], sanitized: Any) -> None:
+    """Write report.json/html, sanitized.npz, flagged.csv and the final model into ``out``."""
+    from poisonguard.io import (
+        atomic_save_npz,
+        atomic_write_csv,
+        atomic_write_json,
+        atomic_write_text,
+    )
+    from poisonguard.models.io import save_model
+    from poisonguard.report.html import render_html
+
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_save_npz(out / "sanitized.npz", x=sanitized.x, y=sanitized.y, ids=sanitized.ids)
+    atomic_write_csv(out / "flagged.csv", ["index", "id", "label", "confidence", "detectors"],
+                     [[r["index"], r["id"], r["label"], r["confidence"], ";".join(r["detectors"])]
+                      for r in removed])
+    if result.final_train is not None:
+        t = result.final_train
+        save_model(out / "model", t.classifier.model, t.arch, t.arch_kwargs,
+                   t.classifier.input_spec, result.data.n_classes, t.classifier.layer,
+                   extra={"trained_on": "sanitized.npz", "train_config": t.config.to_dict()})
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.html", render_html(report))
+
+
+def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: Any = None,
+             poisoned: Any = None, truth: np.ndarray | None = None,
+             command: str = "scan", quiet: bool = False) -> int:
+    """Scan, sanitise, (optionally) compare before/after, write everything; return exit code."""
+    from poisonguard.pipeline import compare_before_after, sanitize, scan, score_against_truth
+    from poisonguard.report.builder import build_scan_report
+    from poisonguard.report.console import render_console
+
+    result = scan(data, config, classifier)
+    sanitized, removed = sanitize(result)
+    metrics = score_against_truth(result, truth) if truth is not None else None
+    retrain = None
+    if result.final_classifier is not None and (test is not None or poisoned is not None):
+        retrain = compare_before_after(result, test, poisoned)
+    sanitize_info = {"n_removed": len(removed), "n_kept": len(sanitized),
+                     "removed_file": "flagged.csv", "sanitized_file": "sanitized.npz"}
+    report = build_scan_report(result, command, poisoned=poisoned, sanitize_info=sanitize_info,
+                               retrain=retrain, metrics=metrics)
+    if truth is not None and poisoned is None:
+        report["samples"]["is_poison"] = truth.astype(int).tolist()
+    write_scan_outputs(out, result, report, removed, sanitized)
+    if not quiet:
+        print(render_console(report))
+        print(f"\nwrote {out}/report.json, report.html, sanitized.npz, flagged.csv"
+              + (", model/" if result.final_train is not None else ""))
+    return EXIT_FOUND if result.poisoned_classes else EXIT_CLEAN
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from poisonguard.attacks.base import PoisonedData
+    from poisonguard.data import LabeledData, load_dataset
+    from poisonguard.errors import DataError
+    from poisonguard.models.io import load_model
+    from poisonguard.pipeline import ScanConfig
+
+    data = load_dataset(args.data)
+    classifier = load_model(args.model, progress=not args.quiet) if args.model else None
+    config = ScanConfig(seed=args.seed, epochs=args.epochs, layer=args.layer,
+                        max_rounds=args.max_rounds, progress=not args.quiet)
+    truth = None
+    gt_path = args.ground_truth or (args.data if str(args.data).endswith(".npz") else None)
+    if gt_path:
+        found = _read_optional(gt_path, ("is_poison",))
+        if "is_poison" in found:
+            truth = found["is_poison"].astype(bool)
+            if truth.shape != (len(data),):
+                raise DataError(f"{gt_path}: is_poison has shape {truth.shape}, expected "
+                                f"({len(data)},)")
+        elif args.ground_truth:
+            raise DataError(f"{gt_path}: no 'is_poison' key")
+    test, poisoned = None, None
+    if args.test:
+        test = load_dataset(args.test, split="test")
+        trig = _read_optional(args.test, ("x_triggered", "y_triggered"))
+        if len(trig) == 2:
+            triggered = LabeledData.create(trig["x_triggered"], trig["y_triggered"],
+                                           name="triggered test set")
+            poisoned = PoisonedData(data=data, is_poison=truth if truth is not None else
+                                    np.zeros(len(data), bool), original_y=data.y,
+                                    attack={"name": "unknown (from test file)"}, target=None,
+                                    test_triggered=triggered)
+    return run_scan(data, Path(args.out), config, classifier, test, poisoned, truth,
+                    quiet=args.quiet)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from poisonguard.attacks import badnets
+    from poisonguard.data import load_builtin_digits
+    from poisonguard.pipeline import ScanConfig
+
+    train, test = load_builtin_digits()
+    poisoned = badnets(train, rate=0.1, target=0, seed=args.seed, test=test, size=2)
+    print(f"demo: scikit-learn digits, {len(train)} training images; BadNets 2x2 patch, 10% "
+          f"poisoned into class 0 ({int(poisoned.is_poison.sum())} samples). The scan is told "
+          "nothing about the attack.\n")
+    config = ScanConfig(seed=args.seed, epochs=args.epochs, max_rounds=args.max_rounds,
+                        progress=not args.quiet)
+    run_scan(poisoned.data, Path(args.out), config, None, test, poisoned, poisoned.is_poison,
+             command="demo", quiet=args.quiet)
+    return EXIT_CLEAN
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from poisonguard.errors import DataError
+    from poisonguard.io import atomic_write_text
+    from poisonguard.report.html import render_html
+
+    path = Path(args.report)
+    try:
+        report = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a JSON report ({exc})") from None
+    if not isinstance(report, dict) or "schema_version" not in report or "verdict" not in report:
+        raise DataError(f"{path}: not a poisonguard report (no schema_version/verdict)")
+    out = Path(args.out) if args.out else path.with_suffix(".html")
+    atomic_write_text(out, render_html(report))
+    print(f"wrote {out}")
+    return EXIT_CLEAN
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from poisonguard.io import atomic_write_csv
+    from poisonguard.models.io import load_model
+
+    clf = load_model(args.model)
+    x = _load_x(args.data)
+    probs = clf.predict_proba(x)
+    pred = probs.argmax(1)
+    header = ["index", "prediction"] + [f"p_{k}" for k in range(probs.shape[1])]
+    rows = ([i, int(p)] + [f"{v:.6f}" for v in pr] for i, (p, pr) in enumerate(zip(pred, probs)))
+    atomic_write_csv(args.out, header, rows)
+    print(f"wrote {args.out}: {len(pred)} predictions")
+    return EXIT_CLEAN
+
+
+COMMANDS = {"demo": cmd_demo, "attack": cmd_attack, "scan": cmd_scan, "report": cmd_report,
+            "predict": cmd_predict}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except PoisonguardError as exc:
+        print(f"poisonguard {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        print(f"poisonguard {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,110 @@
+import csv
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from poisonguard.cli import main
+
+
+@pytest.fixture(scope="module")
+def poisoned_npz(tmp_path_factory, digits) -> Path:
+    train, test = digits
+    d = tmp_path_factory.mktemp("data")
+    np.savez(d / "train.npz", x=train.x[:500], y=train.y[:500])
+    np.savez(d / "test.npz", x=test.x, y=test.y)
+    rc = main(["attack", str(d / "train.npz"), "--rate", "0.1", "--target", "3", "--size", "3",
+               "--test", str(d / "test.npz"), "--out", str(d / "poisoned.npz")])
+    assert rc == 0
+    return d / "poisoned.npz"
+
+
+@pytest.fixture(scope="module")
+def scan_out(tmp_path_factory, poisoned_npz: Path) -> tuple[int, Path]:
+    out = tmp_path_factory.mktemp("scan") / "out"
+    rc = main(["scan", str(poisoned_npz), "--out", str(out), "--epochs", "6",
+               "--max-rounds", "1", "--quiet", "--test", str(poisoned_npz)])
+    return rc, out
+
+
+def test_attack_file(poisoned_npz: Path) -> None:
+    with np.load(poisoned_npz) as f:
+        assert f["is_poison"].sum() == 50
+        assert (f["y"][f["is_poison"]] == 3).all()
+        assert json.loads(str(f["attack_json"]))["name"] == "badnets"
+        assert "x_triggered" in f.files
+
+
+def test_scan_writes_all_outputs(scan_out: tuple[int, Path]) -> None:
+    rc, out = scan_out
+    assert rc in (0, 1)
+    for name in ("report.json", "report.html", "sanitized.npz", "flagged.csv",
+                 "model/model.safetensors", "model/model.json"):
+        assert (out / name).exists(), name
+    report = json.loads((out / "report.json").read_text())
+    assert rc == (1 if report["verdict"]["poisoning_found"] else 0)
+    rows = list(csv.DictReader((out / "flagged.csv").open()))
+    assert report["verdict"]["n_flagged"] == len(rows)
+    with np.load(out / "sanitized.npz") as s:
+        assert len(s["y"]) == 500 - len(rows)
+    if rows:
+        assert list(rows[0]) == ["index", "id", "label", "confidence", "detectors"]
+    assert "metrics" in report["layers"]["quarantine"]  # is_poison present in the file
+    assert report["layers"]["quarantine"]["retrain"]["after"]["asr"] is not None
+
+
+def test_predict_and_report(scan_out: tuple[int, Path], poisoned_npz: Path,
+                            tmp_path: Path) -> None:
+    _, out = scan_out
+    preds = tmp_path / "p.csv"
+    assert main(["predict", str(out / "model"), str(poisoned_npz), "--out", str(preds)]) == 0
+    rows = list(csv.reader(preds.open()))
+    assert rows[0][:3] == ["index", "prediction", "p_0"] and len(rows) == 501
+    html = tmp_path / "r.html"
+    assert main(["report", str(out / "report.json"), "--out", str(html)]) == 0
+    assert html.read_text().startswith("<!DOCTYPE html>")
+
+
+def _exit_code(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as exc:  # argparse usage errors
+        return int(exc.code)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda d: (d.joinpath("e.npz").write_bytes(b""), d / "e.npz")[1], "empty"),
+    (lambda d: np.savez(d / "k.npz", a=np.zeros(3)) or d / "k.npz", "keys"),
+    (lambda d: np.savez(d / "m.npz", x=np.zeros((5, 4)), y=np.zeros(4)) or d / "m.npz",
+     "must match"),
+    (lambda d: np.savez(d / "n.npz", x=np.full((10, 4), np.nan), y=np.arange(10) % 2)
+     or d / "n.npz", "NaN"),
+    (lambda d: np.savez(d / "o.npz", x=np.zeros((10, 4)), y=np.zeros(10)) or d / "o.npz",
+     "one class"),
+    (lambda d: np.savez(d / "f.npz", x=np.zeros((12, 4)), y=np.r_[np.zeros(9), np.ones(3)])
+     or d / "f.npz", "fewer than 5"),
+])
+def test_scan_bad_input_exit_2_nothing_written(tmp_path: Path, capsys, make, match) -> None:
+    path = make(tmp_path)
+    out = tmp_path / "out"
+    assert _exit_code(["scan", str(path), "--out", str(out), "--quiet"]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_layer_and_pickle_model(tmp_path: Path, scan_out, poisoned_npz: Path,
+                                    capsys) -> None:
+    _, out = scan_out
+    dest = tmp_path / "o"
+    assert _exit_code(["scan", str(poisoned_npz), "--model", str(out / "model"), "--layer",
+                       "nope", "--out", str(dest), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err and not dest.exists()
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"a": 1}))
+    assert _exit_code(["scan", str(poisoned_npz), "--model", str(evil), "--out", str(dest),
+                       "--quiet"]) == 2
+    assert "refused" in capsys.readouterr().err and not dest.exists()
+    assert _exit_code(["report", str(poisoned_npz)]) == 2
+    assert _exit_code(["scan"]) == 2

@@ -1,0 +1,82 @@
+import json
+
+import numpy as np
+import pytest
+
+from poisonguard.attacks import badnets
+from poisonguard.data import LabeledData
+from poisonguard.errors import ConfigError, DataError
+from poisonguard.pipeline import (
+    ScanConfig,
+    auto_epochs,
+    compare_before_after,
+    sanitize,
+    scan,
+    score_against_truth,
+)
+from poisonguard.report.builder import build_scan_report
+from poisonguard.report.console import render_console
+
+
+@pytest.fixture(scope="module")
+def scanned(digits):
+    train, test = digits
+    sub = train.subset(np.arange(600))
+    poisoned = badnets(sub, rate=0.1, target=0, seed=0, test=test, size=3)
+    result = scan(poisoned.data, ScanConfig(seed=0, epochs=8, max_rounds=2))
+    return poisoned, result, test
+
+
+def test_scan_structure_and_sanitise(scanned) -> None:
+    poisoned, result, _ = scanned
+    n = len(poisoned.data)
+    assert result.flags.shape == (n,)
+    assert [r.name for r in result.detectors] == ["activation_clustering",
+                                                   "spectral_signatures", "loss_outliers"]
+    assert all(r.scores.shape == (n,) for r in result.detectors)
+    kept, removed = sanitize(result)
+    assert len(kept) + len(removed) == n
+    assert {r["index"] for r in removed} == set(np.flatnonzero(result.flags).tolist())
+    assert all(r["detectors"] for r in removed)
+    assert not set(kept.ids.tolist()) & {r["id"] for r in removed}
+    assert result.final_classifier is not None
+    assert 1 <= len(result.rounds) <= 2
+
+
+def test_report_is_json_and_complete(scanned) -> None:
+    poisoned, result, test = scanned
+    metrics = score_against_truth(result, poisoned.is_poison)
+    rt = compare_before_after(result, test, poisoned)
+    assert rt["before"]["asr"] is not None and 0 <= rt["after"]["clean_accuracy"] <= 1
+    report = build_scan_report(result, poisoned=poisoned, metrics=metrics, retrain=rt)
+    text = json.dumps(report, allow_nan=False)
+    back = json.loads(text)
+    assert back["schema_version"] == "1.0"
+    assert back["data"]["fingerprint"] == poisoned.data.fingerprint()
+    assert len(back["samples"]["confidence"]) == len(poisoned.data)
+    assert set(back["layers"]["quarantine"]["metrics"]) >= {"cross_reference",
+                                                            "activation_clustering"}
+    assert back["plots"]["thumbnails"] and back["plots"]["projections"]
+    assert "VERDICT" in render_console(back)
+
+
+def test_scan_clean_vectors_finds_nothing() -> None:
+    rng = np.random.default_rng(0)
+    means = rng.normal(0, 3, (3, 10))
+    y = np.repeat(np.arange(3), 150)
+    x = (means[y] + rng.normal(0, 1, (len(y), 10))).astype(np.float32)
+    result = scan(LabeledData.create(x, y), ScanConfig(epochs=5, max_rounds=1))
+    assert result.poisoned_classes == []
+    assert result.flags.mean() <= 0.01
+
+
+def test_scan_validates() -> None:
+    one_class = LabeledData.create(np.zeros((20, 4), np.float32), np.zeros(20, int))
+    with pytest.raises(DataError, match="only one class"):
+        scan(one_class)
+    with pytest.raises(ConfigError, match="unknown or no detectors"):
+        ScanConfig(detectors=("nope",))
+
+
+def test_auto_epochs() -> None:
+    assert auto_epochs(60000) == 2 and auto_epochs(20000) == 6 and auto_epochs(500) == 30
