@@ -96,3 +96,25 @@ def test_metrics() -> None:
     assert auroc(np.array([3.0, 2, 1, 0]), np.array([1, 1, 0, 0], bool)) == 1.0
     assert auroc(np.array([1.0, 1.0]), np.array([1, 0], bool)) == 0.5
     assert auroc(np.ones(3), np.zeros(3, bool)) is None
+
+
+def test_trigger_template_recovers_unlearned_poisons() -> None:
+    from poisonguard.attacks import BadNetsTrigger
+    from poisonguard.detect.trigger_template import TriggerTemplate
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 200, (400, 8, 8)).astype(np.uint8)
+    y = np.repeat(np.arange(4), 100)
+    poison = np.zeros(400, bool)
+    poison[np.flatnonzero(y == 2)[:40]] = True
+    clean = x.copy()
+    x[poison] = BadNetsTrigger(size=2).apply(x[poison])
+    first = poison.copy()
+    first[np.flatnonzero(poison)[:10]] = False  # the first stage missed 10 poisons
+    r = TriggerTemplate().detect(x, y, first, [2])
+    assert r.flags[poison].all() and not r.flags[~poison].any()
+    assert r.findings[0].evidence["template_size"] == 4
+    # a blended-style trigger has no constant values: nothing is added
+    xb = clean.copy()
+    xb[poison] = (0.8 * clean[poison] + 0.2 * rng.integers(0, 255, (8, 8))).astype(np.uint8)
+    assert not TriggerTemplate().detect(xb, y, first, [2]).flags.any()

@@ -32,7 +32,8 @@ def test_scan_structure_and_sanitise(scanned) -> None:
     n = len(poisoned.data)
     assert result.flags.shape == (n,)
     assert [r.name for r in result.detectors] == ["activation_clustering",
-                                                   "spectral_signatures", "loss_outliers"]
+                                                   "spectral_signatures", "loss_outliers",
+                                                   "trigger_template"]
     assert all(r.scores.shape == (n,) for r in result.detectors)
     kept, removed = sanitize(result)
     assert len(kept) + len(removed) == n

@@ -14,6 +14,7 @@ from poisonguard.attacks.base import PoisonedData
 from poisonguard.data.labeled import LabeledData, check_scannable
 from poisonguard.detect import ActivationClustering, LossOutliers, SpectralSignatures
 from poisonguard.detect.crossref import CrossReference
+from poisonguard.detect.trigger_template import TriggerTemplate
 from poisonguard.errors import ConfigError, DataError
 from poisonguard.metrics import accuracy, attack_success_rate, detection_metrics
 from poisonguard.models.adapter import TorchClassifier
@@ -40,6 +41,7 @@ class ScanConfig:
     min_class_votes: int = 2
     max_rounds: int = 3
     final_model: bool = True
+    trigger_template: bool = True
     progress: bool = False
 
     def __post_init__(self) -> None:
@@ -149,8 +151,29 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
     t0 = time.perf_counter()
     results, combined = run_detectors(out["representations"], subset.y, out["losses"],
                                       config.detectors, config.seed, config.min_class_votes)
+    if config.trigger_template:
+        results, combined = _add_trigger_template(subset, results, combined)
     timings["detectors_s"] = round(time.perf_counter() - t0, 3)
     return RoundResult(kept, results, combined, classifier, train, timings), out
+
+
+def _add_trigger_template(data: LabeledData, results: list[DetectorResult],
+                          combined: DetectorResult) -> tuple[list[DetectorResult], DetectorResult]:
+    """Second stage: in classes judged poisoned, flag every sample carrying the trigger template
+    estimated from the flagged samples; its flags join the cross-referenced set."""
+    tt = TriggerTemplate().detect(data.x, data.y, combined.flags, combined.suspicious_classes)
+    flags = combined.flags | tt.flags
+    det_flags = {**combined.extras["detector_flags"], tt.name: tt.flags}
+    votes = combined.extras["votes"] + tt.flags
+    confidence = votes / (len(results) + 1)
+    findings = tuple(
+        ClassFinding(f.label, f.suspicious, f.n_samples, int(flags[data.y == f.label].sum()),
+                     f.evidence) for f in combined.findings)
+    rule = {**combined.threshold_rule, "second_stage": tt.name}
+    merged = DetectorResult(combined.name, confidence, flags,
+                            None, rule, findings, combined.runtime_s + tt.runtime_s,
+                            extras={"votes": votes, "detector_flags": det_flags})
+    return [*results, tt], merged
 
 
 def _merge_rounds(rounds: list[RoundResult], labels: np.ndarray) -> DetectorResult:

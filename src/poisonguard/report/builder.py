@@ -81,8 +81,8 @@ def build_scan_report(result: Any, command: str = "scan", poisoned: PoisonedData
     per_det = combined.extras["detector_flags"]
     classes = []
     for f in combined.findings:
-        det_evidence = {r.name: next(x.to_dict() for x in r.findings if x.label == f.label)
-                        for r in result.detectors}
+        det_evidence = {r.name: next((x.to_dict() for x in r.findings if x.label == f.label),
+                                     None) for r in result.detectors}
         classes.append({"label": f.label, "verdict": f.evidence["verdict"],
                         "detectors": f.evidence["detectors"], "n_samples": f.n_samples,
                         "n_flagged": f.n_flagged, "evidence": det_evidence})

@@ -35,10 +35,12 @@ def render_console(report: dict[str, Any]) -> str:
         det_names = [d["name"] for d in q["detectors"]]
         rows = []
         for c in q["classes"]:
-            marks = ["x" if c["evidence"][n]["suspicious"] else "." for n in det_names]
+            marks = ["x" if (c["evidence"].get(n) or {}).get("suspicious") else "."
+                     for n in det_names]
             rows.append([c["label"], c["n_samples"], *marks, c["verdict"], c["n_flagged"]])
         short = [n.replace("activation_clustering", "AC").replace("spectral_signatures", "SS")
-                 .replace("loss_outliers", "loss") for n in det_names]
+                 .replace("loss_outliers", "loss").replace("trigger_template", "template")
+                 for n in det_names]
         lines += ["Per class (x = detector calls the class suspicious):",
                   _table(["class", "n", *short, "verdict", "flagged"], rows), ""]
         if "metrics" in q:

@@ -1,0 +1,82 @@
+"""Trigger template: a second-stage, input-space detector for classes already judged poisoned.
+
+Among the samples the representation detectors flagged in a poisoned class, find the input
+values (pixels x channels) that are nearly constant across the flagged set and differ from the
+class's unflagged samples: a stamped trigger (a BadNets patch) leaves exactly that. Every sample
+of the class matching the template on all those values is flagged, including poisons the
+sacrificial model never learned (they carry the trigger but sit with the clean samples in
+representation space). A template that also matches more than ``max_other_match`` of the other
+classes' samples is a natural feature, not a trigger, and is discarded. Blended triggers leave no
+constant values, so no template is formed and nothing is added.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from poisonguard.errors import DataError
+from poisonguard.types import ClassFinding, DetectorResult
+
+
+@dataclass(frozen=True)
+class TriggerTemplate:
+    max_spread: float = 0.05
+    min_shift: float = 0.2
+    tolerance_sd: float = 3.0
+    min_tolerance: float = 0.5 / 255
+    max_other_match: float = 0.01
+    min_flagged: int = 10
+    name: str = "trigger_template"
+
+    def detect(self, x: np.ndarray, labels: np.ndarray, flags: np.ndarray,
+               classes: list[int]) -> DetectorResult:
+        """``flags``: first-stage flags; ``classes``: the classes judged poisoned."""
+        if len(x) != len(labels) or flags.shape != labels.shape:
+            raise DataError(f"{self.name}: x, labels and flags must have the same length")
+        t0 = time.perf_counter()
+        scale = 1.0 / 255.0 if np.issubdtype(x.dtype, np.integer) else 1.0
+        flat = x.reshape(len(x), -1)
+        scores = np.zeros(len(labels))
+        out = np.zeros(len(labels), dtype=bool)
+        findings = []
+        for c in classes:
+            idx = np.flatnonzero(labels == c)
+            f = flags[idx]
+            if f.sum() < self.min_flagged or (~f).sum() < self.min_flagged:
+                findings.append(ClassFinding(c, False, len(idx), 0,
+                                             {"template": None, "reason": "too few samples"}))
+                continue
+            xc = flat[idx].astype(np.float32) * scale
+            mf, sf = xc[f].mean(0), xc[f].std(0)
+            mc = xc[~f].mean(0)
+            mask = (sf < self.max_spread) & (np.abs(mf - mc) > self.min_shift)
+            if not mask.any():
+                findings.append(ClassFinding(c, False, len(idx), 0, {"template": None,
+                                             "reason": "no constant values in flagged set"}))
+                continue
+            tol = np.maximum(self.tolerance_sd * sf[mask], self.min_tolerance)
+            match = (np.abs(xc[:, mask] - mf[mask]) <= tol).mean(1)
+            others = np.flatnonzero(labels != c)
+            sample = others[:: max(1, len(others) // 5000)]
+            other = (np.abs(flat[sample][:, mask].astype(np.float32) * scale - mf[mask])
+                     <= tol).all(1).mean()
+            evidence = {"template_size": int(mask.sum()), "other_class_match": float(other),
+                        "template_positions": np.flatnonzero(mask)[:64].tolist()}
+            scores[idx] = match
+            if other > self.max_other_match:
+                evidence["reason"] = "template matches other classes: a natural feature"
+                findings.append(ClassFinding(c, False, len(idx), 0, evidence))
+                continue
+            hit = match >= 1.0
+            out[idx] = hit
+            findings.append(ClassFinding(c, True, len(idx), int(hit.sum()), evidence))
+        rule = {"rule": "values constant across the flagged set (sd < max_spread) and shifted "
+                        "from the class (> min_shift); flag samples matching all of them "
+                        "within max(tolerance_sd * sd, min_tolerance)",
+                "max_spread": self.max_spread, "min_shift": self.min_shift,
+                "tolerance_sd": self.tolerance_sd, "max_other_match": self.max_other_match}
+        return DetectorResult(self.name, scores, out, 1.0, rule, tuple(findings),
+                              time.perf_counter() - t0)
