@@ -49,8 +49,8 @@ def target_for(seed: int) -> int:
     return (3 * seed + 1) % 10
 
 
-def run_one(name: str, scenario: str, seed: int, train: LabeledData, test: LabeledData
-            ) -> dict:
+def run_one(name: str, scenario: str, seed: int, train: LabeledData, test: LabeledData,
+            clean_models: dict) -> dict:
     spec = SCENARIOS[scenario]
     poisoned = None
     data = train
@@ -77,6 +77,13 @@ def run_one(name: str, scenario: str, seed: int, train: LabeledData, test: Label
     record["first_round_model"] = evaluate_model(result.classifier, test, poisoned)
     if result.final_classifier is not None:
         record["before_after"] = compare_before_after(result, test, poisoned)
+    if poisoned is None:
+        clean_models[(name, seed)] = result.final_classifier
+    elif (name, seed) in clean_models:
+        # the rate at which a model trained on clean data (same recipe) already sends the
+        # triggered test inputs to the target: the floor any defence's ASR is measured against
+        record["clean_model_on_triggered"] = evaluate_model(clean_models[(name, seed)], test,
+                                                            poisoned)
     return record
 
 
@@ -132,8 +139,8 @@ def summarise(records: list[dict]) -> str:
              "Recall/FPR: the cross-referenced flags over all rounds (per-detector: round 1).", ""]
     runs = [r for r in records if r.get("kind", "run") == "run"]
     header = ("| dataset | scenario | seed | reported classes | target | recall (AC / SS / "
-              "cross) | flagged clean % (cross) | ASR before → after | clean acc before → "
-              "after | scan s |")
+              "cross) | flagged clean % (cross) | ASR % before → after (clean model) | clean "
+              "acc % before → after | scan s |")
     lines += [header, "|" + "---|" * 10]
     for r in sorted(runs, key=lambda r: (r["dataset"], r["scenario"], r["seed"])):
         m = r["metrics"]
@@ -153,7 +160,9 @@ def summarise(records: list[dict]) -> str:
             f"{r['poisoned_classes_reported']} | {r['true_target']} | "
             f"{rec('activation_clustering')} / {rec('spectral_signatures')} / "
             f"{rec('cross_reference')} | {pct(m['cross_reference']['fpr'])} | "
-            f"{pct(b.get('asr'))} → {pct(a.get('asr'))} | {pct(b.get('clean_accuracy'))} → "
+            f"{pct(b.get('asr'))} → {pct(a.get('asr'))} "
+            f"({pct(r.get('clean_model_on_triggered', {}).get('asr'))}) | "
+            f"{pct(b.get('clean_accuracy'))} → "
             f"{pct(a.get('clean_accuracy'))} | {r['scan_wall_s']} |")
     refs = {(r["dataset"], r["seed"]): r["first_round_model"]["clean_accuracy"]
             for r in runs if r["scenario"] == "clean"}
@@ -193,6 +202,7 @@ def main() -> None:
         atomic_write_json(out, records)
         atomic_write_text(out.with_suffix(".md"), summarise(records))
 
+    clean_models: dict = {}
     if not args.skip_speed:
         rec = {"kind": "speed", **detector_speed()}
         print("speed", rec, flush=True)
@@ -202,7 +212,7 @@ def main() -> None:
         test = load_shared(name, SHARED, split="test")
         for seed in args.seeds:
             for scenario in args.scenarios:
-                rec = run_one(name, scenario, seed, train, test)
+                rec = run_one(name, scenario, seed, train, test, clean_models)
                 m = rec["metrics"]["cross_reference"]
                 print(f"{name} {scenario} seed {seed}: classes {rec['poisoned_classes_reported']}"
                       f" recall {m['recall']} fpr {m['fpr']:.4f} "
