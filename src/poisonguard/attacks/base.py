@@ -50,6 +50,17 @@ def _validate_common(data: LabeledData, rate: float, target: int | None, mode: s
             raise ConfigError(f"target must be a class in 0..{data.n_classes - 1}, got {target}")
 
 
+def choose_victims(data: LabeledData, rate: float, target: int | None, mode: str,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Sorted indices of ``rate * len(data)`` random samples (non-target ones for all-to-one)."""
+    _validate_common(data, rate, target, mode)
+    pool = np.flatnonzero(data.y != target) if mode == "all-to-one" else np.arange(len(data))
+    n = int(round(rate * len(data)))
+    if n < 1 or n > len(pool):
+        raise ConfigError(f"rate {rate} gives {n} poisons from {len(pool)} candidates")
+    return np.sort(rng.choice(pool, n, replace=False))
+
+
 def attacker_labels(y: np.ndarray, mode: str, target: int | None, n_classes: int) -> np.ndarray:
     if mode == "all-to-one":
         return np.full_like(y, target)
@@ -64,14 +75,9 @@ def poison_dataset(data: LabeledData, trigger: Trigger, rate: float, target: int
     All-to-one draws the victims from non-target classes and relabels them ``target``;
     all-to-all relabels class k as k+1 (mod K). The triggered test set is built the same way.
     """
-    _validate_common(data, rate, target, mode)
-    rng = np.random.default_rng(seed)
     k = data.n_classes
-    pool = np.flatnonzero(data.y != target) if mode == "all-to-one" else np.arange(len(data))
-    n_poison = int(round(rate * len(data)))
-    if n_poison < 1 or n_poison > len(pool):
-        raise ConfigError(f"rate {rate} gives {n_poison} poisons from {len(pool)} candidates")
-    chosen = np.sort(rng.choice(pool, n_poison, replace=False))
+    chosen = choose_victims(data, rate, target, mode, np.random.default_rng(seed))
+    n_poison = len(chosen)
     x = data.x.copy()
     y = data.y.copy()
     x[chosen] = trigger.apply(data.x[chosen])

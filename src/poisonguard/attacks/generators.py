@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from poisonguard.attacks.base import PoisonedData, _validate_common, poison_dataset
+from poisonguard.attacks.base import PoisonedData, choose_victims, poison_dataset
 from poisonguard.data.labeled import LabeledData
 from poisonguard.errors import ConfigError
 
@@ -141,14 +141,10 @@ def label_flip(data: LabeledData, rate: float = 0.1, target: int | None = None,
 
     ``mode='all-to-one'`` flips to ``target``; ``'all-to-all'`` flips to a random other class.
     """
-    _validate_common(data, rate, target, mode)
     rng = np.random.default_rng(seed)
     k = data.n_classes
-    pool = np.flatnonzero(data.y != target) if mode == "all-to-one" else np.arange(len(data))
-    n = int(round(rate * len(data)))
-    if n < 1 or n > len(pool):
-        raise ConfigError(f"rate {rate} gives {n} flips from {len(pool)} candidates")
-    chosen = np.sort(rng.choice(pool, n, replace=False))
+    chosen = choose_victims(data, rate, target, mode, rng)
+    n = len(chosen)
     y = data.y.copy()
     if mode == "all-to-one":
         y[chosen] = target

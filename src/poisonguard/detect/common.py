@@ -7,13 +7,17 @@ from collections.abc import Iterator
 import numpy as np
 
 from poisonguard.errors import DataError
+from poisonguard.types import ClassFinding
 
 MAD_TO_SIGMA = 1.4826
 
 
 def check_inputs(features: np.ndarray | None, labels: np.ndarray, name: str,
-                 need_features: bool = True) -> None:
+                 need_features: bool = True, losses: np.ndarray | None = None) -> None:
+    """Raise DataError naming the problem: shapes, lengths, NaN/inf."""
     labels = np.asarray(labels)
+    if losses is not None and np.shape(losses) != labels.shape:
+        raise DataError(f"{name}: {np.shape(losses)} losses for {labels.shape} labels")
     if labels.ndim != 1 or len(labels) == 0:
         raise DataError(f"{name}: labels must be a non-empty 1-D array, got shape {labels.shape}")
     if need_features:
@@ -39,6 +43,20 @@ def robust_z(values: np.ndarray, center: float | None = None) -> np.ndarray:
 def per_class(labels: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
     for c in np.unique(labels):
         yield int(c), np.flatnonzero(labels == c)
+
+
+def per_class_centred(features: np.ndarray, labels: np.ndarray, findings: list[ClassFinding]
+                      ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (class, indices, centred float64 features) per class; classes too small or constant
+    to analyse get a non-suspicious finding appended to ``findings`` instead."""
+    for c, idx in per_class(labels):
+        xc = np.asarray(features[idx], dtype=np.float64)
+        xc = xc - xc.mean(axis=0)
+        if len(idx) < 4 or not np.any(xc):
+            findings.append(ClassFinding(c, False, len(idx), 0,
+                                         {"reason": "too few or constant samples"}))
+            continue
+        yield c, idx, xc
 
 
 def top_principal(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,11 +21,10 @@ from poisonguard.detect.common import (
     MAD_TO_SIGMA,
     check_inputs,
     choose_poison_group,
-    per_class,
+    per_class_centred,
     split_1d,
     top_principal,
 )
-from poisonguard.errors import DataError
 from poisonguard.types import ClassFinding, DetectorResult
 
 
@@ -38,21 +37,12 @@ class SpectralSignatures:
 
     def detect(self, features: np.ndarray, labels: np.ndarray,
                losses: np.ndarray | None = None) -> DetectorResult:
-        check_inputs(features, labels, self.name)
-        if losses is not None and np.shape(losses) != np.shape(labels):
-            raise DataError(f"{self.name}: {np.shape(losses)} losses for {np.shape(labels)} "
-                            "labels")
+        check_inputs(features, labels, self.name, losses=losses)
         t0 = time.perf_counter()
-        feats = np.asarray(features, dtype=np.float64)
         scores = np.zeros(len(labels))
         flags = np.zeros(len(labels), dtype=bool)
         findings = []
-        for c, idx in per_class(labels):
-            xc = feats[idx] - feats[idx].mean(axis=0)
-            if len(idx) < 4 or not np.any(xc):
-                findings.append(ClassFinding(c, False, len(idx), 0,
-                                             {"reason": "too few or constant samples"}))
-                continue
+        for c, idx, xc in per_class_centred(features, labels, findings):
             v, _ = top_principal(xc, 1)
             p = xc @ v[0]
             cut, sep = split_1d(p)
