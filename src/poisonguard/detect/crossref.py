@@ -4,8 +4,11 @@ per-class verdict.
 Per class, the verdict is ``poisoned`` when at least ``min_class_votes`` detectors call the class
 suspicious, ``suspect`` when one does, else ``clean``. A sample is flagged when at least
 ``min_sample_votes`` detectors flag it, or when one does and its class is ``poisoned`` (class-level
-agreement backs a single detector's sample-level call). Confidence = share of detectors flagging
-the sample (higher = more suspicious).
+agreement backs a single detector's sample-level call). In a poisoned class, samples scoring
+above the ``class_tail`` quantile of the class's unflagged samples on a cluster detector
+(``tail_detectors``) are flagged too: poisons the representation only half-separates sit in that
+tail, and the price is at most about 1 - class_tail of one class's clean samples per detector.
+Confidence = share of detectors flagging the sample (higher = more suspicious).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from poisonguard.types import ClassFinding, DetectorResult
 class CrossReference:
     min_class_votes: int = 2
     min_sample_votes: int = 2
+    class_tail: float | None = 0.99
+    tail_detectors: tuple[str, ...] = ("activation_clustering", "spectral_signatures")
     name: str = "cross_reference"
 
     def combine(self, results: list[DetectorResult], labels: np.ndarray) -> DetectorResult:
@@ -45,13 +50,21 @@ class CrossReference:
             verdict = ("poisoned" if len(voters) >= need_class
                        else "suspect" if voters else "clean")
             if verdict == "poisoned":
+                unflagged = idx & (votes == 0)
                 flags[idx] |= votes[idx] >= 1
+                if self.class_tail is not None and unflagged.sum() >= 20:
+                    for r in results:
+                        if r.name in self.tail_detectors:
+                            cut = np.quantile(r.scores[unflagged], self.class_tail)
+                            flags[idx] |= r.scores[idx] > cut
             findings.append(ClassFinding(int(c), verdict == "poisoned", int(idx.sum()),
                                          int(flags[idx].sum()),
                                          {"verdict": verdict, "detectors": voters}))
         rule = {"rule": "flag if >= min_sample_votes detectors flag, or >= 1 in a class that "
-                        ">= min_class_votes detectors call suspicious",
+                        ">= min_class_votes detectors call suspicious; in such a class also "
+                        "scores above the class_tail quantile of its unflagged samples",
                 "min_class_votes": need_class, "min_sample_votes": need_sample,
+                "class_tail": self.class_tail, "tail_detectors": list(self.tail_detectors),
                 "detectors": [r.name for r in results]}
         return DetectorResult(self.name, confidence, flags, None, rule, tuple(findings),
                               time.perf_counter() - t0,
@@ -60,5 +73,5 @@ class CrossReference:
 
 
 def cross_reference(results: list[DetectorResult], labels: np.ndarray,
-                    **kwargs: int) -> DetectorResult:
+                    **kwargs: object) -> DetectorResult:
     return CrossReference(**kwargs).combine(results, labels)
