@@ -108,3 +108,27 @@ def test_bad_layer_and_pickle_model(tmp_path: Path, scan_out, poisoned_npz: Path
     assert "refused" in capsys.readouterr().err and not dest.exists()
     assert _exit_code(["report", str(poisoned_npz)]) == 2
     assert _exit_code(["scan"]) == 2
+
+
+@pytest.mark.parametrize("defense", ["trim", "abl"])
+def test_train_command_writes_loadable_model(tmp_path: Path, poisoned_npz: Path,
+                                             defense: str) -> None:
+    out = tmp_path / defense
+    rc = main(["train", str(poisoned_npz), "--defense", defense, "--epochs", "3",
+               "--monitor-gradients", "--test", str(poisoned_npz), "--quiet", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "report.json").read_text())
+    layer = report["layers"]["guarded_training"]
+    assert layer["defense"] == defense and "clean_accuracy" in layer["evaluation"]
+    assert "gradient_monitor" in layer
+    preds = tmp_path / "p.csv"
+    assert main(["predict", str(out), str(poisoned_npz), "--out", str(preds)]) == 0
+
+
+def test_train_bad_input(tmp_path: Path, poisoned_npz: Path, capsys) -> None:
+    out = tmp_path / "t"
+    assert _exit_code(["train", str(poisoned_npz), "--defense", "magic", "--out",
+                       str(out)]) == 2
+    assert _exit_code(["train", str(poisoned_npz), "--defense", "trim", "--trim-fraction",
+                       "0.7", "--out", str(out)]) == 2
+    assert "[0, 0.5)" in capsys.readouterr().err and not out.exists()

@@ -203,6 +203,8 @@ class TorchClassifier:
         if not named:
             raise ModelError(f"no parameters selected for gradients (params={params})")
         buffers = {k: v.detach() for k, v in self.model.named_buffers()}
+        buffers.update({k: v.detach() for k, v in self.model.named_parameters()
+                        if k not in named})
 
         def loss_fn(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
             out = functional_call(self.model, (p, buffers), (xi.unsqueeze(0),))
@@ -218,4 +220,4 @@ class TorchClassifier:
             grads = per_sample(named, xb, yb)
             sq = sum(g.reshape(len(xb), -1).pow(2).sum(1) for g in grads.values())
             norms.append(sq.sqrt())
-        return torch.cat(norms).numpy()
+        return torch.cat(norms).detach().numpy()

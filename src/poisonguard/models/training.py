@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -75,13 +76,21 @@ def _augment(xb: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor
     return out
 
 
+BatchLoss = Callable[[torch.Tensor, np.ndarray, int], torch.Tensor]
+EpochEnd = Callable[[int, nn.Module], None]
+
+
 def train_classifier(data: LabeledData, config: TrainConfig | None = None,
                      model: nn.Module | None = None, input_spec: InputSpec | None = None,
                      arch: str | None = None, n_classes: int | None = None,
-                     progress: bool = False) -> TrainResult:
+                     progress: bool = False, batch_loss: BatchLoss | None = None,
+                     epoch_end: EpochEnd | None = None) -> TrainResult:
     """Train ``model`` (default: a built-in architecture sized to ``data``) on ``data``.
 
-    Deterministic for a given seed on one machine. Returns the trained adapter and history.
+    ``batch_loss(per_sample_losses, dataset_indices, epoch)`` turns a batch's per-sample losses
+    into the scalar to minimise (default: their mean); guarded training plugs in here.
+    ``epoch_end(epoch, model)`` runs after every epoch. Deterministic for a given seed on one
+    machine. Returns the trained adapter and history.
     """
     config = config or TrainConfig()
     spec = input_spec or InputSpec.for_data(data.x)
@@ -101,9 +110,13 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
     arch = arch or "custom"
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = (len(data) + config.batch_size - 1) // config.batch_size
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, epochs=config.epochs,
-                                                steps_per_epoch=steps_per_epoch,
-                                                pct_start=0.25)
+    total_steps = config.epochs * steps_per_epoch
+    sched: torch.optim.lr_scheduler.LRScheduler
+    if total_steps >= 8:
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr,
+                                                    total_steps=total_steps, pct_start=0.25)
+    else:  # too few steps for a warm-up/anneal cycle
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     flip = data.x.ndim == 4 and data.x.shape[-1] == 3
@@ -129,7 +142,10 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
             if logits.ndim != 2 or logits.shape[1] < n_classes:
                 raise DataError(f"model output shape {tuple(logits.shape)} does not match "
                                 f"{n_classes} classes")
-            loss = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing)
+            per_sample = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing,
+                                         reduction="none")
+            loss = per_sample.mean() if batch_loss is None else batch_loss(per_sample, idx,
+                                                                           epoch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -139,6 +155,9 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
             seen += len(idx)
         history.append({"epoch": epoch + 1, "loss": total / max(seen, 1),
                         "train_acc": correct / max(seen, 1)})
+        if epoch_end is not None:
+            model.eval()
+            epoch_end(epoch, model)
     model.eval()
     clf = TorchClassifier(model, spec, layer=DEFAULT_LAYER if hasattr(model, DEFAULT_LAYER)
                           else None, n_classes=n_classes, progress=progress)

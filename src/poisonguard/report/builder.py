@@ -150,3 +150,51 @@ def build_scan_report(result: Any, command: str = "scan", poisoned: PoisonedData
     if extra:
         report.update(extra)
     return jsonable(report)
+
+
+def build_training_report(result: Any, data: Any, command: str = "train",
+                          evaluation: dict[str, Any] | None = None,
+                          metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The canonical report of a guarded training run (layer ``guarded_training``)."""
+    guard = result.config
+    layer: dict[str, Any] = {
+        "defense": guard.defense, "config": guard.to_dict(),
+        "train_config": result.train.config.to_dict(), "history": result.train.history,
+        "wall_s": round(result.wall_s, 3), "info": result.info,
+    }
+    suspects = result.suspects()
+    if result.drop_counts is not None:
+        layer["trim"] = {"fraction": result.trim_fraction,
+                         "samples_ever_dropped": int((result.drop_counts > 0).sum()),
+                         "max_drops": int(result.drop_counts.max(initial=0))}
+    if result.isolated is not None:
+        layer["abl"] = {"n_isolated": int(result.isolated.sum()),
+                        "isolated_index": np.flatnonzero(result.isolated).tolist()}
+    if result.monitor is not None:
+        layer["gradient_monitor"] = result.monitor.summary()
+    if evaluation is not None:
+        layer["evaluation"] = evaluation
+    if metrics is not None:
+        layer["metrics"] = metrics
+    n_sus = 0 if suspects is None else int(suspects.sum())
+    summary = (f"{guard.defense} training; {n_sus} sample(s) singled out"
+               + (" (isolated)" if result.isolated is not None else ""))
+    report: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "poisonguard", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "environment": environment(),
+        "seeds": {"train": result.train.config.seed},
+        "config": guard.to_dict(),
+        "data": {"fingerprint": data.fingerprint(), "n_samples": len(data),
+                 "n_classes": data.n_classes, "sample_shape": list(data.x.shape[1:]),
+                 "dtype": str(data.x.dtype), "class_counts": data.class_counts()},
+        "verdict": {"poisoning_found": bool(result.monitor is not None
+                                            and result.monitor.suspicious_classes),
+                    "poisoned_classes": (result.monitor.suspicious_classes
+                                         if result.monitor is not None else []),
+                    "n_flagged": n_sus, "summary": summary},
+        "layers": {"guarded_training": layer},
+        "timings": {"training_s": round(result.wall_s, 3)},
+    }
+    return jsonable(report)

@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+
+from poisonguard.attacks import badnets
+from poisonguard.errors import ConfigError, DataError
+from poisonguard.models import TrainConfig
+from poisonguard.train import GradientNormMonitor, GuardConfig, train_guarded
+
+CFG = TrainConfig(epochs=4, batch_size=64, seed=0)
+
+
+@pytest.fixture(scope="module")
+def poisoned(digits):
+    train, test = digits
+    return badnets(train.subset(np.arange(500)), rate=0.1, target=0, seed=0, test=test, size=3)
+
+
+def test_trim_drops_and_records(poisoned) -> None:
+    r = train_guarded(poisoned.data, GuardConfig(defense="trim", trim_fraction=0.2), CFG)
+    # 20% of every post-warm-up batch is dropped: 3 epochs x about 100 samples per epoch
+    assert r.drop_counts.sum() == pytest.approx(3 * 0.2 * len(poisoned.data), rel=0.1)
+    est = train_guarded(poisoned.data, GuardConfig(defense="trim"), CFG)
+    assert est.trim_fraction is not None and 0 <= est.trim_fraction < 0.5
+
+
+def test_abl_isolates_without_poison_rate(poisoned) -> None:
+    r = train_guarded(poisoned.data, GuardConfig(defense="abl", abl_isolation_epochs=2), CFG)
+    assert r.isolated.shape == (len(poisoned.data),)
+    assert r.isolated.mean() <= 0.2
+    assert r.info["unlearning"]["epochs"] >= 0 and "isolation_rule" in r.info
+    assert (r.classifier.predict(poisoned.data.x) == poisoned.data.y).mean() > 0.5
+
+
+def test_gradient_monitor_history(poisoned) -> None:
+    r = train_guarded(poisoned.data, GuardConfig(monitor_gradients=True), CFG)
+    assert r.grad_history.shape == (CFG.epochs, len(poisoned.data))
+    assert r.monitor.scores.shape == (len(poisoned.data),) and r.monitor.scores.min() >= 0
+
+
+def test_monitor_flags_planted_outliers() -> None:
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(4), 100)
+    hist = rng.lognormal(0, 0.2, (3, 400))
+    hist[:, :8] *= 50
+    r = GradientNormMonitor().detect(hist, y)
+    assert r.flags[:8].all() and r.flags[8:].mean() < 0.02
+    with pytest.raises(DataError, match="history"):
+        GradientNormMonitor().detect(hist[:, :10], y)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"defense": "magic"}, "unknown defense"),
+    ({"defense": "trim", "trim_fraction": 0.5}, r"\[0, 0.5\)"),
+    ({"defense": "trim", "trim_fraction": -0.1}, r"\[0, 0.5\)"),
+])
+def test_guard_config_errors(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        GuardConfig(**kwargs)
+
+
+def test_too_small_for_batch(poisoned) -> None:
+    with pytest.raises(DataError, match="too few"):
+        train_guarded(poisoned.data.subset(np.arange(10)), GuardConfig(defense="trim"),
+                      TrainConfig(batch_size=128))
