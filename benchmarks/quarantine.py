@@ -45,6 +45,20 @@ SCENARIOS = {
 }
 
 
+def code_version() -> str:
+    """The git commit the benchmark ran on (with '+dirty' for uncommitted changes)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def target_for(seed: int) -> int:
     return (3 * seed + 1) % 10
 
@@ -65,7 +79,7 @@ def run_one(name: str, scenario: str, seed: int, train: LabeledData, test: Label
     wall = time.perf_counter() - t0
     truth = poisoned.is_poison if poisoned is not None else np.zeros(len(data), dtype=bool)
     record = {
-        "dataset": name, "scenario": scenario, "seed": seed,
+        "dataset": name, "scenario": scenario, "seed": seed, "code": code_version(),
         "attack": poisoned.attack if poisoned else None,
         "n_train": len(data), "n_poison": int(truth.sum()),
         "poisoned_classes_reported": result.poisoned_classes,

@@ -111,8 +111,9 @@ def test_trigger_template_recovers_unlearned_poisons() -> None:
     x[poison] = BadNetsTrigger(size=2).apply(x[poison])
     first = poison.copy()
     first[np.flatnonzero(poison)[:10]] = False  # the first stage missed 10 poisons
+    first[np.flatnonzero((y == 2) & ~poison)[:5]] = True  # and flagged 5 clean samples
     r = TriggerTemplate().detect(x, y, first, [2])
-    assert r.flags[poison].all() and not r.flags[~poison].any()
+    assert r.flags[poison].all() and r.flags[~poison].sum() <= 1
     assert r.findings[0].evidence["template_size"] == 4
     # a blended-style trigger has no constant values: nothing is added
     xb = clean.copy()

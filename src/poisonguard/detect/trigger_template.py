@@ -1,8 +1,10 @@
 """Trigger template: a second-stage, input-space detector for classes already judged poisoned.
 
 Among the samples the representation detectors flagged in a poisoned class, find the input
-values (pixels x channels) that are nearly constant across the flagged set and differ from the
-class's unflagged samples: a stamped trigger (a BadNets patch) leaves exactly that. Every sample
+values (pixels x channels) on which at least ``min_agreement`` of the flagged set agree (within a
+tolerance around their median) and which differ from the class's unflagged samples: a stamped
+trigger (a BadNets patch) leaves exactly that, and the agreement rule tolerates clean samples
+flagged by mistake. Every sample
 of the class matching the template on all those values is flagged, including poisons the
 sacrificial model never learned (they carry the trigger but sit with the clean samples in
 representation space). A template that also matches more than ``max_other_match`` of the other
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from poisonguard.detect.common import MAD_TO_SIGMA
 from poisonguard.errors import DataError
 from poisonguard.types import ClassFinding, DetectorResult
 
@@ -24,6 +27,7 @@ from poisonguard.types import ClassFinding, DetectorResult
 @dataclass(frozen=True)
 class TriggerTemplate:
     max_spread: float = 0.05
+    min_agreement: float = 0.8
     min_shift: float = 0.2
     tolerance_sd: float = 3.0
     min_tolerance: float = 0.5 / 255
@@ -50,14 +54,19 @@ class TriggerTemplate:
                                              {"template": None, "reason": "too few samples"}))
                 continue
             xc = flat[idx].astype(np.float32) * scale
-            mf, sf = xc[f].mean(0), xc[f].std(0)
-            mc = xc[~f].mean(0)
-            mask = (sf < self.max_spread) & (np.abs(mf - mc) > self.min_shift)
+            center = np.median(xc[f], axis=0)
+            spread = MAD_TO_SIGMA * np.median(np.abs(xc[f] - center), axis=0)
+            tol_all = np.maximum(self.tolerance_sd * spread, self.min_tolerance)
+            agree = (np.abs(xc[f] - center) <= tol_all).mean(0)
+            shift = np.abs(center - np.median(xc[~f], axis=0))
+            mask = ((agree >= self.min_agreement) & (spread < self.max_spread)
+                    & (shift > self.min_shift))
             if not mask.any():
                 findings.append(ClassFinding(c, False, len(idx), 0, {"template": None,
-                                             "reason": "no constant values in flagged set"}))
+                                             "reason": "no values shared by the flagged set"}))
                 continue
-            tol = np.maximum(self.tolerance_sd * sf[mask], self.min_tolerance)
+            mf = center
+            tol = tol_all[mask]
             match = (np.abs(xc[:, mask] - mf[mask]) <= tol).mean(1)
             others = np.flatnonzero(labels != c)
             sample = others[:: max(1, len(others) // 5000)]
@@ -73,10 +82,12 @@ class TriggerTemplate:
             hit = match >= 1.0
             out[idx] = hit
             findings.append(ClassFinding(c, True, len(idx), int(hit.sum()), evidence))
-        rule = {"rule": "values constant across the flagged set (sd < max_spread) and shifted "
-                        "from the class (> min_shift); flag samples matching all of them "
-                        "within max(tolerance_sd * sd, min_tolerance)",
-                "max_spread": self.max_spread, "min_shift": self.min_shift,
+        rule = {"rule": "values on which >= min_agreement of the flagged set agree (robust sd < "
+                        "max_spread) and that are shifted from the class (> min_shift); flag "
+                        "samples matching all of them within max(tolerance_sd * sd, "
+                        "min_tolerance)",
+                "max_spread": self.max_spread, "min_agreement": self.min_agreement,
+                "min_shift": self.min_shift,
                 "tolerance_sd": self.tolerance_sd, "max_other_match": self.max_other_match}
         return DetectorResult(self.name, scores, out, 1.0, rule, tuple(findings),
                               time.perf_counter() - t0)
