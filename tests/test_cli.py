@@ -132,3 +132,26 @@ def test_train_bad_input(tmp_path: Path, poisoned_npz: Path, capsys) -> None:
     assert _exit_code(["train", str(poisoned_npz), "--defense", "trim", "--trim-fraction",
                        "0.7", "--out", str(out)]) == 2
     assert "[0, 0.5)" in capsys.readouterr().err and not out.exists()
+
+
+def test_scan_runs_provenance_first(tmp_path: Path, poisoned_npz: Path, capsys) -> None:
+    data = tmp_path / "d.npz"
+    data.write_bytes(poisoned_npz.read_bytes())
+    manifest = tmp_path / "m.jsonl"
+    assert main(["pin", str(data), "--out", str(manifest), "--quiet"]) == 0
+    with np.load(data) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["x"] = arrays["x"].copy()
+    arrays["x"][7] = 255 - arrays["x"][7]
+    np.savez(data, **arrays)
+    out = tmp_path / "scan"
+    rc = main(["scan", str(data), "--manifest", str(manifest), "--out", str(out), "--epochs",
+               "3", "--max-rounds", "1", "--quiet"])
+    assert rc == 1
+    layer = json.loads((out / "report.json").read_text())["layers"]["provenance"]
+    assert layer["status"] == "changed" and layer["counts"]["modified"] == 1
+    truncated = tmp_path / "t.jsonl"
+    truncated.write_text(manifest.read_text()[:-40])
+    assert _exit_code(["scan", str(data), "--manifest", str(truncated), "--out",
+                       str(tmp_path / "no"), "--quiet"]) == 2
+    assert not (tmp_path / "no").exists()

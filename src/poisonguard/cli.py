@@ -1,7 +1,7 @@
 """The ``poisonguard`` command line. It only parses arguments and calls library functions.
 
-Exit codes: 0 clean (or the command succeeded), 1 poisoning found (``scan``), 2 bad usage or
-input.
+Exit codes: 0 clean (or the command succeeded), 1 poisoning found (``scan``) or sources changed
+(``verify``, ``scan --manifest``), 2 bad usage or input.
 """
 
 from __future__ import annotations
@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="re-render a JSON report as HTML")
     r.add_argument("report", help="report.json")
     r.add_argument("--out", default=None, help="output .html (default: beside the JSON)")
+
+    from poisonguard.provenance.cli import add_scan_arguments
+    from poisonguard.provenance.cli import register as register_provenance
+
+    add_scan_arguments(s)
+    register_provenance(sub)
 
     pr = sub.add_parser("predict", help="predict with a model; write index,prediction,p_k")
     pr.add_argument("model", help="model folder / model.json, or TorchScript file")
@@ -187,7 +193,8 @@ def write_scan_outputs(out: Path, result: Any, report: dict[str, Any],
 
 def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: Any = None,
              poisoned: Any = None, truth: np.ndarray | None = None,
-             command: str = "scan", quiet: bool = False) -> int:
+             command: str = "scan", quiet: bool = False,
+             provenance: dict[str, Any] | None = None) -> int:
     """Scan, sanitise, (optionally) compare before/after, write everything; return exit code."""
     from poisonguard.pipeline import compare_before_after, sanitize, scan, score_against_truth
     from poisonguard.report.builder import build_scan_report
@@ -205,12 +212,15 @@ def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: An
                                retrain=retrain, metrics=metrics)
     if truth is not None and poisoned is None:
         report["samples"]["is_poison"] = truth.astype(int).tolist()
+    if provenance is not None:
+        report["layers"] = {"provenance": provenance, **report["layers"]}
     write_scan_outputs(out, result, report, removed, sanitized)
     if not quiet:
         print(render_console(report))
         print(f"\nwrote {out}/report.json, report.html, sanitized.npz, flagged.csv"
               + (", model/" if result.final_train is not None else ""))
-    return EXIT_FOUND if result.poisoned_classes else EXIT_CLEAN
+    changed = provenance is not None and provenance.get("status") != "verified"
+    return EXIT_FOUND if result.poisoned_classes or changed else EXIT_CLEAN
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -219,7 +229,9 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from poisonguard.errors import DataError
     from poisonguard.models.io import load_model
     from poisonguard.pipeline import ScanConfig
+    from poisonguard.provenance.cli import provenance_layer
 
+    provenance = provenance_layer(args, args.data)  # verified first: a bad manifest stops here
     data = load_dataset(args.data)
     classifier = load_model(args.model, progress=not args.quiet) if args.model else None
     config = ScanConfig(seed=args.seed, epochs=args.epochs, layer=args.layer,
@@ -247,7 +259,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                                     attack={"name": "unknown (from test file)"}, target=None,
                                     test_triggered=triggered)
     return run_scan(data, Path(args.out), config, classifier, test, poisoned, truth,
-                    quiet=args.quiet)
+                    quiet=args.quiet, provenance=provenance)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -355,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except PoisonguardError as exc:
         print(f"poisonguard {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD
