@@ -107,3 +107,17 @@ def split_1d(values: np.ndarray) -> tuple[float, float]:
     pooled = np.sqrt(0.5 * (left_ss[best] / kk + right_ss[best] / (n - kk))) + 1e-12
     sep = float((right_mean[best] - left_mean[best]) / pooled)
     return float(0.5 * (v[best] + v[best + 1])), sep
+
+
+def class_fraction_findings(flags: np.ndarray, labels: np.ndarray, k: float,
+                            min_fraction: float) -> tuple[ClassFinding, ...]:
+    """Per class: suspicious when the share of flagged samples is an outlier across classes
+    (robust z > ``k``) and at least ``min_fraction``."""
+    classes = np.unique(labels)
+    frac = np.array([flags[labels == c].mean() for c in classes])
+    fz = robust_z(frac) if len(frac) > 2 else np.zeros_like(frac)
+    return tuple(
+        ClassFinding(int(c), bool(z > k and f >= min_fraction), int((labels == c).sum()),
+                     int(flags[labels == c].sum()),
+                     {"flagged_fraction": round(float(f), 4), "fraction_z": round(float(z), 2)})
+        for c, f, z in zip(classes, frac, fz))

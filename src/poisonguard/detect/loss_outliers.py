@@ -11,9 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from poisonguard.detect.common import check_inputs, per_class, robust_z
+from poisonguard.detect.common import (
+    check_inputs,
+    class_fraction_findings,
+    per_class,
+    robust_z,
+)
 from poisonguard.errors import DataError
-from poisonguard.types import ClassFinding, DetectorResult
+from poisonguard.types import DetectorResult
 
 
 @dataclass(frozen=True)
@@ -35,22 +40,12 @@ class LossOutliers:
         scores = np.zeros(len(labels))
         flags = np.zeros(len(labels), dtype=bool)
         min_loss = -np.log(self.max_prob)
-        fractions = {}
-        for c, idx in per_class(labels):
+        for _c, idx in per_class(labels):
             z = robust_z(log_loss[idx])
             scores[idx] = z
             flags[idx] = (z > self.k) & (losses[idx] > min_loss)
-            fractions[c] = float(flags[idx].mean())
-        frac = np.array(list(fractions.values()))
-        fz = robust_z(frac) if len(frac) > 2 else np.zeros_like(frac)
-        findings = []
-        for (c, f), zc in zip(fractions.items(), fz):
-            idx = labels == c
-            susp = bool(zc > self.k and f >= self.min_fraction)
-            findings.append(ClassFinding(c, susp, int(idx.sum()), int(flags[idx].sum()),
-                                         {"flagged_fraction": round(f, 4),
-                                          "fraction_z": round(float(zc), 2)}))
+        findings = class_fraction_findings(flags, labels, self.k, self.min_fraction)
         rule = {"rule": "within-class robust z of log-loss > k and p(label) < max_prob",
                 "k": self.k, "max_prob": self.max_prob}
-        return DetectorResult(self.name, scores, flags, self.k, rule, tuple(findings),
+        return DetectorResult(self.name, scores, flags, self.k, rule, findings,
                               time.perf_counter() - t0)

@@ -14,9 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from poisonguard.detect.common import check_inputs, per_class, robust_z
+from poisonguard.detect.common import (
+    check_inputs,
+    class_fraction_findings,
+    per_class,
+    robust_z,
+)
 from poisonguard.errors import DataError
-from poisonguard.types import ClassFinding, DetectorResult
+from poisonguard.types import DetectorResult
 
 
 @dataclass(frozen=True)
@@ -37,18 +42,10 @@ class GradientNormMonitor:
         t0 = time.perf_counter()
         mean_log = np.log(history + 1e-12).mean(axis=0)
         scores = np.zeros(len(labels))
-        fractions = {}
-        for c, idx in per_class(labels):
+        for _c, idx in per_class(labels):
             scores[idx] = np.abs(robust_z(mean_log[idx]))
-            fractions[c] = float((scores[idx] > self.k).mean())
         flags = scores > self.k
-        frac = np.array(list(fractions.values()))
-        fz = robust_z(frac) if len(frac) > 2 else np.zeros_like(frac)
-        findings = tuple(
-            ClassFinding(c, bool(z > self.k and f >= self.min_fraction), int((labels == c).sum()),
-                         int(flags[labels == c].sum()),
-                         {"flagged_fraction": round(f, 4), "fraction_z": round(float(z), 2)})
-            for (c, f), z in zip(fractions.items(), fz))
+        findings = class_fraction_findings(flags, labels, self.k, self.min_fraction)
         rule = {"rule": "|within-class robust z of mean log gradient norm| > k", "k": self.k,
                 "min_fraction": self.min_fraction}
         return DetectorResult(self.name, scores, flags, self.k, rule, findings,
