@@ -180,6 +180,32 @@ def summarise(records: list[dict]) -> str:
             f"{pct(a.get('clean_accuracy'))} | {r['scan_wall_s']} |")
     refs = {(r["dataset"], r["seed"]): r["first_round_model"]["clean_accuracy"]
             for r in runs if r["scenario"] == "clean"}
+    lines += ["", "## Per dataset and scenario (over seeds)", "",
+              "| dataset | scenario | seeds | classes right | recall min (mean) | flagged clean % "
+              "max | ASR % after: max (clean-model floor max) | clean acc vs clean-data model, "
+              "points: worst (mean) |", "|" + "---|" * 8]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["dataset"], r["scenario"]), []).append(r)
+    for (ds, sc), rs in sorted(groups.items()):
+        right = sum(r["poisoned_classes_reported"] == ([] if r["true_target"] is None
+                                                       else [r["true_target"]]) for r in rs)
+        rec = [r["metrics"]["cross_reference"]["recall"] for r in rs
+               if r["metrics"]["cross_reference"]["recall"] is not None]
+        fpr = max(r["metrics"]["cross_reference"]["fpr"] for r in rs)
+        asr = [r["before_after"]["after"]["asr"] for r in rs
+               if r.get("before_after", {}).get("after", {}).get("asr") is not None]
+        floor = [r["clean_model_on_triggered"]["asr"] for r in rs
+                 if r.get("clean_model_on_triggered")]
+        deltas = [100 * (r["before_after"]["after"]["clean_accuracy"]
+                         - refs[(r["dataset"], r["seed"])]) for r in rs
+                  if "before_after" in r and (r["dataset"], r["seed"]) in refs]
+        rec_s = f"{min(rec):.4f} ({sum(rec) / len(rec):.4f})" if rec else "-"
+        asr_s = (f"{100 * max(asr):.2f} ({100 * max(floor):.2f})" if asr and floor
+                 else (f"{100 * max(asr):.2f}" if asr else "-"))
+        d_s = f"{min(deltas):+.2f} ({sum(deltas) / len(deltas):+.2f})" if deltas else "-"
+        lines.append(f"| {ds} | {sc} | {len(rs)} | {right}/{len(rs)} | {rec_s} | "
+                     f"{100 * fpr:.2f} | {asr_s} | {d_s} |")
     if refs:
         lines += ["", "Clean-data reference accuracy (same recipe, no attack): " + ", ".join(
             f"{d} seed {s}: {100 * v:.2f}%" for (d, s), v in sorted(refs.items()))]
@@ -204,9 +230,14 @@ def main() -> None:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-art", action="store_true")
     ap.add_argument("--out", default=str(RESULTS / "quarantine.json"))
+    ap.add_argument("--summarise-only", action="store_true",
+                    help="only rewrite the .md summary from the existing .json")
     args = ap.parse_args()
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.exists() else []
+    if args.summarise_only:
+        atomic_write_text(out.with_suffix(".md"), summarise(records))
+        return
 
     def save(rec: dict) -> None:
         key = (rec.get("kind", "run"), rec.get("dataset"), rec.get("scenario"), rec.get("seed"))
