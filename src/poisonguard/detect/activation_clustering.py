@@ -42,6 +42,7 @@ class ActivationClustering:
     min_silhouette: float = 0.25
     min_separation: float = 4.0
     min_size: float = 0.005
+    max_size: float = 0.67
     tail_z: float = 4.0
     silhouette_samples: int = 2000
     seed: int = 0
@@ -104,7 +105,7 @@ class ActivationClustering:
             scores[idx] = zscore
             rel = len(pg) / len(idx)
             suspicious = (sil >= self.min_silhouette and sep >= self.min_separation
-                          and rel >= self.min_size)
+                          and self.min_size <= rel <= self.max_size)
             class_flags = np.zeros(len(idx), dtype=bool)
             if suspicious:
                 class_flags[pg] = True
@@ -117,7 +118,7 @@ class ActivationClustering:
                         "separation >= min_separation and poison cluster >= min_size of the "
                         "class; flag the poison cluster and robust z > tail_z",
                 "min_silhouette": self.min_silhouette, "min_separation": self.min_separation,
-                "min_size": self.min_size, "tail_z": self.tail_z}
+                "min_size": self.min_size, "max_size": self.max_size, "tail_z": self.tail_z}
         return DetectorResult(self.name, scores, flags, self.tail_z, rule, tuple(findings),
                               time.perf_counter() - t0,
                               params={"n_components": self.n_components,

@@ -33,6 +33,7 @@ class SpectralSignatures:
     k: float = 3.0
     min_separation: float = 4.0
     min_size: float = 0.005
+    max_size: float = 0.67
     name: str = "spectral_signatures"
 
     def detect(self, features: np.ndarray, labels: np.ndarray,
@@ -56,7 +57,8 @@ class SpectralSignatures:
                 z = -z
             scores[idx] = np.sign(z) * z**2
             rel = len(groups[poison]) / len(idx)
-            suspicious = sep >= self.min_separation and rel >= self.min_size
+            suspicious = (sep >= self.min_separation
+                          and self.min_size <= rel <= self.max_size)
             class_flags = (z > self.k) if suspicious else np.zeros(len(idx), dtype=bool)
             flags[idx] = class_flags
             findings.append(ClassFinding(c, suspicious, len(idx), int(class_flags.sum()), {
@@ -64,7 +66,7 @@ class SpectralSignatures:
         rule = {"rule": "top singular vector; 1-D split; suspicious if separation >= "
                         "min_separation and poison side >= min_size; flag robust z > k on the "
                         "poison side", "k": self.k, "min_separation": self.min_separation,
-                "min_size": self.min_size}
+                "min_size": self.min_size, "max_size": self.max_size}
         return DetectorResult(self.name, scores, flags, self.k**2, rule, tuple(findings),
                               time.perf_counter() - t0,
                               params={"losses": losses is not None})
