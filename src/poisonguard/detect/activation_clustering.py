@@ -9,7 +9,9 @@ centroid separation >= ``min_separation`` pooled standard deviations along the l
 centroids (a clean class split in two gives about 2.7). Relative size alone cannot decide: at 10%
 all-to-one poisoning the poisons are half of the target class. Which cluster is the poison is
 decided by :func:`choose_poison_group` (lower loss) when losses are given, else the smaller
-one. Per-sample score: robust z of the position along the centroid line, measured from
+one; a "poison" cluster above ``max_size`` of the class means the bulk of the class was picked,
+and the class is then not called poisoned (flagging a class wholesale is never right).
+Per-sample score: robust z of the position along the centroid line, measured from
 the clean cluster towards the poison one. In a poisoned class the poison cluster and every sample
 with z > ``tail_z`` are flagged.
 """
