@@ -15,6 +15,7 @@ in benchmarks/results/quarantine.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from pathlib import Path
@@ -45,8 +46,10 @@ SCENARIOS = {
 }
 
 
+@functools.cache
 def code_version() -> str:
-    """The git commit the benchmark ran on (with '+dirty' for uncommitted changes)."""
+    """The git commit the benchmark started on (with '+dirty' for uncommitted changes); read
+    once, so later commits made while it runs do not relabel its records."""
     import subprocess
 
     try:
@@ -247,6 +250,7 @@ def main() -> None:
         atomic_write_json(out, records)
         atomic_write_text(out.with_suffix(".md"), summarise(records))
 
+    code_version()
     clean_models: dict = {}
     if not args.skip_speed:
         rec = {"kind": "speed", **detector_speed()}
