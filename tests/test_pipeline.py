@@ -81,3 +81,38 @@ def test_scan_validates() -> None:
 
 def test_auto_epochs() -> None:
     assert auto_epochs(60000) == 2 and auto_epochs(20000) == 6 and auto_epochs(500) == 30
+
+
+def test_trigger_template_confirms_a_suspect_class() -> None:
+    from poisonguard.attacks import BadNetsTrigger
+    from poisonguard.detect.crossref import CrossReference
+    from poisonguard.pipeline import _add_trigger_template
+    from poisonguard.types import ClassFinding, DetectorResult
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 200, (400, 8, 8)).astype(np.uint8)
+    y = np.repeat(np.arange(4), 100)
+    poison = np.zeros(400, bool)
+    poison[np.flatnonzero(y == 2)[:30]] = True
+    x[poison] = BadNetsTrigger(size=2).apply(x[poison])
+    data = LabeledData.create(x, y)
+
+    def result(name: str, flags: np.ndarray, classes: list[int]) -> DetectorResult:
+        findings = tuple(ClassFinding(c, c in classes, 100, int(flags[y == c].sum()))
+                         for c in range(4))
+        return DetectorResult(name, flags.astype(float), flags, None, {}, findings, 0.0)
+
+    ac_flags = poison.copy()
+    ac_flags[np.flatnonzero(poison)[:5]] = False  # one detector, and it misses a few
+    results = [result("activation_clustering", ac_flags, [2]),
+               result("spectral_signatures", np.zeros(400, bool), [])]
+    combined = CrossReference().combine(results, y)
+    assert combined.suspicious_classes == [] and not combined.flags.any()  # only "suspect"
+    _, merged = _add_trigger_template(data, results, combined)
+    assert merged.suspicious_classes == [2]
+    assert (merged.flags == poison).all()
+    # a class no detector calls is never examined
+    results = [result("activation_clustering", np.zeros(400, bool), []),
+               result("spectral_signatures", np.zeros(400, bool), [])]
+    combined = CrossReference().combine(results, y)
+    assert not _add_trigger_template(data, results, combined)[1].flags.any()

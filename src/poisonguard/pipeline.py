@@ -22,6 +22,7 @@ from poisonguard.models.training import TrainConfig, TrainResult, train_classifi
 from poisonguard.types import ClassFinding, DetectorResult
 
 DETECTORS = ("activation_clustering", "spectral_signatures", "loss_outliers")
+TEMPLATE_SOURCES = ("activation_clustering", "spectral_signatures")
 
 
 def auto_epochs(n_samples: int) -> int:
@@ -160,18 +161,39 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
 def _add_trigger_template(data: LabeledData, results: list[DetectorResult],
                           combined: DetectorResult) -> tuple[list[DetectorResult], DetectorResult]:
     """Second stage: in classes judged poisoned, flag every sample carrying the trigger template
-    estimated from the flagged samples; its flags join the cross-referenced set."""
-    tt = TriggerTemplate().detect(data.x, data.y, combined.flags, combined.suspicious_classes)
+    estimated from the flagged samples; its flags join the cross-referenced set. In a class only
+    one representation detector calls suspicious (verdict ``suspect``), a trigger template found
+    in that detector's flags is the second, input-space opinion that makes the class poisoned."""
+    verdicts = {f.label: f.evidence["verdict"] for f in combined.findings}
+    suspect = [c for c, v in verdicts.items() if v == "suspect"]
+    first = combined.flags.copy()
+    if suspect:
+        in_suspect = np.isin(data.y, suspect)
+        for r in results:
+            if r.name in TEMPLATE_SOURCES:
+                first |= r.flags & in_suspect
+    tt = TriggerTemplate().detect(data.x, data.y, first,
+                                  combined.suspicious_classes + suspect)
+    confirmed = {f.label for f in tt.findings if f.suspicious and f.label in suspect}
     flags = combined.flags | tt.flags
+    if confirmed:
+        flags |= first & np.isin(data.y, list(confirmed))
     det_flags = {**combined.extras["detector_flags"], tt.name: tt.flags}
     votes = combined.extras["votes"] + tt.flags
     confidence = votes / (len(results) + 1)
-    findings = tuple(
-        ClassFinding(f.label, f.suspicious, f.n_samples, int(flags[data.y == f.label].sum()),
-                     f.evidence) for f in combined.findings)
-    rule = {**combined.threshold_rule, "second_stage": tt.name}
+    findings = []
+    for f in combined.findings:
+        evidence, suspicious = f.evidence, f.suspicious
+        if f.label in confirmed:
+            suspicious = True
+            evidence = {**f.evidence, "verdict": "poisoned",
+                        "detectors": [*f.evidence["detectors"], tt.name]}
+        findings.append(ClassFinding(f.label, suspicious, f.n_samples,
+                                     int(flags[data.y == f.label].sum()), evidence))
+    rule = {**combined.threshold_rule, "second_stage": tt.name,
+            "second_stage_confirms_suspect_classes": True}
     merged = DetectorResult(combined.name, confidence, flags,
-                            None, rule, findings, combined.runtime_s + tt.runtime_s,
+                            None, rule, tuple(findings), combined.runtime_s + tt.runtime_s,
                             extras={"votes": votes, "detector_flags": det_flags})
     return [*results, tt], merged
 

@@ -41,8 +41,8 @@ class CrossReference:
         need_class = min(self.min_class_votes, len(results))
         need_sample = min(self.min_sample_votes, len(results))
         votes = np.sum([r.flags for r in results], axis=0)
-        confidence = votes / len(results)
         flags = votes >= need_sample
+        attributed = {r.name: r.flags.copy() for r in results}
         findings = []
         for c in np.unique(labels):
             idx = labels == c
@@ -56,7 +56,9 @@ class CrossReference:
                     for r in results:
                         if r.name in self.tail_detectors:
                             cut = np.quantile(r.scores[unflagged], self.class_tail)
-                            flags[idx] |= r.scores[idx] > cut
+                            hit = idx & (r.scores > cut)
+                            flags |= hit
+                            attributed[r.name] |= hit
             findings.append(ClassFinding(int(c), verdict == "poisoned", int(idx.sum()),
                                          int(flags[idx].sum()),
                                          {"verdict": verdict, "detectors": voters}))
@@ -66,10 +68,10 @@ class CrossReference:
                 "min_class_votes": need_class, "min_sample_votes": need_sample,
                 "class_tail": self.class_tail, "tail_detectors": list(self.tail_detectors),
                 "detectors": [r.name for r in results]}
-        return DetectorResult(self.name, confidence, flags, None, rule, tuple(findings),
-                              time.perf_counter() - t0,
-                              extras={"votes": votes,
-                                      "detector_flags": {r.name: r.flags for r in results}})
+        votes = np.sum(list(attributed.values()), axis=0)
+        return DetectorResult(self.name, votes / len(results), flags, None, rule,
+                              tuple(findings), time.perf_counter() - t0,
+                              extras={"votes": votes, "detector_flags": attributed})
 
 
 def cross_reference(results: list[DetectorResult], labels: np.ndarray,
