@@ -166,18 +166,24 @@ def write_manifest(path: str | Path, header: dict[str, Any], batches: Iterable[I
     digest = hashlib.sha256()
     fps: list[np.ndarray] = []
     count = 0
+
+    def tallied() -> Iterable[ItemBatch]:
+        """The non-empty batches, each folded into the digest, key fingerprints and count."""
+        nonlocal count
+        for batch in batches:
+            if len(batch):
+                digest.update(canonical_lines(batch))
+                fps.append(fingerprints(batch.key))
+                count += len(batch)
+                yield batch
+
     with atomic_output(path) as tmp:
         if fmt == "parquet":
             writer = pq.ParquetWriter(tmp, SCHEMA, compression="zstd")
             pending: list[pa.RecordBatch] = []
             n_pending = 0
             try:
-                for batch in batches:
-                    if not len(batch):
-                        continue
-                    digest.update(canonical_lines(batch))
-                    fps.append(fingerprints(batch.key))
-                    count += len(batch)
+                for batch in tallied():
                     pending.append(batch.to_arrow())
                     n_pending += len(batch)
                     if n_pending >= BATCH_ROWS:
@@ -193,12 +199,7 @@ def write_manifest(path: str | Path, header: dict[str, Any], batches: Iterable[I
         else:
             with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
                 fh.write(json.dumps({JSONL_HEADER_KEY: header}, ensure_ascii=False) + "\n")
-                for batch in batches:
-                    if not len(batch):
-                        continue
-                    digest.update(canonical_lines(batch))
-                    fps.append(fingerprints(batch.key))
-                    count += len(batch)
+                for batch in tallied():
                     fh.writelines(json.dumps(row, ensure_ascii=False) + "\n"
                                   for row in batch.rows())
                 _check_duplicates(fps, path)
