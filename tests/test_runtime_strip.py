@@ -1,0 +1,129 @@
+"""STRIP core: calibration at a target FRR, flags on an input-agnostic trigger, logits vs
+probabilities, save/load, input validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from poisonguard.errors import ConfigError, DataError
+from poisonguard.models.adapter import InputSpec, TorchClassifier
+from poisonguard.runtime.strip import StripConfig, StripFilter, evaluate, validate_inputs
+
+
+class Backdoored(nn.Module):
+    """A linear 10-class model on 8x8 images with a planted trigger: pixel (7, 7) lit -> class 0
+    with a large margin, whatever else is in the image."""
+
+    def __init__(self, softmax: bool = False) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = nn.Parameter(torch.randn(64, 10, generator=g) * 0.3, requires_grad=False)
+        self.softmax = softmax
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        logits = flat @ self.w
+        logits[:, 0] = logits[:, 0] + 40.0 * flat[:, 63]
+        return torch.softmax(logits, 1) if self.softmax else logits
+
+
+def make_clf(softmax: bool = False) -> TorchClassifier:
+    return TorchClassifier(Backdoored(softmax), InputSpec(layout="nchw", scale=1 / 255),
+                           n_classes=10)
+
+
+def clean_images(n: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).integers(0, 256, (n, 8, 8)).astype(np.uint8)
+    x[:, 7, 7] = 0
+    return x
+
+
+def trigger(x: np.ndarray) -> np.ndarray:
+    out = x.copy()
+    out[:, 7, 7] = 255
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrated() -> StripFilter:
+    return StripFilter.calibrate(make_clf(), clean_images(420), StripConfig(n_blends=10))
+
+
+def test_calibration_respects_target_frr(calibrated: StripFilter) -> None:
+    cal = calibrated.calibration
+    assert cal is not None and cal.n_calibration == 410
+    assert cal.achieved_frr <= 0.01
+    held_out = calibrated.screen(clean_images(500, seed=1))
+    assert held_out.suspicious.mean() <= 0.03
+
+
+def test_trigger_is_flagged(calibrated: StripFilter) -> None:
+    x = clean_images(200, seed=2)
+    clean, trig = calibrated.screen(x), calibrated.screen(trigger(x))
+    assert (trig.prediction == 0).all()
+    assert trig.suspicious.mean() >= 0.99
+    assert np.all(trig.score > clean.score.min())
+    ev = evaluate(clean, trig)
+    assert ev["far"] <= 0.01 and ev["frr"] <= 0.05
+    assert sum(ev["histogram"]["clean"]) == 200 == sum(ev["histogram"]["triggered"])
+
+
+@pytest.mark.parametrize("blend", ["add", "mix"])
+def test_probability_outputs_match_logits(blend: str) -> None:
+    x = clean_images(150)
+    cfg = StripConfig(n_blends=5, blend=blend)
+    a = StripFilter.calibrate(make_clf(), x, cfg)
+    b = StripFilter.calibrate(make_clf(softmax=True), x, cfg)
+    assert b.calibration.model["outputs"] == "probabilities"
+    assert a.calibration.model["outputs"] == "logits"
+    np.testing.assert_allclose(a.screen(x[:20]).entropy, b.screen(x[:20]).entropy, atol=1e-4)
+
+
+def test_save_load_roundtrip(calibrated: StripFilter, tmp_path) -> None:  # noqa: ANN001
+    calibrated.save(tmp_path)
+    loaded = StripFilter.load(tmp_path, make_clf())
+    assert loaded.threshold == calibrated.threshold
+    assert loaded.config == calibrated.config
+    x = trigger(clean_images(30, seed=3))
+    np.testing.assert_array_equal(loaded.screen(x).suspicious, calibrated.screen(x).suspicious)
+    with np.load(tmp_path / "strip_pool.npz", allow_pickle=False) as arc:
+        assert arc["pool"].shape == (10, 8, 8)
+
+
+def test_load_refuses_garbage(tmp_path) -> None:  # noqa: ANN001
+    with pytest.raises(ConfigError, match="no STRIP calibration"):
+        StripFilter.load(tmp_path, make_clf())
+    (tmp_path / "strip.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="unreadable"):
+        StripFilter.load(tmp_path, make_clf())
+
+
+def test_chunking_does_not_change_results() -> None:
+    x = clean_images(150)
+    big = StripFilter.calibrate(make_clf(), x, StripConfig(n_blends=5))
+    small = StripFilter(make_clf(), big.pool, StripConfig(n_blends=5, chunk=7), big.calibration)
+    np.testing.assert_allclose(big.screen(x[:40]).entropy, small.screen(x[:40]).entropy,
+                               atol=1e-5)
+
+
+def test_validation_messages(calibrated: StripFilter) -> None:
+    with pytest.raises(DataError, match=r"shape \(3, 9, 8\)"):
+        calibrated.screen(np.zeros((3, 9, 8)))
+    bad = np.zeros((2, 8, 8))
+    bad[1, 0, 0] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        calibrated.screen(bad)
+    with pytest.raises(DataError, match="not numeric"):
+        validate_inputs(np.array([["a"] * 8] * 8), (8, 8))
+    with pytest.raises(DataError, match="values span"):
+        calibrated.screen(np.full((8, 8), 300.0))
+    one = calibrated.screen(np.zeros((8, 8)))
+    assert len(one) == 1
+
+
+def test_too_little_calibration_data() -> None:
+    with pytest.raises(DataError, match="at least"):
+        StripFilter.calibrate(make_clf(), clean_images(50), StripConfig(n_blends=10))
