@@ -95,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_scan_arguments(s)
     register_provenance(sub)
 
+    from poisonguard.runtime.cli import register as register_runtime
+
+    register_runtime(sub)
+
     pr = sub.add_parser("predict", help="predict with a model; write index,prediction,p_k")
     pr.add_argument("model", help="model folder / model.json, or TorchScript file")
     pr.add_argument("data", help="dataset .npz (x, or x_test)")

@@ -17,7 +17,8 @@ KNOWN_QUARANTINE = {"model", "detectors", "cross_reference", "classes", "metrics
                     "sanitize"}
 SECTIONS = (("data", "Data"), ("classes", "Classes"), ("metrics", "Metrics"),
             ("retrain", "Sanitise/retrain"), ("plots", "Plots"), ("detectors", "Detectors"),
-            ("other", "Other layers"), ("run", "Run"))
+            ("runtime", "Runtime filter"), ("other", "Other layers"),
+            ("run", "Run"))
 MAX_INLINE = 16      # scalar lists up to this length are shown in full
 MAX_ROWS = 50        # rows shown of a generic table
 MAX_COLS = 12        # columns shown of a generic table
@@ -371,8 +372,15 @@ def _detectors_section(r: Mapping[str, Any]) -> str:
     return "".join(out) + "</section>"
 
 
+def _runtime_section(r: Mapping[str, Any]) -> str:
+    from poisonguard.runtime.report import runtime_section
+
+    return runtime_section(r)
+
+
 def _other_section(r: Mapping[str, Any]) -> str:
-    layers = {k: x for k, x in (r.get("layers") or {}).items() if k != "quarantine"}
+    layers = {k: x for k, x in (r.get("layers") or {}).items()
+              if k not in ("quarantine", "runtime")}
     top = {k: x for k, x in r.items() if k not in KNOWN_TOP}
     if not layers and not top:
         return ""
@@ -400,7 +408,7 @@ def render_html(report: dict[str, Any]) -> str:
     title = f"{name} report — {(report.get('verdict') or {}).get('summary', '')}"
     body = "".join(section(report) for section in (
         _data_section, _classes_section, _metrics_section, _retrain_section,
-        _plots_section, _detectors_section, _other_section, _run_section))
+        _plots_section, _detectors_section, _runtime_section, _other_section, _run_section))
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in SECTIONS if f'<section id="{a}"' in body)
     body = f"{_header(report)}<nav>{nav}</nav>{body}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -1,0 +1,182 @@
+"""Command-line front end of the runtime layer: ``filter`` (offline) and ``serve`` (HTTP).
+
+Wire into the main parser with ``register(subparsers)``. ``filter`` exits 0 when no input is
+flagged, 1 when some are; both raise ``PoisonguardError`` subclasses on bad input (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from poisonguard.errors import ConfigError, DataError
+
+EXIT_CLEAN, EXIT_FOUND = 0, 1
+
+
+def _add_strip_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--clean", default=None, metavar="CLEAN",
+                   help="held-out clean inputs (.npz: x, or x_test) to calibrate on; the blend "
+                        "pool is drawn from them")
+    p.add_argument("--calibration", default=None, metavar="PATH",
+                   help="load a saved calibration (folder or strip.json from an earlier "
+                        "'filter' run) instead of calibrating")
+    p.add_argument("--n-blends", type=int, default=20, help="clean blends per input (default 20)")
+    p.add_argument("--frr", type=float, default=0.01,
+                   help="target false-rejection rate on clean inputs (default 0.01)")
+    p.add_argument("--blend", default="add", choices=["add", "mix"],
+                   help="'add': saturating sum of input and clean image (STRIP's "
+                        "superimposition, default); 'mix': alpha*input + (1-alpha)*clean")
+    p.add_argument("--alpha", type=float, default=0.5, help="input weight for --blend mix")
+    p.add_argument("--seed", type=int, default=0, help="seed of the blend-pool draw")
+    p.add_argument("--batch-size", type=int, default=4096,
+                   help="most blended samples per forward pass (bounds memory)")
+
+
+def register(sub: Any) -> None:
+    """Add ``filter`` and ``serve`` to an argparse subparsers object."""
+    f = sub.add_parser(
+        "filter", help="screen inputs with STRIP offline; write flags.csv and a report",
+        description="Blend every input with N held-out clean inputs and flag those whose mean "
+                    "prediction entropy stays below a threshold calibrated on clean data at a "
+                    "target false-rejection rate. Exit 0: nothing flagged, 1: inputs flagged, "
+                    "2: bad usage or input.")
+    f.add_argument("model", help="model folder / model.json, or TorchScript file")
+    f.add_argument("data", help="inputs to screen (.npz: x, or x_test)")
+    f.add_argument("--out", required=True, help="output folder")
+    f.add_argument("--test", default=None,
+                   help="evaluation .npz with x_triggered and x_test (as 'poisonguard attack "
+                        "--test' writes): report FAR/FRR and both entropy histograms")
+    _add_strip_args(f)
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(handler=cmd_filter)
+
+    s = sub.add_parser(
+        "serve", help="serve predictions over HTTP with STRIP screening (FastAPI, uvicorn)",
+        description="POST /predict (JSON arrays or .npy), GET /health, GET /metrics, "
+                    "GET /flagged. Suspicious inputs are logged with an id.")
+    s.add_argument("model", help="model folder / model.json, or TorchScript file")
+    _add_strip_args(s)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--save-calibration", default=None, metavar="DIR",
+                   help="write the calibration here before serving")
+    s.add_argument("--review-dir", default=None,
+                   help="save each suspicious input as <id>.npy here (at most 10,000)")
+    s.add_argument("--max-body-mb", type=float, default=8.0,
+                   help="largest request body in MiB (default 8)")
+    s.add_argument("--max-inputs", type=int, default=512,
+                   help="most inputs in one request (default 512)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    s.add_argument("--access-log", action="store_true", help="log every request")
+    s.set_defaults(handler=cmd_serve)
+
+
+def _load_inputs(path: str) -> np.ndarray:
+    from poisonguard.cli import _load_x
+
+    return _load_x(path)
+
+
+def build_filter(args: argparse.Namespace, classifier: Any) -> Any:
+    from poisonguard.runtime.strip import StripConfig, StripFilter
+
+    if args.calibration:
+        return StripFilter.load(args.calibration, classifier)
+    if not args.clean:
+        raise ConfigError("give --clean CLEAN.npz (held-out clean inputs to calibrate on) or "
+                          "--calibration PATH (a saved calibration)")
+    config = StripConfig(n_blends=args.n_blends, blend=args.blend, alpha=args.alpha,
+                         target_frr=args.frr, seed=args.seed, chunk=args.batch_size)
+    return StripFilter.calibrate(classifier, _load_inputs(args.clean), config)
+
+
+def _evaluation(filt: Any, path: str) -> dict[str, Any]:
+    from poisonguard.runtime.strip import evaluate
+
+    try:
+        with np.load(path, allow_pickle=False) as arc:
+            if "x_triggered" not in arc.files:
+                raise DataError(f"{path}: no 'x_triggered' array; write it with 'poisonguard "
+                                "attack --test'")
+            xt = arc["x_triggered"]
+            xc = arc["x_test"] if "x_test" in arc.files else None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable .npz ({exc})") from None
+    if xc is None:
+        xc = _load_inputs(path)
+    return evaluate(filt.screen(xc), filt.screen(xt))
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from poisonguard.io import atomic_write_csv, atomic_write_json, atomic_write_text
+    from poisonguard.models.io import load_model
+    from poisonguard.report.html import render_html
+    from poisonguard.runtime.report import build_filter_report
+
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    classifier = load_model(args.model, batch_size=args.batch_size)
+    x = _load_inputs(args.data)
+    filt = build_filter(args, classifier)
+    timings["calibrate_s"] = round(time.perf_counter() - t0, 3)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t1 = time.perf_counter()
+    result = filt.screen(x)
+    timings["screen_s"] = round(time.perf_counter() - t1, 3)
+    evaluation = None
+    if args.test:
+        t2 = time.perf_counter()
+        evaluation = _evaluation(filt, args.test)
+        timings["evaluate_s"] = round(time.perf_counter() - t2, 3)
+    filt.save(out)
+    atomic_write_csv(out / "flags.csv", ["index", "prediction", "entropy", "suspicious"],
+                     ([i, int(p), f"{e:.6f}", int(s)] for i, (p, e, s) in enumerate(
+                         zip(result.prediction, result.entropy, result.suspicious))))
+    report = build_filter_report(filt, x, result, evaluation, timings)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.html", render_html(report))
+    n_sus = int(result.suspicious.sum())
+    if not args.quiet:
+        print(report["verdict"]["summary"])
+        if evaluation is not None:
+            print(f"evaluation: FAR {evaluation['far']:.4f} on {evaluation['n_triggered']} "
+                  f"triggered inputs, FRR {evaluation['frr']:.4f} on {evaluation['n_clean']} "
+                  "clean inputs")
+        print(f"wrote {out}/flags.csv, report.json, report.html, strip.json, strip_pool.npz")
+    return EXIT_FOUND if n_sus else EXIT_CLEAN
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+    import uvicorn
+
+    from poisonguard.models.io import load_model
+    from poisonguard.runtime.service import create_app
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.max_inputs < 1 or args.max_body_mb <= 0:
+        raise ConfigError("--max-inputs and --max-body-mb must be positive")
+    classifier = load_model(args.model, batch_size=args.batch_size)
+    filt = build_filter(args, classifier)
+    if args.save_calibration:
+        filt.save(args.save_calibration)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s")
+    app = create_app(filt, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                     max_inputs=args.max_inputs, review_dir=args.review_dir)
+    cal = filt.calibration
+    print(f"poisonguard serve: STRIP threshold {cal.threshold:.4g} bits (N={cal.config.n_blends}"
+          f", target FRR {cal.target_frr:.2%}); listening on http://{args.host}:{args.port}",
+          flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                access_log=args.access_log)
+    return EXIT_CLEAN

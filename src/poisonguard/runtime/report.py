@@ -1,0 +1,119 @@
+"""The ``runtime`` layer of a report (STRIP over a dataset) and its entropy-histogram plot."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from poisonguard import SCHEMA_VERSION, __version__
+from poisonguard.runtime.strip import HIST_BINS, StripFilter, StripResult, histogram
+from poisonguard.types import jsonable
+
+
+def runtime_layer(filt: StripFilter, result: StripResult,
+                  evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    ent = result.entropy
+    top = max(float(ent.max(initial=0.0)), 1e-6)
+    edges = np.linspace(0.0, top, HIST_BINS + 1)
+    sus_pred = np.bincount(result.prediction[result.suspicious]) if result.suspicious.any() \
+        else np.zeros(0, dtype=int)
+    layer: dict[str, Any] = {
+        "method": "STRIP (Gao et al. 2019): low mean entropy under blending = suspicious",
+        "calibration": filt.describe(),
+        "n_screened": int(len(ent)), "n_suspicious": int(result.suspicious.sum()),
+        "suspicious_fraction": float(result.suspicious.mean()) if len(ent) else 0.0,
+        "suspicious_by_prediction": {str(k): int(n) for k, n in enumerate(sus_pred) if n},
+        "threshold": result.threshold,
+        "entropy_histogram": {"edges": np.round(edges, 5).tolist(),
+                              "counts": histogram(ent, edges)},
+        "flags_file": "flags.csv",
+    }
+    if evaluation is not None:
+        layer["evaluation"] = evaluation
+    return layer
+
+
+def build_filter_report(filt: StripFilter, x: np.ndarray, result: StripResult,
+                        evaluation: dict[str, Any] | None, timings: dict[str, float],
+                        command: str = "filter") -> dict[str, Any]:
+    from poisonguard.report.builder import environment
+
+    n_sus = int(result.suspicious.sum())
+    summary = (f"{n_sus} of {len(x)} inputs flagged by STRIP (threshold "
+               f"{result.threshold:.4g} bits, calibrated at {filt.config.target_frr:.1%} FRR)")
+    return jsonable({
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "poisonguard", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command, "environment": environment(),
+        "seeds": {"strip": filt.config.seed},
+        "config": filt.config.to_dict(),
+        "data": {"fingerprint": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
+                 "n_samples": int(len(x)), "sample_shape": list(x.shape[1:]),
+                 "dtype": str(x.dtype)},
+        "verdict": {"poisoning_found": bool(n_sus), "poisoned_classes": [], "n_flagged": n_sus,
+                    "summary": summary},
+        "layers": {"runtime": runtime_layer(filt, result, evaluation)},
+        "timings": timings,
+    })
+
+
+def entropy_plot(layer: Mapping[str, Any]) -> str | None:
+    """Base64 PNG: entropy histograms (screened data; clean vs triggered when evaluated) with the
+    threshold; None when the layer has no histogram."""
+    from poisonguard.report.plots import fig_to_base64, plt
+
+    panels = []
+    h = layer.get("entropy_histogram")
+    if isinstance(h, Mapping) and h.get("edges") and h.get("counts"):
+        panels.append(("screened inputs", h["edges"], {"inputs": h["counts"]}))
+    ev = layer.get("evaluation")
+    if isinstance(ev, Mapping) and isinstance(ev.get("histogram"), Mapping):
+        eh = ev["histogram"]
+        if eh.get("edges"):
+            panels.append(("clean vs triggered test inputs", eh["edges"],
+                           {"clean": eh.get("clean") or [], "triggered": eh.get("triggered")
+                            or []}))
+    if not panels:
+        return None
+    thr = layer.get("threshold")
+    colours = {"inputs": "#1f77b4", "clean": "#8c8c8c", "triggered": "#d62728"}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.2), squeeze=False)
+    for ax, (title, edges, series) in zip(axes[0], panels):
+        e = np.asarray(edges, dtype=float)
+        for name, counts in series.items():
+            if len(counts) == len(e) - 1:
+                ax.stairs(counts, e, fill=True, alpha=0.5, label=name, color=colours[name])
+        if isinstance(thr, (int, float)) and np.isfinite(thr):
+            ax.axvline(thr, color="k", ls="--", lw=1, label=f"threshold {thr:.3g}")
+        ax.set_xlabel("mean entropy under blending (bits)")
+        ax.set_ylabel("inputs")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    return fig_to_base64(fig)
+
+
+def runtime_section(r: Mapping[str, Any]) -> str:
+    """The HTML section of the ``runtime`` layer (empty when the report has none)."""
+    from poisonguard.report.html import _img, _value
+
+    rt = (r.get("layers") or {}).get("runtime")
+    if not isinstance(rt, Mapping):
+        return ""
+    hist = ("entropy_histogram", "histogram")
+    rest = {k: ({kk: vv for kk, vv in x.items() if kk not in hist} if isinstance(x, Mapping)
+                else x) for k, x in rt.items() if k not in hist}
+    for sub in ("calibration",):
+        if isinstance(rest.get(sub), Mapping) and "clean_entropy" in rest[sub]:
+            ce = dict(rest[sub]["clean_entropy"])
+            ce.pop("histogram", None)
+            rest[sub] = {**rest[sub], "clean_entropy": ce}
+    return ('<section id="runtime"><h2>Runtime filter (STRIP)</h2>'
+            '<p class="muted">Inputs whose mean entropy under blending falls below the dashed '
+            "threshold are flagged.</p>"
+            f"{_img(entropy_plot(rt), 'entropy histograms', 'No entropy histogram.')}"
+            f"{_value(rest)}</section>")
