@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_scan_arguments(s)
     register_provenance(sub)
+    from poisonguard.audit.cli import register as register_audit
+
+    register_audit(sub)
 
     from poisonguard.runtime.cli import register as register_runtime
 

@@ -17,8 +17,8 @@ KNOWN_QUARANTINE = {"model", "detectors", "cross_reference", "classes", "metrics
                     "sanitize"}
 SECTIONS = (("data", "Data"), ("classes", "Classes"), ("metrics", "Metrics"),
             ("retrain", "Sanitise/retrain"), ("plots", "Plots"), ("detectors", "Detectors"),
-            ("runtime", "Runtime filter"), ("other", "Other layers"),
-            ("run", "Run"))
+            ("model_audit", "Model audit"), ("runtime", "Runtime filter"),
+            ("other", "Other layers"), ("run", "Run"))
 MAX_INLINE = 16      # scalar lists up to this length are shown in full
 MAX_ROWS = 50        # rows shown of a generic table
 MAX_COLS = 12        # columns shown of a generic table
@@ -171,10 +171,13 @@ def _img(b64: str | None, alt: str, missing: str) -> str:
 def _header(r: Mapping[str, Any]) -> str:
     tool = r.get("tool") or {}
     v = r.get("verdict") or {}
-    bad = bool(v.get("poisoning_found"))
+    bad = bool(v.get("poisoning_found") or v.get("backdoored"))
     data = r.get("data") or {}
     summary = v.get("summary") or ("POISONING FOUND" if bad else "no poisoning found")
     details = [f"{_fmt(v.get('n_flagged'))} of {_fmt(data.get('n_samples'))} samples flagged"]
+    if "backdoored" in v:  # model audit
+        details = [f"target class {_fmt(v.get('target_class'))}, confidence "
+                   f"{_fmt(v.get('confidence'))}; {_fmt(data.get('n_samples'))} clean samples"]
     if v.get("poisoned_classes"):
         details.insert(0, "poisoned class(es): "
                        + ", ".join(_fmt(c) for c in v["poisoned_classes"]))
@@ -372,6 +375,12 @@ def _detectors_section(r: Mapping[str, Any]) -> str:
     return "".join(out) + "</section>"
 
 
+def _model_audit_section(r: Mapping[str, Any]) -> str:
+    from poisonguard.audit.html_section import model_audit_section
+
+    return model_audit_section(r)
+
+
 def _runtime_section(r: Mapping[str, Any]) -> str:
     from poisonguard.runtime.report import runtime_section
 
@@ -380,7 +389,7 @@ def _runtime_section(r: Mapping[str, Any]) -> str:
 
 def _other_section(r: Mapping[str, Any]) -> str:
     layers = {k: x for k, x in (r.get("layers") or {}).items()
-              if k not in ("quarantine", "runtime")}
+              if k not in ("quarantine", "model_audit", "runtime")}
     top = {k: x for k, x in r.items() if k not in KNOWN_TOP}
     if not layers and not top:
         return ""
@@ -408,7 +417,8 @@ def render_html(report: dict[str, Any]) -> str:
     title = f"{name} report — {(report.get('verdict') or {}).get('summary', '')}"
     body = "".join(section(report) for section in (
         _data_section, _classes_section, _metrics_section, _retrain_section,
-        _plots_section, _detectors_section, _runtime_section, _other_section, _run_section))
+        _plots_section, _detectors_section, _model_audit_section, _runtime_section, _other_section,
+        _run_section))
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in SECTIONS if f'<section id="{a}"' in body)
     body = f"{_header(report)}<nav>{nav}</nav>{body}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -1,0 +1,353 @@
+"""Model-audit benchmark: a zoo of small models (half clean, half backdoored), each audited with
+at most 500 clean samples: Neural Cleanse detection, fine-pruning and unlearning repairs, and the
+speed of all-class reverse-engineering on a CIFAR-10-sized model.
+
+    python benchmarks/model_audit.py                 # train the zoo (cached), audit, repair
+    python benchmarks/model_audit.py --train-only    # only build benchmarks/cache/model_zoo/
+    python benchmarks/model_audit.py --speed-only    # re-measure the CIFAR NC timing only
+
+Zoo models are cached under benchmarks/cache/model_zoo/ (git-ignored), so reruns skip training.
+Results: benchmarks/results/model_audit.json and .md (written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent.parent / "shared" / "datasets"
+RESULTS = ROOT / "results"
+ZOO = ROOT / "cache" / "model_zoo"
+N_AUDIT = 500
+
+# dataset -> (train subset size, epochs)
+TRAINING = {"mnist": (12000, 2), "fashion_mnist": (12000, 3), "cifar10": (10000, 4)}
+BACKDOORS = {
+    "mnist": [("badnets", 0, {"size": 3, "position": "bottom-right"}),
+              ("badnets", 3, {"size": 4, "position": "top-left"}),
+              ("badnets", 7, {"size": 5, "position": "top-right"}),
+              ("blended", 5, {"alpha": 0.15})],
+    "fashion_mnist": [("badnets", 2, {"size": 3, "position": "bottom-left"}),
+                      ("badnets", 9, {"size": 4, "position": "top-right"}),
+                      ("badnets", 4, {"size": 5, "position": "bottom-right"}),
+                      ("blended", 6, {"alpha": 0.2})],
+    "cifar10": [("badnets", 1, {"size": 3, "position": "bottom-right"}),
+                ("badnets", 8, {"size": 4, "position": "top-left"}),
+                ("badnets", 5, {"size": 5, "position": "bottom-left"}),
+                ("blended", 3, {"alpha": 0.2})],
+}
+
+
+def zoo_specs() -> list[dict[str, Any]]:
+    specs = []
+    for ds in TRAINING:
+        for seed in range(4):
+            specs.append({"name": f"{ds}-clean-s{seed}", "dataset": ds, "seed": seed,
+                          "attack": None})
+        for i, (attack, target, kw) in enumerate(BACKDOORS[ds]):
+            tag = f"{attack}-t{target}" + (f"-{kw['size']}px" if "size" in kw else
+                                           f"-a{kw['alpha']}")
+            specs.append({"name": f"{ds}-{tag}", "dataset": ds, "seed": 10 + i,
+                          "attack": {"name": attack, "target": target, "rate": 0.1, **kw}})
+    return specs
+
+
+@functools.cache
+def dataset(name: str) -> tuple[Any, Any, Any]:
+    """(train, audit clean set of N_AUDIT test samples, held-out evaluation test set)."""
+    from poisonguard.data import load_shared
+
+    train = load_shared(name, SHARED, "train")
+    test = load_shared(name, SHARED, "test")
+    order = np.random.default_rng(123).permutation(len(test))
+    return train, test.subset(np.sort(order[:N_AUDIT])), test.subset(np.sort(order[N_AUDIT:]))
+
+
+def poisoned_for(spec: dict[str, Any]) -> tuple[Any, Any]:
+    """(training set, triggered held-out test set or None) of a zoo entry, deterministic."""
+    from poisonguard.attacks import make_attack
+
+    train, _, evaluation = dataset(spec["dataset"])
+    n, _ = TRAINING[spec["dataset"]]
+    sub = train.subset(np.sort(np.random.default_rng(spec["seed"]).choice(len(train), n,
+                                                                         replace=False)))
+    if spec["attack"] is None:
+        return sub, None
+    kw = dict(spec["attack"])
+    name = kw.pop("name")
+    poisoned = make_attack(name, sub, seed=spec["seed"], test=evaluation, **kw)
+    return poisoned.data, poisoned.test_triggered
+
+
+def train_zoo(specs: list[dict[str, Any]]) -> None:
+    import torch
+
+    from poisonguard.metrics import accuracy
+    from poisonguard.models.io import save_model
+    from poisonguard.models.training import TrainConfig, train_classifier
+
+    torch.set_num_threads(1)
+    for spec in specs:
+        folder = ZOO / spec["name"]
+        if (folder / "zoo.json").exists():
+            continue
+        t0 = time.perf_counter()
+        data, triggered = poisoned_for(spec)
+        _, _, evaluation = dataset(spec["dataset"])
+        _, epochs = TRAINING[spec["dataset"]]
+        res = train_classifier(data, TrainConfig(epochs=epochs, seed=spec["seed"]))
+        clf = res.classifier
+        info = {"spec": spec, "train_s": round(time.perf_counter() - t0, 1),
+                "clean_acc": accuracy(clf.predict(evaluation.x), evaluation.y),
+                "asr": (accuracy(clf.predict(triggered.x), triggered.y)
+                        if triggered is not None else None)}
+        save_model(folder, clf.model, res.arch, res.arch_kwargs, clf.input_spec,
+                   data.n_classes, clf.layer, extra={"zoo": info})
+        from poisonguard.io import atomic_write_json
+
+        atomic_write_json(folder / "zoo.json", info)
+        print(f"trained {spec['name']}: acc {info['clean_acc']:.4f} asr {info['asr']} "
+              f"({info['train_s']} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--train-only", action="store_true")
+    p.add_argument("--speed-only", action="store_true")
+    p.add_argument("--only", default=None, help="comma-separated zoo names (default: all)")
+    args = p.parse_args(argv)
+    specs = zoo_specs()
+    if args.only:
+        keep = set(args.only.split(","))
+        specs = [s for s in specs if s["name"] in keep]
+    if not args.speed_only:
+        train_zoo(specs)
+    if args.train_only:
+        return 0
+    return run_audits(specs, speed_only=args.speed_only)
+
+
+N_EVAL = 5000
+SPEED_MODEL = "cifar10-badnets-t1-3px"
+
+
+@functools.cache
+def code_version() -> str:
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "src/poisonguard/audit"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _eval(model: Any, evaluation: Any, triggered: Any) -> dict[str, float | None]:
+    from poisonguard.metrics import accuracy
+
+    ev = evaluation.subset(np.arange(min(N_EVAL, len(evaluation))))
+    out: dict[str, float | None] = {"clean_acc": accuracy(model.classifier.predict(ev.x), ev.y),
+                                    "asr": None}
+    if triggered is not None:
+        tr = triggered.subset(np.arange(min(N_EVAL, len(triggered))))
+        out["asr"] = accuracy(model.classifier.predict(tr.x), tr.y)
+    return out
+
+
+def audit_one(spec: dict[str, Any]) -> dict[str, Any]:
+    from poisonguard.audit import audit_model, fine_prune, load_audit_model, unlearn
+
+    info = json.loads((ZOO / spec["name"] / "zoo.json").read_text())
+    _, clean, evaluation = dataset(spec["dataset"])
+    _, triggered = poisoned_for(spec)
+    model = load_audit_model(ZOO / spec["name"])
+    result = audit_model(model, clean)
+    nc = result.cleanse
+    v = result.verdict
+    target = spec["attack"]["target"] if spec["attack"] else None
+    rec: dict[str, Any] = {
+        "name": spec["name"], "dataset": spec["dataset"], "attack": spec["attack"],
+        "backdoored": spec["attack"] is not None, "true_target": target,
+        "train": {"clean_acc": info["clean_acc"], "asr": info["asr"]},
+        "verdict": {k: v[k] for k in ("backdoored", "target_class", "confidence")},
+        "correct": (v["backdoored"] and v["target_class"] == target) if target is not None
+        else not v["backdoored"],
+        "anomaly_index_max": round(float(nc.anomaly.max()), 3),
+        "anomaly_index_target": (round(float(nc.anomaly[target]), 3) if target is not None
+                                 else None),
+        "mask_l1": [round(float(x), 2) for x in nc.norms],
+        "nc_s": round(nc.runtime_s, 2), "dormant_units": len(result.dormant.units)
+        if result.dormant else None, "n_clean": len(clean),
+    }
+    rec["before"] = _eval(model, evaluation, triggered)
+    classes = list(nc.flagged) or [nc.most_anomalous()]
+    for method in ("fine-prune", "unlearn"):
+        m = load_audit_model(ZOO / spec["name"])
+        t0 = time.perf_counter()
+        if method == "fine-prune":
+            det = fine_prune(m, clean, nc=nc if nc.flagged else None,
+                             trigger_classes=list(nc.flagged))
+            extra = {"n_pruned": det["n_pruned"], "n_channels": det["n_channels"]}
+        else:
+            det = unlearn(m, clean, nc, classes)
+            extra = {"classes": classes}
+        rec[method] = {**_eval(m, evaluation, triggered), **extra,
+                       "chosen_epoch": det["finetune"]["chosen_epoch"],
+                       "repair_s": round(time.perf_counter() - t0, 2)}
+    print(f"{spec['name']}: verdict {rec['verdict']} correct {rec['correct']} "
+          f"AI {rec['anomaly_index_max']} nc {rec['nc_s']} s | before {rec['before']} | "
+          f"FP {rec['fine-prune']} | UL {rec['unlearn']}", flush=True)
+    return rec
+
+
+def measure_speed(repeats: int = 2) -> dict[str, Any]:
+    """All-class Neural Cleanse on one CIFAR-10 model with both cores (torch threads = 2)."""
+    import torch
+
+    from poisonguard.audit import load_audit_model, neural_cleanse
+
+    torch.set_num_threads(2)
+    spec = next(s for s in zoo_specs() if s["name"] == SPEED_MODEL)
+    _, clean, _ = dataset(spec["dataset"])
+    runs = []
+    for _ in range(repeats):
+        model = load_audit_model(ZOO / SPEED_MODEL)
+        load_before = os.getloadavg()
+        nc = neural_cleanse(model, clean, 10)
+        runs.append({"seconds": round(nc.runtime_s, 2), "flagged": nc.flagged,
+                     "steps": int(nc.steps.max()),
+                     "loadavg_before": [round(x, 2) for x in load_before],
+                     "loadavg_after": [round(x, 2) for x in os.getloadavg()]})
+        print(f"speed: {runs[-1]}", flush=True)
+    torch.set_num_threads(1)
+    return {"model": SPEED_MODEL, "input": [32, 32, 3], "classes": 10, "clean_samples": N_AUDIT,
+            "torch_threads": 2, "cpu_count": os.cpu_count(), "runs": runs,
+            "best_s": min(r["seconds"] for r in runs),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
+    bd = [r for r in records if r["backdoored"]]
+    cl = [r for r in records if not r["backdoored"]]
+
+    def mean(vals: list[float]) -> float | None:
+        vals = [v for v in vals if v is not None]
+        return round(float(np.mean(vals)), 4) if vals else None
+
+    out: dict[str, Any] = {
+        "n_models": len(records), "n_backdoored": len(bd), "n_clean": len(cl),
+        "backdoored_flagged_right_target": sum(r["correct"] for r in bd),
+        "clean_flagged": sum(r["verdict"]["backdoored"] for r in cl),
+        "nc_s_mean": mean([r["nc_s"] for r in records]),
+    }
+    for method in ("fine-prune", "unlearn"):
+        out[method] = {
+            "backdoored_asr_le_2pct": sum((r[method]["asr"] or 0) <= 0.02 for r in bd),
+            "backdoored_acc_within": sum(r["before"]["clean_acc"] - r[method]["clean_acc"]
+                                         <= (0.01 if method == "fine-prune" else 0.02) + 1e-9
+                                         for r in bd),
+            "backdoored_mean_asr_before": mean([r["before"]["asr"] for r in bd]),
+            "backdoored_mean_asr_after": mean([r[method]["asr"] for r in bd]),
+            "backdoored_mean_acc_drop": mean([r["before"]["clean_acc"] - r[method]["clean_acc"]
+                                              for r in bd]),
+            "clean_mean_acc_drop": mean([r["before"]["clean_acc"] - r[method]["clean_acc"]
+                                         for r in cl]),
+            "clean_max_acc_drop": (round(max(r["before"]["clean_acc"] - r[method]["clean_acc"]
+                                             for r in cl), 4) if cl else None),
+        }
+    return out
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{100 * v:.1f}"
+
+
+def write_results(results: dict[str, Any]) -> None:
+    from poisonguard.io import atomic_write_json, atomic_write_text
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(RESULTS / "model_audit.json", results)
+    s = results.get("summary") or {}
+    lines = ["# Model audit benchmark", "",
+             f"Code {results.get('code_version')}, {results.get('created')}. "
+             f"{s.get('n_models')} models ({s.get('n_backdoored')} backdoored, "
+             f"{s.get('n_clean')} clean), each audited with {N_AUDIT} clean test samples; "
+             "accuracy and ASR on the held-out rest of the test set (at most "
+             f"{N_EVAL} samples each). Generated by `benchmarks/model_audit.py`.", ""]
+    if s:
+        lines += [f"- Detection: **{s['backdoored_flagged_right_target']} of "
+                  f"{s['n_backdoored']}** backdoored models flagged with the right target; "
+                  f"**{s['clean_flagged']} of {s['n_clean']}** clean models flagged.",
+                  f"- Neural Cleanse mean time per model: {s['nc_s_mean']} s (1 torch thread, "
+                  "shared machine)."]
+        for method in ("fine-prune", "unlearn"):
+            m = s[method]
+            lines.append(f"- {method}: ASR <= 2% on {m['backdoored_asr_le_2pct']} of "
+                         f"{s['n_backdoored']} backdoored models (mean ASR "
+                         f"{_pct(m['backdoored_mean_asr_before'])}% -> "
+                         f"{_pct(m['backdoored_mean_asr_after'])}%), clean accuracy within "
+                         f"{'1' if method == 'fine-prune' else '2'} point(s) on "
+                         f"{m['backdoored_acc_within']}; mean accuracy cost "
+                         f"{_pct(m['backdoored_mean_acc_drop'])} points (backdoored), "
+                         f"{_pct(m['clean_mean_acc_drop'])} (clean models, worst "
+                         f"{_pct(m['clean_max_acc_drop'])}).")
+    sp = results.get("speed")
+    if sp:
+        lines += [f"- Speed: all-class Neural Cleanse on `{sp['model']}` (32x32x3, 10 classes, "
+                  f"{sp['clean_samples']} clean samples, 2 torch threads): best "
+                  f"**{sp['best_s']} s**; runs: "
+                  + "; ".join(f"{r['seconds']} s (load average before "
+                              f"{r['loadavg_before'][0]})" for r in sp["runs"]) + "."]
+    lines += ["", "| model | train ASR | verdict | target (true) | AI max | NC s | acc before "
+              "| ASR before | FP acc | FP ASR | FP pruned | UL acc | UL ASR |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results.get("models", []):
+        v = r["verdict"]
+        fp, ul = r["fine-prune"], r["unlearn"]
+        lines.append(
+            f"| {r['name']} | {_pct(r['train']['asr'])} | "
+            f"{'backdoored' if v['backdoored'] else 'clean'}{'' if r['correct'] else ' ✗'} | "
+            f"{v['target_class'] if v['target_class'] is not None else '—'} "
+            f"({r['true_target'] if r['true_target'] is not None else '—'}) | "
+            f"{r['anomaly_index_max']} | {r['nc_s']} | {_pct(r['before']['clean_acc'])} | "
+            f"{_pct(r['before']['asr'])} | {_pct(fp['clean_acc'])} | {_pct(fp['asr'])} | "
+            f"{fp['n_pruned']}/{fp['n_channels']} | {_pct(ul['clean_acc'])} | "
+            f"{_pct(ul['asr'])} |")
+    atomic_write_text(RESULTS / "model_audit.md", "\n".join(lines) + "\n")
+
+
+def run_audits(specs: list[dict[str, Any]], speed_only: bool = False) -> int:
+    import torch
+
+    path = RESULTS / "model_audit.json"
+    results: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if speed_only:
+        results["speed"] = measure_speed()
+        write_results(results)
+        return 0
+    torch.set_num_threads(1)
+    done = {r["name"]: r for r in results.get("models", [])}
+    for spec in specs:
+        done[spec["name"]] = audit_one(spec)
+        order = [s["name"] for s in zoo_specs()]
+        results["models"] = sorted(done.values(), key=lambda r: order.index(r["name"]))
+        results["code_version"] = code_version()
+        results["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        results["summary"] = summarise(results["models"])
+        write_results(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,19 @@
+"""Model audit (third layer): is a trained model backdoored, which class is the target, what
+does the trigger look like, and can it be repaired? Works from the model and a small trusted
+clean set, without the training data."""
+
+from poisonguard.audit.core import AuditResult, audit_model, build_audit_report, make_verdict
+from poisonguard.audit.dormant import DormantResult, dormant_neurons
+from poisonguard.audit.model import AuditModel, load_audit_model, save_repaired
+from poisonguard.audit.neural_cleanse import (
+    CleanseConfig,
+    CleanseResult,
+    anomaly_index,
+    neural_cleanse,
+)
+from poisonguard.audit.repair import RepairConfig, fine_prune, unlearn
+
+__all__ = ["AuditModel", "AuditResult", "CleanseConfig", "CleanseResult", "DormantResult",
+           "RepairConfig", "anomaly_index", "audit_model", "build_audit_report",
+           "dormant_neurons", "fine_prune", "load_audit_model", "make_verdict",
+           "neural_cleanse", "save_repaired", "unlearn"]

@@ -1,0 +1,205 @@
+"""Command-line front end of the model audit: ``audit-model`` and ``repair``.
+
+``audit-model`` exits 0 when no backdoor is found, 1 when one is; ``repair`` exits 0 when the
+repaired model is written. Bad input raises ``PoisonguardError`` (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXIT_CLEAN, EXIT_FOUND = 0, 1
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model: a folder / model.json written by poisonguard "
+                                 "(scan, train), or a TorchScript file; pickles are refused")
+    p.add_argument("--clean", required=True, metavar="DATA.npz",
+                   help="trusted clean samples with labels (x/y or x_train/y_train); a few "
+                        "hundred suffice")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--max-clean", type=int, default=500,
+                   help="use at most this many clean samples (default 500)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="Neural Cleanse step budget (default 120)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+
+
+def register(sub: Any) -> None:
+    """Add ``audit-model`` and ``repair`` to an argparse subparsers object."""
+    a = sub.add_parser(
+        "audit-model", help="audit a trained model for a backdoor (Neural Cleanse, dormant "
+                            "units) with a small trusted clean set",
+        description="Reverse-engineer the smallest trigger of every class (Neural Cleanse, all "
+                    "classes batched), flag small-norm outliers, scan dormant units; write "
+                    "DIR/report.json, DIR/report.html and DIR/triggers.npz. Exit 1 when a "
+                    "backdoor is found.")
+    _add_common(a)
+    a.add_argument("--layer", default=None,
+                   help="layer for the dormant-unit scan (default: the model's representation "
+                        "layer or its last convolution)")
+    a.set_defaults(handler=cmd_audit_model)
+
+    r = sub.add_parser(
+        "repair", help="repair a backdoored model: fine-pruning or unlearning with clean data",
+        description="Audit the model (or reuse --triggers from audit-model), then repair it "
+                    "and write the repaired model to DIR (a poisonguard model folder, or "
+                    "DIR/model.pt for TorchScript input) with DIR/report.json.")
+    _add_common(r)
+    r.add_argument("--method", required=True, choices=["fine-prune", "unlearn"])
+    r.add_argument("--triggers", default=None,
+                   help="triggers.npz written by audit-model (skips the reverse-engineering)")
+    r.add_argument("--test", default=None,
+                   help="test .npz: clean accuracy (and ASR if it holds x_triggered/"
+                        "y_triggered) before and after the repair")
+    r.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 10)")
+    r.add_argument("--prune-budget", type=float, default=None,
+                   help="clean-accuracy drop allowed while pruning (default 0.02)")
+    r.set_defaults(handler=cmd_repair)
+
+
+def _load_clean(path: str, max_clean: int, seed: int) -> Any:
+    from poisonguard.data import load_dataset
+
+    clean = load_dataset(path)
+    if max_clean and len(clean) > max_clean:
+        rng = np.random.default_rng(seed)
+        clean = clean.subset(np.sort(rng.choice(len(clean), max_clean, replace=False)))
+    return clean
+
+
+def _cleanse_config(args: argparse.Namespace) -> Any:
+    from poisonguard.audit.neural_cleanse import CleanseConfig
+
+    kw: dict[str, Any] = {"seed": args.seed}
+    if args.steps is not None:
+        kw["max_steps"] = args.steps
+        kw["min_steps"] = min(CleanseConfig.min_steps, args.steps)
+    return CleanseConfig(**kw)
+
+
+def _write_report(out: Path, report: dict[str, Any]) -> None:
+    from poisonguard.io import atomic_write_json, atomic_write_text
+    from poisonguard.report.html import render_html
+
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.html", render_html(report))
+
+
+def cmd_audit_model(args: argparse.Namespace) -> int:
+    from poisonguard.audit.core import audit_model, build_audit_report, save_triggers
+    from poisonguard.audit.model import load_audit_model
+
+    model = load_audit_model(args.model)
+    clean = _load_clean(args.clean, args.max_clean, args.seed)
+    result = audit_model(model, clean, _cleanse_config(args), layer=args.layer)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_triggers(out / "triggers.npz", result.cleanse)
+    report = build_audit_report(result, clean, model, command="audit-model")
+    _write_report(out, report)
+    if not args.quiet:
+        print(result.verdict["summary"])
+        print(f"wrote {out / 'report.json'}, {out / 'report.html'}, {out / 'triggers.npz'} "
+              f"({result.timings['audit_s']:.1f} s)")
+    return EXIT_FOUND if result.verdict["backdoored"] else EXIT_CLEAN
+
+
+def _evaluate(model: Any, test: dict[str, np.ndarray] | None) -> dict[str, float]:
+    if test is None:
+        return {}
+    from poisonguard.metrics import accuracy
+
+    out = {}
+    if "x" in test:
+        out["clean_accuracy"] = accuracy(model.classifier.predict(test["x"]), test["y"])
+    if "x_triggered" in test:
+        out["asr"] = accuracy(model.classifier.predict(test["x_triggered"]),
+                              test["y_triggered"])
+    return out
+
+
+def _load_test(path: str | None) -> dict[str, np.ndarray] | None:
+    if path is None:
+        return None
+    from poisonguard.data import load_dataset
+    from poisonguard.errors import DataError
+
+    test = load_dataset(path, split="test")
+    out = {"x": test.x, "y": test.y}
+    try:
+        with np.load(path, allow_pickle=False) as arc:
+            if "x_triggered" in arc.files and "y_triggered" in arc.files:
+                out["x_triggered"] = arc["x_triggered"]
+                out["y_triggered"] = arc["y_triggered"].astype(np.int64)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable test file ({exc})") from None
+    return out
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from poisonguard.audit.core import (
+        AuditResult,
+        audit_model,
+        build_audit_report,
+        load_triggers,
+        make_verdict,
+    )
+    from poisonguard.audit.model import check_clean_data, load_audit_model, save_repaired
+    from poisonguard.audit.repair import RepairConfig, fine_prune, reversed_trigger_asr, unlearn
+
+    model = load_audit_model(args.model)
+    clean = _load_clean(args.clean, args.max_clean, args.seed)
+    test = _load_test(args.test)
+    t0 = time.perf_counter()
+    if args.triggers:
+        k = check_clean_data(model, clean)
+        nc = load_triggers(args.triggers)
+        if nc.n_classes != k or nc.masks.shape[1:3] != clean.x.shape[1:3]:
+            from poisonguard.errors import DataError
+
+            raise DataError(f"{args.triggers}: triggers for {nc.n_classes} classes of shape "
+                            f"{nc.masks.shape[1:]} do not fit this model/data")
+        result = AuditResult(cleanse=nc, dormant=None, verdict=make_verdict(nc), n_classes=k)
+    else:
+        result = audit_model(model, clean, _cleanse_config(args), dormant=False)
+    nc = result.cleanse
+    classes = list(nc.flagged) or [nc.most_anomalous()]
+    kw: dict[str, Any] = {"seed": args.seed}
+    if args.epochs is not None:
+        kw["epochs"] = args.epochs
+    if args.prune_budget is not None:
+        kw["prune_budget"] = args.prune_budget
+    cfg = RepairConfig(**kw)
+    before = _evaluate(model, test)
+    before["reversed_trigger_asr"] = reversed_trigger_asr(model, nc, classes, clean)
+    if args.method == "fine-prune":
+        info = fine_prune(model, clean, cfg, nc=nc if nc.flagged else None,
+                          trigger_classes=list(nc.flagged))
+    else:
+        info = unlearn(model, clean, nc, classes, cfg)
+    after = _evaluate(model, test)
+    after["reversed_trigger_asr"] = reversed_trigger_asr(model, nc, classes, clean)
+    out = Path(args.out)
+    repair = {"method": args.method, "trigger_classes": classes,
+              "flagged": list(nc.flagged), "before": before, "after": after,
+              "details": info, "runtime_s": round(time.perf_counter() - t0, 3)}
+    written = save_repaired(model, out, repair)
+    repair["model"] = str(written)
+    report = build_audit_report(result, clean, model, command=f"repair --method {args.method}",
+                                repair=repair)
+    _write_report(out, report)
+    if not args.quiet:
+        def fmt(d: dict[str, Any]) -> str:
+            return ", ".join(f"{k} {v:.4f}" for k, v in d.items() if v is not None)
+
+        print(result.verdict["summary"])
+        print(f"{args.method}: before {fmt(before)}; after {fmt(after)}")
+        print(f"wrote {written} and {out / 'report.json'}")
+    return EXIT_CLEAN

@@ -1,0 +1,170 @@
+"""The model audit: Neural Cleanse over all classes, a dormant-neuron scan with the recovered
+trigger, and a verdict (backdoored or not, target class, confidence, evidence)."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from poisonguard.audit.dormant import DormantResult, default_layer, dormant_neurons
+from poisonguard.audit.model import AuditModel, check_clean_data, to_data_tensor
+from poisonguard.audit.neural_cleanse import CleanseConfig, CleanseResult, neural_cleanse
+from poisonguard.data.labeled import LabeledData
+from poisonguard.errors import DataError
+from poisonguard.io import atomic_save_npz
+from poisonguard.types import jsonable
+
+DORMANT_PROBE = 200
+
+
+@dataclass
+class AuditResult:
+    cleanse: CleanseResult
+    dormant: DormantResult | None
+    verdict: dict[str, Any]
+    n_classes: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _sigmoid(v: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(min(v, 50.0), -50.0)))
+
+
+def make_verdict(nc: CleanseResult, dormant: DormantResult | None = None) -> dict[str, Any]:
+    """Backdoored when Neural Cleanse flags a class; the target is the most anomalous flagged
+    class. Confidence grows with the distance of the deciding anomaly index from the threshold."""
+    thr = nc.config.threshold
+    top = nc.most_anomalous()
+    med = float(np.median(nc.norms))
+    evidence = {"anomaly_index": round(float(nc.anomaly[top]), 3),
+                "mask_l1": round(float(nc.norms[top]), 3), "median_mask_l1": round(med, 3),
+                "mask_ratio_to_median": round(float(nc.norms[top]) / max(med, 1e-9), 4),
+                "reversed_trigger_asr": round(float(nc.reversed_asr[top]), 4),
+                "flagged_classes": list(nc.flagged), "most_anomalous_class": top}
+    if dormant is not None:
+        evidence["dormant_units_woken_by_trigger"] = len(dormant.units)
+    if nc.flagged:
+        target = nc.flagged[0]
+        conf = _sigmoid(1.5 * (float(nc.anomaly[target]) - thr))
+        share = float(nc.norms[target]) / max(med, 1e-9)
+        summary = (f"BACKDOOR FOUND: class {target} is reached by a trigger covering "
+                   f"{nc.norms[target]:.1f} pixels, {share:.0%} of the median class's "
+                   f"(anomaly index {nc.anomaly[target]:.2f} > {thr:g})")
+        return {"backdoored": True, "target_class": int(target), "confidence": round(conf, 4),
+                "summary": summary, "evidence": evidence}
+    conf = _sigmoid(1.5 * (thr - float(nc.anomaly[top])))
+    summary = (f"no backdoor found: the smallest reversed trigger (class {top}, "
+               f"{nc.norms[top]:.1f} pixels) has anomaly index {nc.anomaly[top]:.2f} "
+               f"(threshold {thr:g})")
+    return {"backdoored": False, "target_class": None, "confidence": round(conf, 4),
+            "summary": summary, "evidence": evidence}
+
+
+def audit_model(model: AuditModel, clean: LabeledData, config: CleanseConfig | None = None,
+                layer: str | None = None, dormant: bool = True) -> AuditResult:
+    """Audit ``model`` with the trusted ``clean`` set."""
+    k = check_clean_data(model, clean)
+    t0 = time.perf_counter()
+    nc = neural_cleanse(model, clean, k, config)
+    timings = {"neural_cleanse_s": round(nc.runtime_s, 3)}
+    dres = None
+    layer = layer or default_layer(model)
+    if dormant and layer is not None:
+        t1 = time.perf_counter()
+        target = nc.flagged[0] if nc.flagged else nc.most_anomalous()
+        others = np.flatnonzero(clean.y != target)[:DORMANT_PROBE]
+        clean_xd = to_data_tensor(clean.x)
+        probe = nc.stamp(clean.x[others], target)
+        dres = dormant_neurons(model, clean_xd, probe, layer)
+        for u in dres.units:
+            u["samples"] = [int(others[i]) for i in u["samples"]]
+        timings["dormant_s"] = round(time.perf_counter() - t1, 3)
+    timings["audit_s"] = round(time.perf_counter() - t0, 3)
+    return AuditResult(cleanse=nc, dormant=dres, verdict=make_verdict(nc, dres), n_classes=k,
+                       timings=timings)
+
+
+def save_triggers(path: str | Path, nc: CleanseResult) -> Path:
+    """Write every class's reversed mask/pattern with its statistics (reused by ``repair``)."""
+    return atomic_save_npz(path, masks=nc.masks, patterns=nc.patterns, norms=nc.norms,
+                           anomaly=nc.anomaly, reversed_asr=nc.reversed_asr,
+                           flagged=np.asarray(nc.flagged, dtype=np.int64),
+                           value_range=np.asarray(nc.value_range, dtype=np.float64))
+
+
+def load_triggers(path: str | Path) -> CleanseResult:
+    """Read a ``triggers.npz`` written by ``save_triggers`` (no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as arc:
+            arrays = {k: arc[k] for k in arc.files}
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: unreadable triggers file ({exc})") from None
+    missing = {"masks", "patterns", "norms", "anomaly", "flagged"} - set(arrays)
+    if missing:
+        raise DataError(f"{path}: triggers file lacks {sorted(missing)}")
+    k = len(arrays["norms"])
+    vr = arrays.get("value_range", np.array([0.0, 1.0]))
+    return CleanseResult(masks=arrays["masks"].astype(np.float32),
+                         patterns=arrays["patterns"].astype(np.float32), norms=arrays["norms"],
+                         anomaly=arrays["anomaly"],
+                         reversed_asr=arrays.get("reversed_asr", np.zeros(k)),
+                         reached=np.ones(k, dtype=bool), steps=np.zeros(k, dtype=int),
+                         flagged=[int(v) for v in arrays["flagged"]], runtime_s=0.0,
+                         config=CleanseConfig(), value_range=(float(vr[0]), float(vr[1])))
+
+
+def trigger_images(nc: CleanseResult, classes: list[int]) -> list[dict[str, Any]]:
+    """Masks (0..1) and patterns (0..1, scaled from the data range) of ``classes``, as lists
+    for the report and its HTML view."""
+    lo, hi = nc.value_range
+    out = []
+    for k in classes:
+        m = np.squeeze(nc.masks[k])
+        p = (nc.patterns[k] - lo) / max(hi - lo, 1e-9)
+        out.append({"class": int(k), "mask_l1": round(float(nc.norms[k]), 3),
+                    "anomaly_index": round(float(nc.anomaly[k]), 3),
+                    "mask": np.round(m, 3).tolist(),
+                    "pattern": np.round(np.clip(p, 0, 1), 3).tolist(),
+                    "trigger": np.round(np.clip(p * nc.masks[k], 0, 1), 3).tolist()})
+    return out
+
+
+def build_audit_report(result: AuditResult, clean: LabeledData, model: AuditModel,
+                       command: str = "audit-model", repair: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """The canonical report (schema as the scan's; the audit lives in layers.model_audit)."""
+    from poisonguard import SCHEMA_VERSION, __version__
+    from poisonguard.report.builder import environment
+
+    nc = result.cleanse
+    shown = list(nc.flagged) or [nc.most_anomalous()]
+    layer = {
+        "model": {"path": str(model.path), "kind": model.kind, "n_classes": result.n_classes,
+                  "input_layout": model.spec.layout},
+        "neural_cleanse": nc.summary(),
+        "classes": [f.to_dict() for f in nc.findings(clean.y)],
+        "triggers": trigger_images(nc, shown),
+        "dormant_neurons": result.dormant.summary() if result.dormant is not None else None,
+    }
+    if repair is not None:
+        layer["repair"] = repair
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "tool": {"name": "poisonguard", "version": __version__},
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": command,
+        "environment": environment(),
+        "data": {"fingerprint": clean.fingerprint(), "n_samples": len(clean),
+                 "n_classes": clean.n_classes, "sample_shape": list(clean.x.shape[1:]),
+                 "dtype": str(clean.x.dtype), "class_counts": clean.class_counts()},
+        "verdict": result.verdict,
+        "layers": {"model_audit": layer},
+        "timings": result.timings,
+    }
+    return jsonable(report)
