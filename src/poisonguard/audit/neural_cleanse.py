@@ -274,3 +274,50 @@ def reversed_asr(model: AuditModel, result: CleanseResult, clean: LabeledData,
         pred = model.predict_data(result.stamp(x[keep], k))
         out[k] = float(np.mean(pred == k))
     return out
+
+
+def refine_trigger(model: AuditModel, xd: torch.Tensor, y: np.ndarray, k: int,
+                   mask: np.ndarray, pattern: np.ndarray, value_range: tuple[float, float],
+                   steps: int = 30, batch_size: int = 32, lr: float = 0.1, cost: float = 0.02,
+                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """Re-optimise class k's trigger against the model as it is now, starting from ``mask`` /
+    ``pattern`` (used between unlearning epochs: once the first trigger is unlearned, the
+    search finds what is left of the shortcut). Returns mask, pattern and the batch success."""
+    lo, hi = value_range
+    gen = torch.Generator().manual_seed(seed)
+    eps = 1e-4
+    m0 = torch.from_numpy(np.clip(mask, eps, 1 - eps)).float()
+    p0 = torch.from_numpy(np.clip((pattern - lo) / max(hi - lo, 1e-9), eps, 1 - eps)).float()
+    mask_logit = torch.logit(m0).clamp(-6, 6).requires_grad_(True)
+    pattern_logit = torch.logit(p0).clamp(-6, 6).requires_grad_(True)
+    opt = torch.optim.Adam([mask_logit, pattern_logit], lr=lr, betas=(0.5, 0.9))
+    pool = np.flatnonzero(y != k)
+    module = model.module
+    was_training = module.training
+    module.eval()
+    req = [p.requires_grad for p in module.parameters()]
+    for p in module.parameters():
+        p.requires_grad_(False)
+    n_pix = float(mask_logit.numel())
+    succ = 0.0
+    try:
+        for _ in range(steps):
+            idx = torch.from_numpy(pool[torch.randint(0, len(pool), (min(batch_size, len(pool)),),
+                                                      generator=gen).numpy()])
+            m = torch.sigmoid(mask_logit)
+            p = lo + (hi - lo) * torch.sigmoid(pattern_logit)
+            logits = model.logits((1 - m) * xd[idx] + m * p)
+            tgt = torch.full((len(idx),), k, dtype=torch.long)
+            loss = F.cross_entropy(logits, tgt) + cost * m.sum() / n_pix * 100.0
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            succ = float((logits.argmax(1) == tgt).float().mean())
+    finally:
+        for p_, r in zip(module.parameters(), req):
+            p_.requires_grad_(r)
+        module.train(was_training)
+    with torch.no_grad():
+        m = torch.sigmoid(mask_logit).numpy()
+        p = (lo + (hi - lo) * torch.sigmoid(pattern_logit)).numpy()
+    return m, p, succ

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from poisonguard.audit.model import AuditModel, to_data_tensor
-from poisonguard.audit.neural_cleanse import CleanseResult
+from poisonguard.audit.neural_cleanse import CleanseResult, refine_trigger
 from poisonguard.data.labeled import LabeledData
 from poisonguard.errors import ConfigError, ModelError
 
@@ -41,17 +41,21 @@ class RepairConfig:
     ``distill``: weight of a KL term that keeps the outputs on unstamped clean inputs close to
     the original model's (preserves clean accuracy with few samples); ``shift``: random
     translation (pixels) of each batch, so the unlearned shortcut generalises beyond the exact
-    reversed trigger."""
+    reversed trigger; ``rereverse_steps``: after each epoch the trigger is re-optimised against
+    the current model for this many steps and, if it still works, added to the stamped
+    variants (0: off)."""
 
     prune_budget: float = 0.02
     prune_step: int = 0          # channels per pruning step (0: about 1/32 of the layer)
     epochs: int = 10
-    lr: float = 3e-4
+    lr: float = 1e-3
     batch_size: int = 32
-    stamp_fraction: float = 0.4
+    stamp_fraction: float = 0.5
     val_fraction: float = 0.2
     max_drop: float = 0.01
     distill: float = 1.0
+    rereverse_steps: int = 0
+    clip: float = 10.0
     shift: int = 2
     seed: int = 0
 
@@ -93,25 +97,49 @@ def _split(clean: LabeledData, frac: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def _stamper(nc: CleanseResult | None, classes: list[int]
-             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
-    if nc is None or not classes:
-        return None
-    masks = torch.from_numpy(np.stack([nc.masks[k] for k in classes])).float()
-    patterns = torch.from_numpy(np.stack([nc.patterns[k] for k in classes])).float()
-    if masks.ndim >= 3:  # images: also the mask grown by one pixel, to cover the real trigger
-        m4 = masks.reshape(masks.shape[0], 1, masks.shape[1], masks.shape[2])
-        grown = F.max_pool2d(m4, 3, stride=1, padding=1).reshape(masks.shape)
-        masks = torch.cat([masks, grown])
-        patterns = torch.cat([patterns, patterns])
+class _Stamper:
+    """A pool of (mask, pattern) variants per class: the reversed trigger, the same mask grown
+    by one pixel, and triggers re-reversed between epochs."""
 
-    def stamp(xb: torch.Tensor, which: torch.Tensor) -> torch.Tensor:
-        which = which + len(classes) * torch.randint(0, len(masks) // len(classes),
-                                                     which.shape)
-        m, p = masks[which], patterns[which]
+    def __init__(self, nc: CleanseResult, classes: list[int]) -> None:
+        self.nc, self.classes = nc, classes
+        self.masks: list[torch.Tensor] = []
+        self.patterns: list[torch.Tensor] = []
+        for k in classes:
+            self.add(nc.masks[k], nc.patterns[k])
+
+    def add(self, mask: np.ndarray, pattern: np.ndarray) -> None:
+        m = torch.from_numpy(np.asarray(mask)).float()
+        p = torch.from_numpy(np.asarray(pattern)).float()
+        self.masks.append(m)
+        self.patterns.append(p)
+        if m.ndim >= 2:  # images: the mask hardened (full strength where it is at least a third
+            # of its peak) and grown by one pixel, to cover the real trigger's full patch
+            hard = (m >= m.max() / 3).float()
+            m4 = hard.reshape(1, 1, m.shape[0], m.shape[1])
+            self.masks.append(F.max_pool2d(m4, 3, stride=1, padding=1).reshape(m.shape))
+            self.patterns.append(p)
+            self.masks.append(hard)
+            self.patterns.append(p)
+            # a compact trigger's bounding box filled with its mean colour: backdoors learnt
+            # from a solid patch respond to the whole region, not only the reversed pixels
+            rows = torch.nonzero(hard.reshape(hard.shape[0], hard.shape[1]).sum(1)).flatten()
+            cols = torch.nonzero(hard.reshape(hard.shape[0], hard.shape[1]).sum(0)).flatten()
+            if len(rows) and len(cols):
+                r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+                if (r1 - r0) * (c1 - c0) <= 4 * float(hard.sum()):
+                    box = torch.zeros_like(hard)
+                    box[r0:r1, c0:c1] = 1
+                    w = hard if p.ndim == hard.ndim else hard
+                    colour = (p * w).flatten(0, 1).sum(0) / w.sum()
+                    self.masks.append(box)
+                    self.patterns.append(torch.ones_like(p) * colour)
+
+    def __call__(self, xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        which = torch.randint(0, len(self.masks), (len(xb),), generator=gen)
+        m = torch.stack(self.masks)[which]
+        p = torch.stack(self.patterns)[which]
         return (1 - m) * xb + m * p
-
-    return stamp
 
 
 def _trigger_asr(model: AuditModel, nc: CleanseResult | None, classes: list[int],
@@ -140,7 +168,7 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
     those within ``max_drop`` of ``ref_acc`` (default: the starting held-out accuracy), else the
     most accurate epoch."""
     classes = list(stamp_classes or [])
-    stamp = _stamper(nc, classes)
+    stamp = _Stamper(nc, classes) if nc is not None and classes else None
     tr, va = _split(clean, config.val_fraction, config.seed)
     x_all = to_data_tensor(clean.x)
     y_all = torch.from_numpy(clean.y)
@@ -149,7 +177,7 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ModelError("the model has no trainable parameters to fine-tune")
-    opt = torch.optim.Adam(params, lr=config.lr)
+    opt = torch.optim.SGD(params, lr=config.lr, momentum=0.9)
     gen = torch.Generator().manual_seed(config.seed)
     teacher = copy.deepcopy(module).eval() if config.distill > 0 else None
     image = x_all.ndim in (3, 4)
@@ -177,32 +205,47 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
             if len(idx) < 2:
                 continue
             xb, yb = x_all[idx], y_all[idx]
+            x_clean = xb
             pick = torch.zeros(len(idx), dtype=torch.bool)
             if stamp is not None:
                 pick = torch.rand(len(idx), generator=gen) < config.stamp_fraction
                 if bool(pick.any()):
-                    which = torch.randint(0, len(classes), (int(pick.sum()),), generator=gen)
                     xb = xb.clone()
-                    xb[pick] = stamp(xb[pick], which)
+                    xb[pick] = stamp(xb[pick], gen)
             if image and config.shift > 0:
                 dy, dx = (int(v) for v in torch.randint(-config.shift, config.shift + 1, (2,),
                                                         generator=gen))
                 xb = torch.roll(xb, shifts=(dy, dx), dims=(1, 2))
+                x_clean = torch.roll(x_clean, shifts=(dy, dx), dims=(1, 2))
             logits = model.logits(xb)
             loss = F.cross_entropy(logits, yb)
-            if teacher is not None and bool((~pick).any()):
+            if teacher is not None:
+                # every output, stamped or not, should match the original model's output on
+                # the *unstamped* input: keeps clean behaviour, removes the trigger's effect
                 with torch.no_grad():
-                    t_logp = F.log_softmax(teacher(model.to_input(xb[~pick])), dim=1)
-                loss = loss + config.distill * F.kl_div(F.log_softmax(logits[~pick], dim=1),
-                                                        t_logp, log_target=True,
-                                                        reduction="batchmean")
+                    t_logp = F.log_softmax(teacher(model.to_input(x_clean)), dim=1)
+                loss = loss + config.distill * F.kl_div(F.log_softmax(logits, dim=1), t_logp,
+                                                        log_target=True, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.clip)
             opt.step()
             if after_step is not None:
                 after_step()
         acc, asr = score()
-        history.append({"epoch": epoch, "val_acc": acc, "val_trigger_asr": asr})
+        entry: dict[str, Any] = {"epoch": epoch, "val_acc": acc, "val_trigger_asr": asr}
+        if stamp is not None and config.rereverse_steps > 0 and epoch < config.epochs:
+            found = []
+            for k in classes:
+                m, p, succ = refine_trigger(model, x_all[tr], clean.y[tr], k, nc.masks[k],
+                                            nc.patterns[k], nc.value_range,
+                                            steps=config.rereverse_steps, cost=0.005,
+                                            lr=0.2, seed=config.seed + epoch)
+                if succ >= 0.5:
+                    stamp.add(m, p)
+                found.append(round(succ, 3))
+            entry["rereversed_success"] = found
+        history.append(entry)
         key = (tier(acc), asr if asr is not None and tier(acc) < 2 else 0.0, -acc)
         if key < best_key:
             best_key, best_state, best_epoch = key, copy.deepcopy(module.state_dict()), epoch
