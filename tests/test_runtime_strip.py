@@ -127,3 +127,16 @@ def test_validation_messages(calibrated: StripFilter) -> None:
 def test_too_little_calibration_data() -> None:
     with pytest.raises(DataError, match="at least"):
         StripFilter.calibrate(make_clf(), clean_images(50), StripConfig(n_blends=10))
+
+
+def test_accelerated_cnn_matches_eager() -> None:
+    from poisonguard.models.architectures import SmallCNN
+
+    torch.manual_seed(0)
+    model = SmallCNN(1, 10, width=4, embed_dim=16, pools=0).eval()
+    clf = TorchClassifier(model, InputSpec(layout="nchw", scale=1 / 255), n_classes=10)
+    x = clean_images(40)
+    fast = StripFilter(clf, x[:5], StripConfig(n_blends=5))
+    slow = StripFilter(clf, x[:5], StripConfig(n_blends=5), accelerate=False)
+    assert fast._fast is not None and slow._fast is None
+    np.testing.assert_allclose(fast.screen(x).entropy, slow.screen(x).entropy, atol=1e-4)

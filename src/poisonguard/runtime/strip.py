@@ -130,7 +130,7 @@ class StripFilter:
 
     def __init__(self, classifier: TorchClassifier, pool: np.ndarray,
                  config: StripConfig | None = None,
-                 calibration: Calibration | None = None) -> None:
+                 calibration: Calibration | None = None, accelerate: bool = True) -> None:
         self.classifier = classifier
         self.config = config or StripConfig()
         pool = np.asarray(pool)
@@ -145,6 +145,7 @@ class StripFilter:
         self._lo, self._hi = float(self._pool_f.min()), float(self._pool_f.max())
         self.calibration = calibration
         self._probs_given: bool | None = None
+        self._fast = _accelerate(classifier.model, self._pool_t) if accelerate else None
 
     # ------------------------------------------------------------------------ construction
     @classmethod
@@ -240,9 +241,14 @@ class StripFilter:
     def _probs(self, xb: torch.Tensor) -> torch.Tensor:
         """Class probabilities of a prepared batch; models that already output probabilities
         (rows non-negative, summing to 1) are used as they are, logits go through softmax."""
-        out = self.classifier._logits(xb).float()
-        if self.classifier.outputs == "probs":
-            return out.exp()
+        if self._fast is not None:
+            out = self._fast(xb.contiguous(memory_format=torch.channels_last)).float()
+            if self.classifier.outputs == "probs":
+                return out.clamp_min(0.0)
+        else:
+            out = self.classifier._logits(xb).float()
+            if self.classifier.outputs == "probs":
+                return out.exp()
         if self._probs_given is None:
             self._probs_given = bool((out >= 0).all() and torch.allclose(
                 out.sum(1), torch.ones(len(out)), atol=1e-3))
@@ -302,6 +308,37 @@ class StripFilter:
         if self.calibration is not None:
             return self.calibration.to_dict()
         return {"format": FORMAT, **self.config.to_dict(), "threshold": None}
+
+
+def _accelerate(model: torch.nn.Module, sample: torch.Tensor) -> Any:
+    """A frozen TorchScript copy of an image model in channels-last layout (batch-norm folded
+    into the convolutions: about twice as fast on CPU), or None where that does not apply or
+    does not reproduce the model's outputs."""
+    if sample.ndim != 4 or sample.dtype != torch.float32 or len(sample) == 0:
+        return None
+    x = sample[:4].contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode():
+            ref = model(sample[:4])
+            if not isinstance(ref, torch.Tensor):
+                return None
+            if isinstance(model, torch.jit.ScriptModule):
+                scripted = model
+            else:
+                import copy
+                import warnings
+
+                clone = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    scripted = torch.jit.trace(clone, x)
+            frozen = torch.jit.freeze(scripted.eval())
+            out = frozen(x)
+        if out.shape != ref.shape or not torch.allclose(out, ref, rtol=1e-3, atol=1e-4):
+            return None
+        return frozen
+    except Exception:  # noqa: BLE001 - any failure means: run the model as it is
+        return None
 
 
 def validate_inputs(x: Any, sample_shape: tuple[int, ...], what: str = "inputs") -> np.ndarray:

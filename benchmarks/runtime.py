@@ -1,0 +1,387 @@
+"""Runtime-filter benchmark: STRIP detection (FAR at calibrated FRR), screening throughput and
+HTTP latency through ``poisonguard serve``.
+
+Detection: BadNets 3x3 (10%) and blended (alpha 0.2, 10%) models on MNIST (20k training subset)
+and the CIFAR-10 20k subset from ../shared/datasets, trained with the built-in architecture.
+STRIP is calibrated on 1,000 held-out clean test images (never on poisons) at 1% target FRR and
+evaluated on the other 9,000 test images: FRR on their clean versions, FAR on their triggered
+versions (true label != target). Trained models are cached under benchmarks/cache/.
+
+Speed: screened predictions per second with N = 20 blends (batched) on the MNIST CNN, and
+single-request p50/p99 latency through the HTTP service (uvicorn subprocess on 127.0.0.1,
+10,000 requests from benchmarks/loadgen.py in a second process), plus malformed requests.
+
+    python benchmarks/runtime.py                    # everything
+    python benchmarks/runtime.py --detection-only --datasets mnist --seeds 0
+    python benchmarks/runtime.py --speed-only       # re-measure speed on a quiet machine
+
+Results are merged into benchmarks/results/runtime.json and summarised in runtime.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from poisonguard.attacks import badnets, blended
+from poisonguard.data import LabeledData, load_shared
+from poisonguard.io import atomic_write_json, atomic_write_text
+from poisonguard.metrics import accuracy
+from poisonguard.models.io import load_model, save_model
+from poisonguard.models.training import TrainConfig, train_classifier
+
+ROOT = Path(__file__).resolve().parent
+SHARED = ROOT.parent.parent / "shared" / "datasets"
+CACHE = ROOT / "cache" / "runtime"
+RESULTS = ROOT / "results"
+N_CAL = 1000
+EPOCHS = {"mnist": 3, "cifar10": 12}
+N_TRAIN = {"mnist": 20_000, "cifar10": 20_000}
+
+
+@functools.cache
+def code_version() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "src/poisonguard/runtime"],
+                               cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def target_for(seed: int) -> int:
+    return (3 * seed + 1) % 10
+
+
+@functools.cache
+def datasets(name: str) -> tuple[LabeledData, LabeledData]:
+    train = load_shared(name, SHARED, "train")
+    test = load_shared(name, SHARED, "test")
+    if len(train) > N_TRAIN[name]:
+        keep = np.sort(np.random.default_rng(0).choice(len(train), N_TRAIN[name], replace=False))
+        train = train.subset(keep)
+    return train, test
+
+
+def poison(name: str, attack: str, seed: int):  # noqa: ANN201
+    train, test = datasets(name)
+    fn = badnets if attack == "badnets" else blended
+    kwargs = {"size": 3} if attack == "badnets" else {"alpha": 0.2}
+    return fn(train, rate=0.1, target=target_for(seed), seed=seed, test=test, **kwargs)
+
+
+def trained_model(name: str, attack: str, seed: int) -> dict[str, Any]:
+    """Train (or load from the cache) a model on the poisoned set; its path, accuracy and ASR."""
+    folder = CACHE / f"{name}_{attack}10_s{seed}"
+    _, test = datasets(name)
+    poisoned = poison(name, attack, seed)
+    if not (folder / "model.json").exists():
+        cfg = TrainConfig(epochs=EPOCHS[name], seed=seed, augment=name == "cifar10")
+        t0 = time.perf_counter()
+        result = train_classifier(poisoned.data, cfg)
+        clf = result.classifier
+        save_model(folder, clf.model, result.arch, result.arch_kwargs, clf.input_spec,
+                   poisoned.data.n_classes, clf.layer,
+                   extra={"attack": poisoned.attack, "train_config": cfg.to_dict(),
+                          "train_wall_s": round(time.perf_counter() - t0, 1)})
+    clf = load_model(folder)
+    trig = poisoned.test_triggered
+    return {"path": folder, "classifier": clf, "poisoned": poisoned,
+            "clean_accuracy": accuracy(clf.predict(test.x), test.y),
+            "asr": accuracy(clf.predict(trig.x), trig.y)}
+
+
+BLENDS = {"add": {"blend": "add"}, "mix0.8": {"blend": "mix", "alpha": 0.8}}
+
+
+def split_test(test: LabeledData, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Test indices: N_CAL for calibration (blend pool + threshold), the rest for evaluation."""
+    order = np.random.default_rng(1000 + seed).permutation(len(test))
+    return np.sort(order[:N_CAL]), np.sort(order[N_CAL:])
+
+
+def detection(name: str, attack: str, seed: int, blends: list[str], n_eval: int) -> list[dict]:
+    from poisonguard.metrics import auroc
+    from poisonguard.runtime.strip import StripConfig, StripFilter, evaluate
+
+    m = trained_model(name, attack, seed)
+    _, test = datasets(name)
+    poisoned, clf = m["poisoned"], m["classifier"]
+    cal, ev = split_test(test, seed)
+    rng = np.random.default_rng(seed)
+    clean_idx = np.sort(rng.choice(ev, min(n_eval, len(ev)), replace=False))
+    trig = poisoned.test_triggered
+    pos = {int(i): k for k, i in enumerate(test.ids)}
+    trig_ok = np.array([pos[int(i)] in set(ev.tolist()) for i in trig.ids])
+    trig_idx = np.sort(rng.choice(np.flatnonzero(trig_ok), min(n_eval, int(trig_ok.sum())),
+                                  replace=False))
+    xc, xt = test.x[clean_idx], trig.x[trig_idx]
+    records = []
+    for blend in blends:
+        t0 = time.perf_counter()
+        filt = StripFilter.calibrate(clf, test.x[cal], StripConfig(n_blends=20, target_frr=0.01,
+                                                                   seed=seed, **BLENDS[blend]))
+        t_cal = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        rc, rt = filt.screen(xc), filt.screen(xt)
+        t_eval = time.perf_counter() - t1
+        result = evaluate(rc, rt)
+        hit = rt.prediction == poisoned.target
+        scores = np.concatenate([rc.score, rt.score])
+        truth = np.concatenate([np.zeros(len(rc), bool), np.ones(len(rt), bool)])
+        rec = {
+            "dataset": name, "attack": attack, "seed": seed, "blend": blend,
+            "code": code_version(), "target": poisoned.target,
+            "model": {"clean_accuracy": m["clean_accuracy"], "asr": m["asr"],
+                      "epochs": EPOCHS[name], "n_train": len(poisoned.data)},
+            "calibration": {"n": filt.calibration.n_calibration, "n_blends": 20,
+                            "threshold": filt.threshold, "target_frr": 0.01,
+                            "achieved_frr": filt.calibration.achieved_frr, **BLENDS[blend]},
+            "far": result["far"], "frr": result["frr"],
+            "far_on_successful_triggers": (float((~rt.suspicious[hit]).mean())
+                                           if hit.any() else None),
+            "n_successful_triggers": int(hit.sum()),
+            "auroc": auroc(scores, truth),
+            "entropy_median": {"clean": float(np.median(rc.entropy)),
+                               "triggered": float(np.median(rt.entropy))},
+            "n_clean": result["n_clean"], "n_triggered": result["n_triggered"],
+            "histogram": result["histogram"],
+            "timings": {"calibrate_s": round(t_cal, 2), "screen_s": round(t_eval, 2)},
+            "loadavg": [round(v, 2) for v in os.getloadavg()],
+        }
+        print(f"{name} {attack} s{seed} {blend}: FAR {rec['far']:.4f} FRR {rec['frr']:.4f} "
+              f"(acc {m['clean_accuracy']:.3f}, ASR {m['asr']:.3f}, AUROC {rec['auroc']:.4f})",
+              flush=True)
+        records.append(rec)
+    return records
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(port: int, path: str) -> tuple[int, dict]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def _post(port: int, body: bytes, ctype: str) -> tuple[int, str]:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("POST", "/predict", body=body, headers={"Content-Type": ctype})
+        r = conn.getresponse()
+        return r.status, r.read().decode(errors="replace")
+    finally:
+        conn.close()
+
+
+def malformed_requests(port: int, shape: tuple[int, ...]) -> list[dict]:
+    import io
+
+    nan = np.zeros(shape)
+    nan[0, 0] = np.nan
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [
+        ("empty body", b"", "application/json"),
+        ("not JSON", b"{this is not json", "application/json"),
+        ("wrong shape", json.dumps(np.zeros((2, 27, 28)).tolist()).encode(), "application/json"),
+        ("strings", json.dumps([["x"] * shape[1]] * shape[0]).encode(), "application/json"),
+        ("NaN", json.dumps(nan.tolist()).encode(), "application/json"),
+        ("oversized (9 MiB)", b"[" + b"0," * (9 << 19) + b"0]", "application/json"),
+        ("too many inputs", json.dumps(np.zeros((600, *shape), int).tolist()).encode(),
+         "application/json"),
+        ("pickled .npy", buf.getvalue(), "application/octet-stream"),
+        ("wrong content type", b"hello", "text/plain"),
+    ]
+    out = []
+    for name, body, ctype in cases:
+        status, text = _post(port, body, ctype)
+        health, _ = _get(port, "/health")
+        try:
+            reason = json.loads(text).get("error")
+        except ValueError:
+            reason = text[:200]
+        out.append({"case": name, "status": status, "reason": reason,
+                    "health_after": health})
+    return out
+
+
+def speed(threads: int, n_requests: int) -> dict:
+    """Screened predictions/s (N = 20, batched) on the MNIST CNN, then HTTP latency."""
+    from poisonguard.runtime.strip import StripConfig, StripFilter
+
+    m = trained_model("mnist", "badnets", 0)
+    _, test = datasets("mnist")
+    cal, ev = split_test(test, 0)
+    torch.set_num_threads(threads)
+    filt = StripFilter.calibrate(m["classifier"], test.x[cal], StripConfig(n_blends=20))
+    x = test.x[ev[:2000]]
+    filt.screen(x[:200])
+    runs = []
+    load = os.getloadavg()
+    for _ in range(3):
+        t0 = time.perf_counter()
+        filt.screen(x)
+        runs.append(len(x) / (time.perf_counter() - t0))
+    throughput = {"n_inputs": len(x), "n_blends": 20, "torch_threads": threads,
+                  "screened_per_s_runs": [round(r, 1) for r in runs],
+                  "screened_per_s": round(max(runs), 1),
+                  "forward_passes_per_s": round(max(runs) * 21, 1),
+                  "accelerated": filt._fast is not None,
+                  "loadavg_before": [round(v, 2) for v in load],
+                  "loadavg_after": [round(v, 2) for v in os.getloadavg()]}
+    print(f"throughput: {throughput['screened_per_s']} screened/s (load {load[0]:.2f})",
+          flush=True)
+    # the service, in its own process
+    cal_dir = CACHE / "strip_mnist_badnets10_s0"
+    filt.save(cal_dir)
+    inputs = CACHE / "loadgen_inputs.npy"
+    np.save(inputs, np.concatenate([test.x[ev[2000:2400]],
+                                    m["poisoned"].test_triggered.x[:100]]))
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "poisonguard", "serve", str(m["path"]), "--calibration",
+         str(cal_dir), "--port", str(port), "--threads", str(threads)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(300):
+            try:
+                if _get(port, "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        gen = subprocess.run([sys.executable, str(ROOT / "loadgen.py"), "--port", str(port),
+                              "--inputs", str(inputs), "--requests", str(n_requests)],
+                             capture_output=True, text=True, check=True)
+        latency = json.loads(gen.stdout)
+        print(f"latency: p50 {latency['latency_ms']['p50']} ms, p99 "
+              f"{latency['latency_ms']['p99']} ms, errors {latency['errors']}", flush=True)
+        bad = malformed_requests(port, tuple(test.x.shape[1:]))
+        status, metrics = _get(port, "/metrics")
+        health, _ = _get(port, "/health")
+        alive = server.poll() is None
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    return {"throughput": throughput,
+            "http": {"requests": n_requests, "client": "benchmarks/loadgen.py (http.client, "
+                     "keep-alive, sequential, separate process)", **latency,
+                     "server_threads": threads},
+            "malformed_requests": bad, "server_alive_after": alive,
+            "health_after_malformed": health, "server_metrics": metrics,
+            "cpu_count": os.cpu_count()}
+
+
+def load_results() -> dict:
+    path = RESULTS / "runtime.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"detection": [], "speed": None}
+
+
+def write_results(res: dict) -> None:
+    res["detection"].sort(key=lambda r: (r["dataset"], r["attack"], r["blend"], r["seed"]))
+    atomic_write_json(RESULTS / "runtime.json", res)
+    atomic_write_text(RESULTS / "runtime.md", summarise(res))
+
+
+def summarise(res: dict) -> str:
+    lines = ["# Runtime filter (STRIP) benchmark", "",
+             "Generated by `benchmarks/runtime.py`; raw records in `runtime.json`.", "",
+             "## Detection (N = 20 blends, threshold at 1% FRR on 1,000 held-out clean test "
+             "images)", "",
+             "FAR = triggered test inputs (true label != target) NOT flagged; FRR = clean test "
+             "inputs flagged. 'FAR (successful)' counts only triggered inputs the model sends "
+             "to the target.", "",
+             "| dataset | attack | blend | seed | clean acc | ASR | FAR | FRR | FAR (successful)"
+             " | AUROC | n clean / triggered |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["detection"]:
+        fs = r["far_on_successful_triggers"]
+        lines.append(f"| {r['dataset']} | {r['attack']} 10% | {r['blend']} | {r['seed']} | "
+                     f"{r['model']['clean_accuracy']:.4f} | {r['model']['asr']:.4f} | "
+                     f"{r['far']:.4f} | {r['frr']:.4f} | "
+                     f"{'-' if fs is None else f'{fs:.4f}'} | {r['auroc']:.4f} | "
+                     f"{r['n_clean']} / {r['n_triggered']} |")
+    sp = res.get("speed")
+    if sp:
+        t, h = sp["throughput"], sp["http"]
+        lines += ["", "## Speed (MNIST CNN, N = 20)", "",
+                  f"- Screened predictions per second, batched: **{t['screened_per_s']}** "
+                  f"({t['forward_passes_per_s']} forward passes/s; runs "
+                  f"{t['screened_per_s_runs']}; {t['torch_threads']} torch threads on "
+                  f"{sp['cpu_count']} cores; load average before {t['loadavg_before']}).",
+                  f"- HTTP, single-input requests ({h['requests']}, {h['client']}): p50 "
+                  f"**{h['latency_ms']['p50']} ms**, p99 **{h['latency_ms']['p99']} ms**, "
+                  f"{h['requests_per_s']} requests/s, **{h['errors']} errors**; load average "
+                  f"before {h['loadavg_before']}, after {h['loadavg_after']}.",
+                  "- Malformed requests (the service answered /health 200 after each):", "",
+                  "| case | status | reason |", "|---|---|---|"]
+        for b in sp["malformed_requests"]:
+            reason = str(b["reason"]).replace("|", "/")[:110]
+            lines.append(f"| {b['case']} | {b['status']} | {reason} |")
+        lines.append(f"\nServer alive after all requests: {sp['server_alive_after']}.")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--datasets", nargs="+", default=["mnist", "cifar10"])
+    ap.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--blends", nargs="+", default=["add"], choices=list(BLENDS))
+    ap.add_argument("--n-eval", type=int, default=2000,
+                    help="clean and triggered evaluation inputs per model (default 2000)")
+    ap.add_argument("--detection-only", action="store_true")
+    ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--requests", type=int, default=10_000)
+    args = ap.parse_args()
+    if not args.speed_only:
+        torch.set_num_threads(1 if os.environ.get("OMP_NUM_THREADS") == "1" else args.threads)
+        for name in args.datasets:
+            for attack in args.attacks:
+                for seed in args.seeds:
+                    recs = detection(name, attack, seed, args.blends, args.n_eval)
+                    res = load_results()
+                    keys = {(r["dataset"], r["attack"], r["seed"], r["blend"]) for r in recs}
+                    res["detection"] = [r for r in res["detection"] if (
+                        r["dataset"], r["attack"], r["seed"], r["blend"]) not in keys] + recs
+                    write_results(res)
+    if not args.detection_only:
+        sp = speed(args.threads, args.requests)
+        res = load_results()
+        res["speed"] = {"code": code_version(), **sp}
+        write_results(res)
+
+
+if __name__ == "__main__":
+    main()
