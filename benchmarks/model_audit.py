@@ -199,11 +199,14 @@ def audit_one(spec: dict[str, Any]) -> dict[str, Any]:
             det = fine_prune(m, clean, nc=nc if nc.flagged else None,
                              trigger_classes=list(nc.flagged))
             extra = {"n_pruned": det["n_pruned"], "n_channels": det["n_channels"]}
+        elif not nc.flagged:  # nothing to unlearn: the model stays as it is
+            rec[method] = {**rec["before"], "skipped": "no class flagged"}
+            continue
         else:
             det = unlearn(m, clean, nc, classes)
             extra = {"classes": classes}
         rec[method] = {**_eval(m, evaluation, triggered), **extra,
-                       "chosen_epoch": det["finetune"]["chosen_epoch"],
+                       "chosen_epoch": det["finetune"]["chosen_epoch"], "skipped": None,
                        "repair_s": round(time.perf_counter() - t0, 2)}
     print(f"{spec['name']}: verdict {rec['verdict']} correct {rec['correct']} "
           f"AI {rec['anomaly_index_max']} nc {rec['nc_s']} s | before {rec['before']} | "
@@ -322,8 +325,9 @@ def write_results(results: dict[str, Any]) -> None:
             f"({r['true_target'] if r['true_target'] is not None else '—'}) | "
             f"{r['anomaly_index_max']} | {r['nc_s']} | {_pct(r['before']['clean_acc'])} | "
             f"{_pct(r['before']['asr'])} | {_pct(fp['clean_acc'])} | {_pct(fp['asr'])} | "
-            f"{fp['n_pruned']}/{fp['n_channels']} | {_pct(ul['clean_acc'])} | "
-            f"{_pct(ul['asr'])} |")
+            f"{fp['n_pruned']}/{fp['n_channels']} | "
+            f"{'skipped' if ul.get('skipped') else _pct(ul['clean_acc'])} | "
+            f"{'—' if ul.get('skipped') else _pct(ul['asr'])} |")
     atomic_write_text(RESULTS / "model_audit.md", "\n".join(lines) + "\n")
 
 

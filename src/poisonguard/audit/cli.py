@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
                         "y_triggered) before and after the repair")
     r.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 10)")
     r.add_argument("--prune-budget", type=float, default=None,
-                   help="clean-accuracy drop allowed while pruning (default 0.02)")
+                   help="clean-accuracy drop allowed while pruning (default 0.01)")
     r.set_defaults(handler=cmd_repair)
 
 
@@ -182,6 +182,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if args.method == "fine-prune":
         info = fine_prune(model, clean, cfg, nc=nc if nc.flagged else None,
                           trigger_classes=list(nc.flagged))
+    elif not nc.flagged:
+        info = {"method": "unlearn", "skipped": "no class flagged, nothing to unlearn; the "
+                                                "model is written unchanged"}
     else:
         info = unlearn(model, clean, nc, classes, cfg)
     after = _evaluate(model, test)

@@ -53,7 +53,7 @@ class CleanseConfig:
     success: float = 0.99
     patience: int = 20
     threshold: float = 2.0
-    max_ratio: float = 0.6
+    max_ratio: float = 0.33
     eval_samples: int = 300
     seed: int = 0
 

@@ -45,7 +45,7 @@ class RepairConfig:
     the current model for this many steps and, if it still works, added to the stamped
     variants (0: off)."""
 
-    prune_budget: float = 0.02
+    prune_budget: float = 0.01
     prune_step: int = 0          # channels per pruning step (0: about 1/32 of the layer)
     epochs: int = 10
     lr: float = 1e-3
