@@ -123,7 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--speed-only", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated zoo names (default: all)")
+    p.add_argument("--summarise-only", action="store_true",
+                   help="recompute the clean-model ASR floors, summary and .md from the JSON")
     args = p.parse_args(argv)
+    if args.summarise_only:
+        path = RESULTS / "model_audit.json"
+        results = json.loads(path.read_text())
+        add_floors(results["models"])
+        results["summary"] = summarise(results["models"])
+        write_results(results)
+        return 0
     specs = zoo_specs()
     if args.only:
         keep = set(args.only.split(","))
@@ -240,6 +249,27 @@ def measure_speed(repeats: int = 2) -> dict[str, Any]:
             "created": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
+def add_floors(records: list[dict[str, Any]]) -> None:
+    """For each backdoored model: how often the clean models of its dataset (same recipe, no
+    poison) already send its triggered test inputs to the target: the floor an ASR can reach."""
+    import torch
+
+    from poisonguard.audit import load_audit_model
+
+    torch.set_num_threads(1)
+    specs = {s["name"]: s for s in zoo_specs()}
+    for r in records:
+        if not r["backdoored"]:
+            continue
+        _, triggered = poisoned_for(specs[r["name"]])
+        floors = []
+        for c in records:
+            if c["dataset"] == r["dataset"] and not c["backdoored"]:
+                m = load_audit_model(ZOO / c["name"])
+                floors.append(_eval(m, triggered, None)["clean_acc"])
+        r["clean_model_asr_floor"] = round(float(np.mean(floors)), 4) if floors else None
+
+
 def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
     bd = [r for r in records if r["backdoored"]]
     cl = [r for r in records if not r["backdoored"]]
@@ -312,14 +342,17 @@ def write_results(results: dict[str, Any]) -> None:
                   f"**{sp['best_s']} s**; runs: "
                   + "; ".join(f"{r['seconds']} s (load average before "
                               f"{r['loadavg_before'][0]})" for r in sp["runs"]) + "."]
-    lines += ["", "| model | train ASR | verdict | target (true) | AI max | NC s | acc before "
-              "| ASR before | FP acc | FP ASR | FP pruned | UL acc | UL ASR |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "ASR floor = share of the triggered test inputs that the clean models of the "
+              "same dataset (no poison) already send to the target.", "",
+              "| model | train ASR | ASR floor | verdict | target (true) | AI max | NC s "
+              "| acc before | ASR before | FP acc | FP ASR | FP pruned | UL acc | UL ASR |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.get("models", []):
         v = r["verdict"]
         fp, ul = r["fine-prune"], r["unlearn"]
         lines.append(
             f"| {r['name']} | {_pct(r['train']['asr'])} | "
+            f"{_pct(r.get('clean_model_asr_floor'))} | "
             f"{'backdoored' if v['backdoored'] else 'clean'}{'' if r['correct'] else ' ✗'} | "
             f"{v['target_class'] if v['target_class'] is not None else '—'} "
             f"({r['true_target'] if r['true_target'] is not None else '—'}) | "
