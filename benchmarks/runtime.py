@@ -264,10 +264,11 @@ def speed(threads: int, n_requests: int) -> dict:
     np.save(inputs, np.concatenate([test.x[ev[2000:2400]],
                                     m["poisoned"].test_triggered.x[:100]]))
     port = _free_port()
+    server_log = open(CACHE / "serve.log", "w")  # noqa: SIM115 - closed below
     server = subprocess.Popen(
         [sys.executable, "-m", "poisonguard", "serve", str(m["path"]), "--calibration",
          str(cal_dir), "--port", str(port), "--threads", str(threads)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        stdout=server_log, stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(300):
             try:
@@ -291,11 +292,15 @@ def speed(threads: int, n_requests: int) -> dict:
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+        server_log.close()
+    with open(CACHE / "serve.log") as fh:
+        flagged_lines = sum("suspicious input" in line for line in fh)
     return {"throughput": throughput,
             "http": {"requests": n_requests, "client": "benchmarks/loadgen.py (http.client, "
                      "keep-alive, sequential, separate process)", **latency,
                      "server_threads": threads},
             "malformed_requests": bad, "server_alive_after": alive,
+            "server_log_suspicious_lines": flagged_lines,
             "health_after_malformed": health, "server_metrics": metrics,
             "cpu_count": os.cpu_count()}
 
@@ -348,7 +353,11 @@ def summarise(res: dict) -> str:
         for b in sp["malformed_requests"]:
             reason = str(b["reason"]).replace("|", "/")[:110]
             lines.append(f"| {b['case']} | {b['status']} | {reason} |")
-        lines.append(f"\nServer alive after all requests: {sp['server_alive_after']}.")
+        lines.append(f"\nServer alive after all requests: {sp['server_alive_after']}; "
+                     f"{h.get('suspicious_answers')} answers flagged suspicious (the load mixes "
+                     "400 clean and 100 triggered MNIST test images), "
+                     f"{sp.get('server_log_suspicious_lines')} 'suspicious input' log lines "
+                     "with ids.")
     return "\n".join(lines) + "\n"
 
 
