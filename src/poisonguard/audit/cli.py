@@ -26,7 +26,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-clean", type=int, default=500,
                    help="use at most this many clean samples (default 500)")
     p.add_argument("--steps", type=int, default=None,
-                   help="Neural Cleanse step budget (default 120)")
+                   help="Neural Cleanse step budget (default 160)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
 
@@ -58,9 +58,9 @@ def register(sub: Any) -> None:
     r.add_argument("--test", default=None,
                    help="test .npz: clean accuracy (and ASR if it holds x_triggered/"
                         "y_triggered) before and after the repair")
-    r.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 10)")
+    r.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 15)")
     r.add_argument("--prune-budget", type=float, default=None,
-                   help="clean-accuracy drop allowed while pruning (default 0.01)")
+                   help="clean-accuracy drop allowed while pruning (default 0.005)")
     r.set_defaults(handler=cmd_repair)
 
 

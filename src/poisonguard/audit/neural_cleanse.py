@@ -44,14 +44,14 @@ class CleanseConfig:
     """
 
     batch_size: int = 16
-    max_steps: int = 120
+    max_steps: int = 160
     min_steps: int = 40
     lr: float = 0.15
     init_cost: float = 0.02
     cost_up: float = 1.3
     cost_down: float = 1.5
     success: float = 0.99
-    patience: int = 20
+    patience: int = 25
     threshold: float = 2.0
     max_ratio: float = 0.33
     eval_samples: int = 300

@@ -45,9 +45,9 @@ class RepairConfig:
     the current model for this many steps and, if it still works, added to the stamped
     variants (0: off)."""
 
-    prune_budget: float = 0.01
+    prune_budget: float = 0.005
     prune_step: int = 0          # channels per pruning step (0: about 1/32 of the layer)
-    epochs: int = 10
+    epochs: int = 15
     lr: float = 1e-3
     batch_size: int = 32
     stamp_fraction: float = 0.5
@@ -56,6 +56,7 @@ class RepairConfig:
     distill: float = 1.0
     rereverse_steps: int = 0
     clip: float = 10.0
+    jitter: int = 2
     shift: int = 2
     seed: int = 0
 
@@ -135,10 +136,15 @@ class _Stamper:
                     self.masks.append(box)
                     self.patterns.append(torch.ones_like(p) * colour)
 
-    def __call__(self, xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def __call__(self, xb: torch.Tensor, gen: torch.Generator, jitter: int = 0
+                 ) -> torch.Tensor:
         which = torch.randint(0, len(self.masks), (len(xb),), generator=gen)
         m = torch.stack(self.masks)[which]
         p = torch.stack(self.patterns)[which]
+        if jitter > 0 and m.ndim >= 3:  # move the trigger a little relative to the image
+            dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
+            m = torch.roll(m, shifts=(dy, dx), dims=(1, 2))
+            p = torch.roll(p, shifts=(dy, dx), dims=(1, 2))
         return (1 - m) * xb + m * p
 
 
@@ -189,12 +195,13 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
     acc0, asr0 = score()
     ref = acc0 if ref_acc is None else ref_acc
     best_state = copy.deepcopy(module.state_dict())
-    def tier(acc: float) -> int:  # 0: within max_drop of ref, 1: within 5x, 2: worse
-        drop = ref - acc
-        return 0 if drop <= config.max_drop + 1e-9 else (1 if drop <= 5 * config.max_drop
-                                                          + 1e-9 else 2)
+    def key(acc: float, asr: float | None) -> tuple[bool, float, float]:
+        """Epochs losing more than 5x max_drop are last; then the lowest reversed-trigger ASR
+        (in steps of 5%); then the best accuracy."""
+        bad = ref - acc > 5 * config.max_drop + 1e-9
+        return (bad, 0.0 if asr is None or bad else round(asr / 0.05), -acc)
 
-    best_key = (tier(acc0), asr0 if asr0 is not None and tier(acc0) < 2 else 0.0, -acc0)
+    best_key = key(acc0, asr0)
     history = [{"epoch": 0, "val_acc": acc0, "val_trigger_asr": asr0}]
     best_epoch = 0
     for epoch in range(1, config.epochs + 1):
@@ -211,7 +218,7 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
                 pick = torch.rand(len(idx), generator=gen) < config.stamp_fraction
                 if bool(pick.any()):
                     xb = xb.clone()
-                    xb[pick] = stamp(xb[pick], gen)
+                    xb[pick] = stamp(xb[pick], gen, config.jitter)
             if image and config.shift > 0:
                 dy, dx = (int(v) for v in torch.randint(-config.shift, config.shift + 1, (2,),
                                                         generator=gen))
@@ -246,9 +253,9 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
                 found.append(round(succ, 3))
             entry["rereversed_success"] = found
         history.append(entry)
-        key = (tier(acc), asr if asr is not None and tier(acc) < 2 else 0.0, -acc)
-        if key < best_key:
-            best_key, best_state, best_epoch = key, copy.deepcopy(module.state_dict()), epoch
+        k_ep = key(acc, asr)
+        if k_ep < best_key or (k_ep == best_key and epoch == config.epochs):
+            best_key, best_state, best_epoch = k_ep, copy.deepcopy(module.state_dict()), epoch
     module.load_state_dict(best_state)
     module.eval()
     return {"history": history, "chosen_epoch": best_epoch, "n_train": int(len(tr)),
