@@ -197,3 +197,25 @@ def test_cli_bad_inputs(zoo: dict, tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["audit-model", str(zoo["backdoored"]), "--clean", str(shape), "--out",
                  str(tmp_path / "o")]) == 2
     assert "error" in capsys.readouterr().err.lower()
+
+
+def test_verdict_and_triggers_roundtrip(tmp_path: Path) -> None:
+    from poisonguard.audit.core import load_triggers, make_verdict, save_triggers
+    from poisonguard.audit.neural_cleanse import CleanseResult
+
+    norms = np.array([40.0, 42, 38, 45, 41, 6, 39, 44, 43, 40])
+    ai = anomaly_index(norms)
+    nc = CleanseResult(masks=np.zeros((10, 4, 4), np.float32),
+                       patterns=np.zeros((10, 4, 4), np.float32), norms=norms, anomaly=ai,
+                       reversed_asr=np.ones(10), reached=np.ones(10, bool),
+                       steps=np.ones(10, int), flagged=[5], runtime_s=0.0,
+                       config=CleanseConfig(), value_range=(0.0, 255.0))
+    v = make_verdict(nc)
+    assert v["backdoored"] and v["target_class"] == 5 and v["confidence"] > 0.9
+    save_triggers(tmp_path / "t.npz", nc)
+    back = load_triggers(tmp_path / "t.npz")
+    assert back.flagged == [5] and back.value_range == (0.0, 255.0)
+    np.testing.assert_allclose(back.norms, norms)
+    nc.flagged = []
+    v = make_verdict(nc)
+    assert v["backdoored"] is False and v["target_class"] is None
