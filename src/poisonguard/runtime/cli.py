@@ -33,8 +33,8 @@ def _add_strip_args(p: argparse.ArgumentParser) -> None:
                         "superimposition, default); 'mix': alpha*input + (1-alpha)*clean")
     p.add_argument("--alpha", type=float, default=0.5, help="input weight for --blend mix")
     p.add_argument("--seed", type=int, default=0, help="seed of the blend-pool draw")
-    p.add_argument("--batch-size", type=int, default=4096,
-                   help="most blended samples per forward pass (bounds memory)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="most blended samples per forward pass (bounds memory; default 256)")
 
 
 def register(sub: Any) -> None:

