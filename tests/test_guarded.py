@@ -1,10 +1,12 @@
 import numpy as np
 import pytest
+import torch
 
 from poisonguard.attacks import badnets
 from poisonguard.errors import ConfigError, DataError
 from poisonguard.models import TrainConfig
 from poisonguard.train import GradientNormMonitor, GuardConfig, train_guarded
+from poisonguard.train.guarded import _unlearn, isolate_lowest
 
 CFG = TrainConfig(epochs=4, batch_size=64, seed=0)
 
@@ -26,9 +28,30 @@ def test_trim_drops_and_records(poisoned) -> None:
 def test_abl_isolates_without_poison_rate(poisoned) -> None:
     r = train_guarded(poisoned.data, GuardConfig(defense="abl", abl_isolation_epochs=2), CFG)
     assert r.isolated.shape == (len(poisoned.data),)
-    assert r.isolated.mean() <= 0.2
-    assert r.info["unlearning"]["epochs"] >= 0 and "isolation_rule" in r.info
+    assert r.info["n_isolated_initial"] == round(0.01 * len(poisoned.data))
+    assert "isolation_rule" in r.info and "reverted" in r.info["unlearning"]
     assert (r.classifier.predict(poisoned.data.x) == poisoned.data.y).mean() > 0.5
+
+
+def test_isolate_lowest_takes_fixed_share() -> None:
+    losses = np.array([0.5, 0.01, 0.3, 0.02, 0.9] * 20)
+    mask = isolate_lowest(losses, 0.1)
+    assert mask.sum() == 10 and (losses[mask] <= 0.02).all()
+
+
+def test_unlearning_reverted_when_it_erases_a_class(digits) -> None:
+    train, _ = digits
+    data = train.subset(np.arange(600))
+    clf = train_guarded(data, GuardConfig(), CFG).classifier
+    losses = clf.per_sample_loss(data.x, data.y)
+    iso = np.zeros(len(data), dtype=bool)
+    iso[np.flatnonzero(data.y == 3)[:25]] = True  # ordinary members of class 3, no trigger
+    before = {k: v.clone() for k, v in clf.model.state_dict().items()}
+    info = _unlearn(clf.model, data, iso, clf, GuardConfig(defense="abl", abl_unlearn_lr=5e-2,
+                                                           abl_max_class_loss=0.05), CFG,
+                    losses=losses)
+    assert info["reverted"], info
+    assert all(torch.equal(before[k], v) for k, v in clf.model.state_dict().items())
 
 
 def test_gradient_monitor_history(poisoned) -> None:
@@ -52,6 +75,8 @@ def test_monitor_flags_planted_outliers() -> None:
     ({"defense": "magic"}, "unknown defense"),
     ({"defense": "trim", "trim_fraction": 0.5}, r"\[0, 0.5\)"),
     ({"defense": "trim", "trim_fraction": -0.1}, r"\[0, 0.5\)"),
+    ({"defense": "abl", "abl_isolation_rate": 0.0}, "abl_isolation_rate"),
+    ({"defense": "abl", "abl_relabel": "magic"}, "abl_relabel"),
 ])
 def test_guard_config_errors(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):

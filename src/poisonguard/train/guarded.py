@@ -31,10 +31,11 @@ class GuardConfig:
     trim: ``trim_fraction`` of each batch's highest losses is dropped after
     ``trim_warmup_epochs``; ``None`` estimates it once after warm-up as the share of samples whose
     log-loss is a robust outlier (z > ``trim_k``), capped below 0.5.
-    abl: ``abl_isolation_epochs`` of local gradient ascent with loss floor ``abl_gamma``; samples
-    whose log-loss then lies ``abl_k`` robust SDs below the median are isolated (at most
-    ``abl_max_isolation``); training continues on the rest, then the isolated set is unlearned
-    (gradient ascent) for ``abl_unlearn_epochs`` at ``abl_unlearn_lr``.
+    abl: one training schedule whose first ``abl_isolation_epochs`` (default: a quarter) use
+    local gradient ascent with loss floor ``abl_gamma``; then the ``abl_isolation_rate`` share of
+    samples with the lowest loss is isolated (a fixed share, as in the ABL paper, never the poison
+    rate), training continues on the rest, and the isolated samples are unlearned for up to
+    ``abl_unlearn_steps`` at ``abl_unlearn_lr`` (unlikelihood on them, descent on the rest).
     monitor_gradients: record per-sample gradient norms of ``monitor_params`` every epoch.
     """
 
@@ -42,12 +43,18 @@ class GuardConfig:
     trim_fraction: float | None = None
     trim_warmup_epochs: int = 1
     trim_k: float = 3.0
-    abl_gamma: float = 0.5
+    abl_gamma: float = 0.01
     abl_isolation_epochs: int | None = None
-    abl_k: float = 3.0
-    abl_max_isolation: float = 0.2
-    abl_unlearn_epochs: int = 5
-    abl_unlearn_lr: float = 5e-4
+    abl_isolation_rate: float = 0.01
+    abl_unlearn_steps: int = 400
+    abl_unlearn_lr: float = 1e-3
+    abl_unlearn_weight: float = 1.0
+    abl_unlearn_stop: float = 0.05
+    abl_check_every: int = 5
+    abl_unlearn_clip: float = 1.0
+    abl_relabel: str = "soft"
+    abl_settle_steps: int = 150
+    abl_max_class_loss: float = 0.2
     monitor_gradients: bool = False
     monitor_params: tuple[str, ...] = ("embed", "head")
 
@@ -56,11 +63,14 @@ class GuardConfig:
             raise ConfigError(f"unknown defense {self.defense!r}; expected one of {DEFENSES}")
         if self.trim_fraction is not None and not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"trim fraction must be in [0, 0.5), got {self.trim_fraction}")
-        if not 0.0 < self.abl_max_isolation < 1.0:
-            raise ConfigError(f"abl_max_isolation must be in (0, 1), got "
-                              f"{self.abl_max_isolation}")
-        if self.abl_gamma <= 0:
-            raise ConfigError(f"abl_gamma must be > 0, got {self.abl_gamma}")
+        if not 0.0 < self.abl_isolation_rate < 0.5:
+            raise ConfigError(f"abl_isolation_rate must be in (0, 0.5), got "
+                              f"{self.abl_isolation_rate}")
+        if self.abl_relabel not in ("soft", "second", "uniform"):
+            raise ConfigError(f"abl_relabel must be soft, second or uniform, got "
+                              f"{self.abl_relabel!r}")
+        if self.abl_gamma < 0:
+            raise ConfigError(f"abl_gamma must be >= 0, got {self.abl_gamma}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +85,7 @@ class GuardedResult:
     drop_counts: np.ndarray | None = None
     trim_fraction: float | None = None
     isolated: np.ndarray | None = None
+    isolated_initial: np.ndarray | None = None
     monitor: DetectorResult | None = None
     grad_history: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -86,11 +97,6 @@ class GuardedResult:
         if self.monitor is not None:
             return self.monitor.flags
         return None
-
-
-def _all_losses(model: nn.Module, data: LabeledData, like: TorchClassifier) -> np.ndarray:
-    clf = TorchClassifier(model.eval(), like.input_spec, layer=None)
-    return clf.per_sample_loss(data.x, data.y)
 
 
 def _monitor_callback(data: LabeledData, spec: Any, params: tuple[str, ...],
@@ -171,68 +177,179 @@ def _trim_loss(guard: GuardConfig, state: dict[str, Any], drop_counts: np.ndarra
 
 def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                n_classes: int | None, progress: bool, monitor_cb: Any) -> GuardedResult:
+    """One training schedule: LGA for the isolation epochs, isolation of the lowest-loss share,
+    training on the rest, then unlearning the isolated samples."""
     n_classes = n_classes or data.n_classes
-    iso_epochs = guard.abl_isolation_epochs or max(1, config.epochs // 4)
+    iso_epochs = min(config.epochs,
+                     guard.abl_isolation_epochs or max(1, math.ceil(config.epochs / 4)))
     gamma = guard.abl_gamma
+    isolated = np.zeros(len(data), dtype=bool)
+    state: dict[str, Any] = {"losses": None}
 
-    def lga(per_sample: torch.Tensor, _idx: np.ndarray, _epoch: int) -> torch.Tensor:
-        return (torch.sign(per_sample.detach() - gamma) * per_sample).mean()
+    def batch_loss(per_sample: torch.Tensor, idx: np.ndarray, epoch: int) -> torch.Tensor:
+        if epoch < iso_epochs:  # local gradient ascent: no sample's loss is pushed below gamma
+            return (torch.sign(per_sample.detach() - gamma) * per_sample).mean()
+        keep = torch.from_numpy(~isolated[idx])
+        if not bool(keep.any()):
+            return per_sample.sum() * 0.0
+        return per_sample[keep].mean()
 
-    iso_config = TrainConfig(**{**config.to_dict(), "epochs": iso_epochs})
-    phase1 = train_classifier(data, iso_config, n_classes=n_classes, progress=progress,
-                              batch_loss=lga, epoch_end=monitor_cb)
-    losses = phase1.classifier.per_sample_loss(data.x, data.y)
-    z = robust_z(np.log(losses + 1e-12))
-    isolated = z < -guard.abl_k
-    cap = int(guard.abl_max_isolation * len(data))
-    if isolated.sum() > cap:
-        keep = np.argsort(z)[:cap]
-        isolated = np.zeros(len(data), dtype=bool)
-        isolated[keep] = True
-    rest = data.subset(np.flatnonzero(~isolated))
-    main_config = TrainConfig(**{**config.to_dict(),
-                                 "epochs": max(1, config.epochs - iso_epochs)})
-    phase2 = train_classifier(rest, main_config, model=phase1.classifier.model,
-                              input_spec=phase1.classifier.input_spec, arch=phase1.arch,
-                              n_classes=n_classes, progress=progress)
-    model = phase2.classifier.model
-    unlearned = _unlearn(model, data.subset(np.flatnonzero(isolated)), phase2.classifier,
-                         guard, config)
-    train = TrainResult(classifier=TorchClassifier(model.eval(), phase2.classifier.input_spec,
-                                                   layer=phase2.classifier.layer,
-                                                   n_classes=n_classes),
-                        arch=phase1.arch, arch_kwargs=phase1.arch_kwargs, config=config,
-                        history=phase1.history + phase2.history,
-                        wall_s=phase1.wall_s + phase2.wall_s)
+    def epoch_end(epoch: int, model: nn.Module) -> None:
+        if monitor_cb is not None:
+            monitor_cb(epoch, model)
+        if epoch + 1 == iso_epochs:
+            from poisonguard.models.adapter import InputSpec
+
+            clf = TorchClassifier(model, InputSpec.for_data(data.x), layer=None, batch_size=512)
+            losses = clf.per_sample_loss(data.x, data.y)
+            state["losses"] = losses
+            isolated[:] = isolate_lowest(losses, guard.abl_isolation_rate)
+
+    train = train_classifier(data, config, n_classes=n_classes, progress=progress,
+                             batch_loss=batch_loss, epoch_end=epoch_end)
+    model = train.classifier.model
+    initial = isolated.copy()
+    unlearned = _unlearn(model, data, isolated, train.classifier, guard, config,
+                         losses=state["losses"])
+    train.classifier = TorchClassifier(model.eval(), train.classifier.input_spec,
+                                       layer=train.classifier.layer, n_classes=n_classes)
     return GuardedResult(train.classifier, train, guard, 0.0, isolated=isolated,
-                         info={"isolation_epochs": iso_epochs, "n_isolated": int(isolated.sum()),
-                               "isolation_rule": f"robust z of log-loss < -{guard.abl_k} after "
-                                                 f"{iso_epochs} LGA epoch(s), gamma {gamma}",
+                         isolated_initial=initial,
+                         info={"isolation_epochs": iso_epochs,
+                               "n_isolated_initial": int(initial.sum()),
+                               "n_isolated": int(isolated.sum()),
+                               "isolation_rule": f"lowest {guard.abl_isolation_rate:.2%} of "
+                                                 f"per-sample losses after {iso_epochs} LGA "
+                                                 f"epoch(s) with loss floor gamma={gamma}",
                                "unlearning": unlearned})
 
 
-def _unlearn(model: nn.Module, isolated: LabeledData, like: TorchClassifier,
-             guard: GuardConfig, config: TrainConfig) -> dict[str, Any]:
-    """Gradient ascent on the isolated samples (BatchNorm statistics frozen)."""
-    if len(isolated) == 0 or guard.abl_unlearn_epochs == 0:
-        return {"epochs": 0}
-    opt = torch.optim.SGD(model.parameters(), lr=guard.abl_unlearn_lr, momentum=0.9)
-    y = torch.from_numpy(isolated.y)
-    rng = np.random.default_rng(config.seed)
-    accs = []
-    for _ in range(guard.abl_unlearn_epochs):
-        model.eval()
-        order = rng.permutation(len(isolated))
-        for start in range(0, len(isolated), config.batch_size):
-            idx = order[start:start + config.batch_size]
-            logits = model(like.input_spec.prepare(isolated.x[idx]))
-            loss = -F.cross_entropy(logits, y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+def isolate_lowest(losses: np.ndarray, rate: float) -> np.ndarray:
+    """The ``rate`` share of samples with the lowest loss (ties broken by position)."""
+    k = max(1, int(round(rate * len(losses))))
+    mask = np.zeros(len(losses), dtype=bool)
+    mask[np.argsort(losses, kind="stable")[:k]] = True
+    return mask
+
+
+def _soft_targets(model: nn.Module, spec: Any, x: np.ndarray, y: torch.Tensor,
+                  mode: str) -> torch.Tensor:
+    """Targets for unlearning: the model's distribution over the classes other than the given
+    label ("soft"), its best other class ("second"), or uniform over the others ("uniform")."""
+    with torch.no_grad():
+        logits = torch.cat([model(spec.prepare(x[s:s + 512])) for s in range(0, len(x), 512)])
+    logits[torch.arange(len(x)), y] = -torch.inf
+    if mode == "uniform":
+        logits = torch.where(torch.isinf(logits), logits, torch.zeros_like(logits))
+    return F.softmax(logits / (1e-6 if mode == "second" else 1.0), dim=1)
+
+
+class _Unlearner:
+    """Fine-tunes ``model`` on soft non-label targets for the isolated samples plus a batch of
+    trusted samples per step (half of it from the classes the isolated samples claim)."""
+
+    def __init__(self, model: nn.Module, data: LabeledData, spec: Any, guard: GuardConfig,
+                 config: TrainConfig) -> None:
+        self.model, self.data, self.spec, self.guard = model, data, spec, guard
+        self.y = torch.from_numpy(data.y)
+        self.bs = config.batch_size
+        self.rng = np.random.default_rng(config.seed + 1)
+        self.opt = torch.optim.SGD(model.parameters(), lr=guard.abl_unlearn_lr, momentum=0.9)
+        self.soft = torch.zeros(len(data), int(data.y.max()) + 1)
+        self.steps = 0
+
+    def retarget(self, idx: np.ndarray, n_out: int) -> None:
+        if self.soft.shape[1] < n_out:
+            self.soft = torch.zeros(len(self.data), n_out)
+        self.soft[idx] = _soft_targets(self.model, self.spec, self.data.x[idx], self.y[idx],
+                                       self.guard.abl_relabel)
+
+    def step(self, iso_idx: np.ndarray, trusted_idx: np.ndarray, guard_idx: np.ndarray) -> None:
+        ib = self.rng.choice(iso_idx, size=min(self.bs, len(iso_idx)), replace=False)
+        rb = self.rng.choice(trusted_idx, size=min(self.bs, len(trusted_idx)), replace=False)
+        if len(guard_idx):
+            half = min(len(rb) // 2, len(guard_idx))
+            rb[:half] = self.rng.choice(guard_idx, size=half, replace=False)
+        relabel = F.cross_entropy(self.model(self.spec.prepare(self.data.x[ib])), self.soft[ib])
+        descent = F.cross_entropy(self.model(self.spec.prepare(self.data.x[rb])), self.y[rb])
+        self.opt.zero_grad(set_to_none=True)
+        (descent + self.guard.abl_unlearn_weight * relabel).backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.guard.abl_unlearn_clip)
+        self.opt.step()
+        self.steps += 1
+
+    def predict(self, idx: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            pred = like.predict(isolated.x)
-        accs.append(float((pred == isolated.y).mean()))
-        if accs[-1] < 0.05:
-            break
-    return {"epochs": len(accs), "isolated_accuracy_after_each": accs}
+            return TorchClassifier(self.model, self.spec, layer=None).predict(self.data.x[idx])
+
+
+def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: TorchClassifier,
+             guard: GuardConfig, config: TrainConfig,
+             losses: np.ndarray | None = None) -> dict[str, Any]:
+    """Unlearn the isolated samples without wrecking the classes they claim; may grow
+    ``isolated`` in place.
+
+    Plain gradient ascent on their loss (the ABL paper's step) collapses a small network: the
+    ascent that breaks the trigger also erases the target class. Instead:
+    1. each isolated sample gets as target the model's distribution over the classes other than
+       its label (for a poison: mostly the class its image shows), and the model is fine-tuned on
+       those targets plus trusted samples: all samples of classes no isolated sample claims, and
+       the higher-loss half of claimed classes (poisons are the low-loss half), until the isolated
+       samples' accuracy on their labels falls below ``abl_unlearn_stop``;
+    2. the samples of claimed classes that the unlearned model now assigns to another class are
+       the poisons that stayed in training (a clean sample keeps its class); they join the
+       isolated set and leave the trusted one;
+    3. ``abl_settle_steps`` more steps on the enlarged sets let clean accuracy recover.
+    A fifth of the claimed classes' trusted samples is held out of step 1; if unlearning costs
+    more than ``abl_max_class_loss`` of their accuracy, the isolated samples were ordinary easy
+    members of their class rather than a separable shortcut, and the model is restored.
+    BatchNorm statistics stay frozen throughout."""
+    if not isolated.any() or guard.abl_unlearn_steps == 0 or isolated.all():
+        return {"steps": 0}
+    un = _Unlearner(model, data, like.input_spec, guard, config)
+    model.eval()
+    claimed = np.isin(data.y, np.unique(data.y[isolated]))
+    trusted = ~isolated
+    if losses is not None:
+        for c in np.unique(data.y[isolated]):
+            members = trusted & (data.y == c)
+            if members.any():
+                trusted &= ~(members & (losses <= np.median(losses[members])))
+    iso_idx = np.flatnonzero(isolated)
+    defenders = np.flatnonzero(trusted & claimed)
+    held = un.rng.choice(defenders, size=len(defenders) // 5, replace=False)
+    trusted[held] = False  # held out of unlearning: do the claimed classes survive it?
+    with torch.no_grad():
+        n_out = int(model(like.input_spec.prepare(data.x[:1])).shape[1])
+    held_before = float((un.predict(held) == data.y[held]).mean()) if len(held) else 1.0
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    un.retarget(iso_idx, n_out)
+    accs: list[float] = []
+    while un.steps < guard.abl_unlearn_steps:
+        un.step(iso_idx, np.flatnonzero(trusted), np.flatnonzero(trusted & claimed))
+        if un.steps % guard.abl_check_every == 0:
+            accs.append(float((un.predict(iso_idx) == data.y[iso_idx]).mean()))
+            if accs[-1] < guard.abl_unlearn_stop:
+                break
+    unlearn_steps = un.steps
+    held_after = float((un.predict(held) == data.y[held]).mean()) if len(held) else 1.0
+    info: dict[str, Any] = {"unlearn_steps": unlearn_steps, "isolated_accuracy_checks": accs,
+                            "held_defender_accuracy": [held_before, held_after]}
+    if held_before - held_after > guard.abl_max_class_loss:
+        # the isolated samples were the classes themselves (easy clean samples), not a
+        # shortcut that can be unlearned on its own: undo the unlearning
+        model.load_state_dict(before)
+        return {**info, "reverted": True,
+                "reason": f"unlearning cost {held_before - held_after:.1%} of held-out samples "
+                          f"of the claimed class(es), above {guard.abl_max_class_loss:.0%}"}
+    candidates = np.flatnonzero(claimed & ~isolated)
+    turned = candidates[un.predict(candidates) != data.y[candidates]]
+    isolated[turned] = True
+    trusted = ~isolated
+    iso_idx = np.flatnonzero(isolated)
+    un.retarget(turned, n_out)
+    for _ in range(guard.abl_settle_steps):
+        un.step(iso_idx, np.flatnonzero(trusted), np.flatnonzero(trusted & claimed))
+    return {**info, "reverted": False, "settle_steps": un.steps - unlearn_steps,
+            "n_added_after_unlearning": int(len(turned)),
+            "n_isolated_final": int(isolated.sum())}
