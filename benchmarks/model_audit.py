@@ -5,6 +5,9 @@ speed of all-class reverse-engineering on a CIFAR-10-sized model.
     python benchmarks/model_audit.py                 # train the zoo (cached), audit, repair
     python benchmarks/model_audit.py --train-only    # only build benchmarks/cache/model_zoo/
     python benchmarks/model_audit.py --speed-only    # re-measure the CIFAR NC timing only
+    python benchmarks/model_audit.py --repairs-only  # rerun only the repairs (reuses each
+                                                     # model's cached triggers.npz and the
+                                                     # detection fields already in the JSON)
 
 Zoo models are cached under benchmarks/cache/model_zoo/ (git-ignored), so reruns skip training.
 Results: benchmarks/results/model_audit.json and .md (written atomically).
@@ -123,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--speed-only", action="store_true")
     p.add_argument("--only", default=None, help="comma-separated zoo names (default: all)")
+    p.add_argument("--repairs-only", action="store_true",
+                   help="rerun only the repairs, with each model's cached reversed triggers "
+                        "(cache/model_zoo/<name>/triggers.npz; computed once if absent)")
     p.add_argument("--summarise-only", action="store_true",
                    help="recompute the clean-model ASR floors, summary and .md from the JSON")
     args = p.parse_args(argv)
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         train_zoo(specs)
     if args.train_only:
         return 0
-    return run_audits(specs, speed_only=args.speed_only)
+    return run_audits(specs, speed_only=args.speed_only, repairs_only=args.repairs_only)
 
 
 N_EVAL = 5000
@@ -174,15 +180,24 @@ def _eval(model: Any, evaluation: Any, triggered: Any) -> dict[str, float | None
     return out
 
 
-def audit_one(spec: dict[str, Any]) -> dict[str, Any]:
-    from poisonguard.audit import audit_model, fine_prune, load_audit_model, unlearn
+def audit_one(spec: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Audit and repair one zoo model; with ``previous`` (its record from an earlier run) only
+    the repairs are rerun, with the reversed triggers cached from that run."""
+    from poisonguard.audit import audit_model, load_audit_model
+    from poisonguard.audit.core import load_triggers, save_triggers
 
     info = json.loads((ZOO / spec["name"] / "zoo.json").read_text())
     _, clean, evaluation = dataset(spec["dataset"])
     _, triggered = poisoned_for(spec)
     model = load_audit_model(ZOO / spec["name"])
+    cached = ZOO / spec["name"] / "triggers.npz"
+    if previous is not None and cached.exists():
+        nc = load_triggers(cached)
+        rec = {k: v for k, v in previous.items() if k not in ("before", "fine-prune", "unlearn")}
+        return repair_one(spec, rec, nc, clean, evaluation, triggered)
     result = audit_model(model, clean)
     nc = result.cleanse
+    save_triggers(cached, nc)
     v = result.verdict
     target = spec["attack"]["target"] if spec["attack"] else None
     rec: dict[str, Any] = {
@@ -199,6 +214,14 @@ def audit_one(spec: dict[str, Any]) -> dict[str, Any]:
         "nc_s": round(nc.runtime_s, 2), "dormant_units": len(result.dormant.units)
         if result.dormant else None, "n_clean": len(clean),
     }
+    return repair_one(spec, rec, nc, clean, evaluation, triggered)
+
+
+def repair_one(spec: dict[str, Any], rec: dict[str, Any], nc: Any, clean: Any, evaluation: Any,
+               triggered: Any) -> dict[str, Any]:
+    from poisonguard.audit import fine_prune, load_audit_model, unlearn
+
+    model = load_audit_model(ZOO / spec["name"])
     rec["before"] = _eval(model, evaluation, triggered)
     classes = list(nc.flagged) or [nc.most_anomalous()]
     for method in ("fine-prune", "unlearn"):
@@ -369,7 +392,8 @@ def write_results(results: dict[str, Any]) -> None:
     atomic_write_text(RESULTS / "model_audit.md", "\n".join(lines) + "\n")
 
 
-def run_audits(specs: list[dict[str, Any]], speed_only: bool = False) -> int:
+def run_audits(specs: list[dict[str, Any]], speed_only: bool = False,
+               repairs_only: bool = False) -> int:
     import torch
 
     path = RESULTS / "model_audit.json"
@@ -381,10 +405,15 @@ def run_audits(specs: list[dict[str, Any]], speed_only: bool = False) -> int:
     torch.set_num_threads(1)
     done = {r["name"]: r for r in results.get("models", [])}
     for spec in specs:
-        done[spec["name"]] = audit_one(spec)
+        done[spec["name"]] = audit_one(spec, done.get(spec["name"]) if repairs_only else None)
         order = [s["name"] for s in zoo_specs()]
         results["models"] = sorted(done.values(), key=lambda r: order.index(r["name"]))
         results["code_version"] = code_version()
+        from dataclasses import asdict
+
+        from poisonguard.audit.repair import RepairConfig
+
+        results["repair_config"] = asdict(RepairConfig())
         results["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
         results["summary"] = summarise(results["models"])
         write_results(results)

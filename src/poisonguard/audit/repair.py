@@ -52,6 +52,9 @@ class RepairConfig:
     prune_step: int = 0          # channels per pruning step (0: about 1/32 of the layer)
     epochs: int = 15
     lr: float = 1e-3
+    trigger_lr: float = 1e-2
+    anchor: float = 0.0
+    cosine: bool = True
     batch_size: int = 32
     stamp_fraction: float = 0.5
     val_fraction: float = 0.2
@@ -211,8 +214,12 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ModelError("the model has no trainable parameters to fine-tune")
-    opt = (torch.optim.Adam(params, lr=config.lr) if config.optimizer == "adam"
-           else torch.optim.SGD(params, lr=config.lr, momentum=0.9))
+    lr = config.trigger_lr if stamp is not None else config.lr
+    opt = (torch.optim.Adam(params, lr=lr) if config.optimizer == "adam"
+           else torch.optim.SGD(params, lr=lr, momentum=0.9))
+    anchors = [p.detach().clone() for p in params] if config.anchor > 0 else None
+    n_steps = max(1, config.epochs * -(-len(tr) // config.batch_size))
+    step_i = 0
     gen = torch.Generator().manual_seed(config.seed)
     teacher = copy.deepcopy(module).eval() if config.distill > 0 else None
     image = x_all.ndim in (3, 4)
@@ -225,9 +232,9 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
     ref = acc0 if ref_acc is None else ref_acc
     best_state = copy.deepcopy(module.state_dict())
     def key(acc: float, asr: float | None) -> tuple[bool, float, float]:
-        """Epochs losing more than 5x max_drop are last; then the lowest reversed-trigger ASR
+        """Epochs losing more than 2x max_drop are last; then the lowest reversed-trigger ASR
         (in steps of 5%); then the best accuracy."""
-        bad = ref - acc > 5 * config.max_drop + 1e-9
+        bad = ref - acc > 2 * config.max_drop + 1e-9
         return (bad, 0.0 if asr is None or bad else round(asr / 0.05), -acc)
 
     best_key = key(acc0, asr0)
@@ -267,6 +274,14 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
                     t_logp = F.log_softmax(teacher(model.to_input(x_clean)), dim=1)
                 loss = loss + config.distill * F.kl_div(F.log_softmax(logits, dim=1), t_logp,
                                                         log_target=True, reduction="batchmean")
+            if anchors is not None:  # L2 pull towards the original weights
+                loss = loss + config.anchor * sum(((p - a) ** 2).sum()
+                                                  for p, a in zip(params, anchors))
+            if config.cosine:
+                for g in opt.param_groups:
+                    g["lr"] = lr * 0.5 * (1 + float(np.cos(np.pi * min(step_i, n_steps)
+                                                            / n_steps)))
+            step_i += 1
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.clip)
@@ -288,7 +303,7 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
             entry["rereversed_success"] = found
         history.append(entry)
         k_ep = key(acc, asr)
-        if k_ep < best_key or (k_ep == best_key and epoch == config.epochs):
+        if k_ep <= best_key:  # ties: the later epoch (lower learning rate)
             best_key, best_state, best_epoch = k_ep, copy.deepcopy(module.state_dict()), epoch
     module.load_state_dict(best_state)
     module.eval()
