@@ -39,7 +39,8 @@ def test_filter_writes_flags_report_and_calibration(setup: dict[str, Path]) -> N
                str(d / "clean.npz"), "--out", str(out), "--n-blends", "8", "--test",
                str(d / "eval.npz"), "--quiet"])
     rows = list(csv.DictReader((out / "flags.csv").open()))
-    assert len(rows) == 70 and list(rows[0]) == ["index", "prediction", "entropy", "suspicious"]
+    assert len(rows) == 70
+    assert list(rows[0]) == ["index", "prediction", "entropy", "score", "suspicious"]
     n_sus = sum(int(r["suspicious"]) for r in rows)
     assert rc == (1 if n_sus else 0)
     report = json.loads((out / "report.json").read_text())

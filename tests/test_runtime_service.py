@@ -36,7 +36,7 @@ def test_predict_json_single_and_batch(client: TestClient) -> None:
     one = client.post("/predict", json=x[0].tolist())
     assert one.status_code == 200
     res = one.json()["results"]
-    assert len(res) == 1 and set(res[0]) == {"id", "prediction", "entropy", "suspicious"}
+    assert len(res) == 1 and set(res[0]) == {"id", "prediction", "entropy", "score", "suspicious"}
     batch = client.post("/predict", json={"inputs": trigger(x).tolist()})
     assert batch.status_code == 200
     out = batch.json()

@@ -1,5 +1,6 @@
-"""STRIP core: calibration at a target FRR, flags on an input-agnostic trigger, logits vs
-probabilities, save/load, input validation."""
+"""STRIP core: calibration at a target FRR, flags on an input-agnostic trigger (every blend and
+statistic, and the default cut+mix union), logits vs probabilities, save/load (and format-1
+calibrations), cut masks, input validation."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from torch import nn
 
 from poisonguard.errors import ConfigError, DataError
 from poisonguard.models.adapter import InputSpec, TorchClassifier
-from poisonguard.runtime.strip import StripConfig, StripFilter, evaluate, validate_inputs
+from poisonguard.runtime.strip import (
+    StripConfig,
+    StripFilter,
+    cut_masks,
+    evaluate,
+    validate_inputs,
+)
 
 
 class Backdoored(nn.Module):
@@ -55,6 +62,7 @@ def calibrated() -> StripFilter:
 def test_calibration_respects_target_frr(calibrated: StripFilter) -> None:
     cal = calibrated.calibration
     assert cal is not None and cal.n_calibration == 410
+    assert cal.config.blend == "cut+mix" and set(cal.thresholds) == {"cut", "mix"}
     assert cal.achieved_frr <= 0.01
     held_out = calibrated.screen(clean_images(500, seed=1))
     assert held_out.suspicious.mean() <= 0.03
@@ -71,15 +79,29 @@ def test_trigger_is_flagged(calibrated: StripFilter) -> None:
     assert sum(ev["histogram"]["clean"]) == 200 == sum(ev["histogram"]["triggered"])
 
 
-@pytest.mark.parametrize("blend", ["add", "mix"])
-def test_probability_outputs_match_logits(blend: str) -> None:
-    x = clean_images(150)
-    cfg = StripConfig(n_blends=5, blend=blend)
+@pytest.mark.parametrize(("blend", "statistic"), [("add", "entropy"), ("mix", "entropy"),
+                                                  ("cut", "log-odds"), ("cut+add", "log-odds")])
+def test_each_blend_flags_the_trigger(blend: str, statistic: str) -> None:
+    filt = StripFilter.calibrate(make_clf(), clean_images(320),
+                                 StripConfig(n_blends=8, blend=blend, statistic=statistic))
+    assert filt.calibration.achieved_frr <= 0.01
+    x = clean_images(100, seed=4)
+    ev = evaluate(filt.screen(x), filt.screen(trigger(x)))
+    assert ev["far"] <= 0.02 and ev["frr"] <= 0.05
+
+
+@pytest.mark.parametrize("statistic", ["log-odds", "entropy"])
+def test_probability_outputs_match_logits(statistic: str) -> None:
+    x = clean_images(250)
+    cfg = StripConfig(n_blends=5, statistic=statistic)
     a = StripFilter.calibrate(make_clf(), x, cfg)
     b = StripFilter.calibrate(make_clf(softmax=True), x, cfg)
     assert b.calibration.model["outputs"] == "probabilities"
     assert a.calibration.model["outputs"] == "logits"
-    np.testing.assert_allclose(a.screen(x[:20]).entropy, b.screen(x[:20]).entropy, atol=1e-4)
+    ra, rb = a.screen(x[:20]), b.screen(x[:20])
+    np.testing.assert_allclose(ra.entropy, rb.entropy, atol=1e-4)
+    for t in ra.stats:
+        np.testing.assert_allclose(ra.stats[t], rb.stats[t], rtol=1e-3, atol=1e-2)
 
 
 def test_save_load_roundtrip(calibrated: StripFilter, tmp_path) -> None:  # noqa: ANN001
@@ -90,7 +112,38 @@ def test_save_load_roundtrip(calibrated: StripFilter, tmp_path) -> None:  # noqa
     x = trigger(clean_images(30, seed=3))
     np.testing.assert_array_equal(loaded.screen(x).suspicious, calibrated.screen(x).suspicious)
     with np.load(tmp_path / "strip_pool.npz", allow_pickle=False) as arc:
-        assert arc["pool"].shape == (10, 8, 8)
+        assert arc["pool"].shape == (10, 8, 8) and arc["masks"].shape == (10, 8, 8)
+
+
+def test_format1_calibration_loads_as_entropy_test(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    old = StripFilter.calibrate(make_clf(), clean_images(320),
+                                StripConfig(n_blends=8, blend="add", statistic="entropy"))
+    old.save(tmp_path)
+    meta = json.loads((tmp_path / "strip.json").read_text())
+    meta["threshold"] = -meta.pop("thresholds")["add"]  # format 1: bits, flagged below
+    for key in ("statistic", "cut_area", "clean_stats"):
+        meta.pop(key)
+    (tmp_path / "strip.json").write_text(json.dumps(meta))
+    loaded = StripFilter.load(tmp_path, make_clf())
+    assert loaded.config.statistic == "entropy" and loaded.threshold == old.threshold
+    x = trigger(clean_images(30, seed=3))
+    np.testing.assert_array_equal(loaded.screen(x).suspicious, old.screen(x).suspicious)
+
+
+def test_cut_masks_cover_the_requested_area() -> None:
+    for shape in [(28, 28), (32, 32, 3), (3, 32, 32), (100,)]:
+        m = cut_masks(shape, 20, 0.75, seed=0)
+        assert m.shape == (20, *shape) and set(np.unique(m)) <= {0.0, 1.0}
+        assert abs(m.mean() - 0.75) < 0.08
+        np.testing.assert_array_equal(m, cut_masks(shape, 20, 0.75, seed=0))
+    hwc = cut_masks((32, 32, 3), 4, 0.5, seed=1)
+    assert (hwc[..., 0] == hwc[..., 2]).all()
+    with pytest.raises(ConfigError, match="cut_area"):
+        StripConfig(cut_area=1.0)
+    with pytest.raises(ConfigError, match="blend"):
+        StripConfig(blend="cut+cut")
 
 
 def test_load_refuses_garbage(tmp_path) -> None:  # noqa: ANN001
@@ -102,11 +155,13 @@ def test_load_refuses_garbage(tmp_path) -> None:  # noqa: ANN001
 
 
 def test_chunking_does_not_change_results() -> None:
-    x = clean_images(150)
+    x = clean_images(250)
     big = StripFilter.calibrate(make_clf(), x, StripConfig(n_blends=5))
     small = StripFilter(make_clf(), big.pool, StripConfig(n_blends=5, chunk=7), big.calibration)
     np.testing.assert_allclose(big.screen(x[:40]).entropy, small.screen(x[:40]).entropy,
                                atol=1e-5)
+    np.testing.assert_allclose(big.screen(x[:40]).score, small.screen(x[:40]).score,
+                               atol=1e-4)
 
 
 def test_validation_messages(calibrated: StripFilter) -> None:

@@ -28,10 +28,18 @@ def _add_strip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-blends", type=int, default=20, help="clean blends per input (default 20)")
     p.add_argument("--frr", type=float, default=0.01,
                    help="target false-rejection rate on clean inputs (default 0.01)")
-    p.add_argument("--blend", default="add", choices=["add", "mix"],
-                   help="'add': saturating sum of input and clean image (STRIP's "
-                        "superimposition, default); 'mix': alpha*input + (1-alpha)*clean")
-    p.add_argument("--alpha", type=float, default=0.5, help="input weight for --blend mix")
+    p.add_argument("--blend", default="cut+mix",
+                   help="'cut': a random rectangle of the input (--cut-area of it) replaced by "
+                        "the clean image; 'mix': alpha*input + (1-alpha)*clean; 'add': "
+                        "saturating sum (STRIP's superimposition); two joined with '+' run both "
+                        "tests at half the FRR each and flag if either fires (default cut+mix)")
+    p.add_argument("--alpha", type=float, default=0.8, help="input weight for 'mix' (0.8)")
+    p.add_argument("--cut-area", type=float, default=0.75,
+                   help="share of the input a 'cut' blend replaces (0.75)")
+    p.add_argument("--statistic", default="log-odds", choices=["log-odds", "entropy"],
+                   help="per test: mean log-odds of the input's own prediction over the blends "
+                        "(default; high = suspicious) or mean entropy (STRIP's; low = "
+                        "suspicious)")
     p.add_argument("--seed", type=int, default=0, help="seed of the blend-pool draw")
     p.add_argument("--batch-size", type=int, default=256,
                    help="most blended samples per forward pass (bounds memory; default 256)")
@@ -41,16 +49,16 @@ def register(sub: Any) -> None:
     """Add ``filter`` and ``serve`` to an argparse subparsers object."""
     f = sub.add_parser(
         "filter", help="screen inputs with STRIP offline; write flags.csv and a report",
-        description="Blend every input with N held-out clean inputs and flag those whose mean "
-                    "prediction entropy stays below a threshold calibrated on clean data at a "
-                    "target false-rejection rate. Exit 0: nothing flagged, 1: inputs flagged, "
-                    "2: bad usage or input.")
+        description="Blend every input with N held-out clean inputs and flag those whose "
+                    "prediction survives the blends (a statistic past a threshold calibrated on "
+                    "clean data at a target false-rejection rate). Exit 0: nothing flagged, 1: "
+                    "inputs flagged, 2: bad usage or input.")
     f.add_argument("model", help="model folder / model.json, or TorchScript file")
     f.add_argument("data", help="inputs to screen (.npz: x, or x_test)")
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--test", default=None,
                    help="evaluation .npz with x_triggered and x_test (as 'poisonguard attack "
-                        "--test' writes): report FAR/FRR and both entropy histograms")
+                        "--test' writes): report FAR/FRR and both score histograms")
     _add_strip_args(f)
     f.add_argument("--quiet", action="store_true")
     f.set_defaults(handler=cmd_filter)
@@ -91,7 +99,8 @@ def build_filter(args: argparse.Namespace, classifier: Any) -> Any:
         raise ConfigError("give --clean CLEAN.npz (held-out clean inputs to calibrate on) or "
                           "--calibration PATH (a saved calibration)")
     config = StripConfig(n_blends=args.n_blends, blend=args.blend, alpha=args.alpha,
-                         target_frr=args.frr, seed=args.seed, chunk=args.batch_size)
+                         target_frr=args.frr, seed=args.seed, chunk=args.batch_size,
+                         statistic=args.statistic, cut_area=args.cut_area)
     return StripFilter.calibrate(classifier, _load_inputs(args.clean), config)
 
 
@@ -135,9 +144,10 @@ def cmd_filter(args: argparse.Namespace) -> int:
         evaluation = _evaluation(filt, args.test)
         timings["evaluate_s"] = round(time.perf_counter() - t2, 3)
     filt.save(out)
-    atomic_write_csv(out / "flags.csv", ["index", "prediction", "entropy", "suspicious"],
-                     ([i, int(p), f"{e:.6f}", int(s)] for i, (p, e, s) in enumerate(
-                         zip(result.prediction, result.entropy, result.suspicious))))
+    atomic_write_csv(out / "flags.csv", ["index", "prediction", "entropy", "score", "suspicious"],
+                     ([i, int(p), f"{e:.6f}", f"{sc:.6f}", int(s)] for i, (p, e, sc, s) in
+                      enumerate(zip(result.prediction, result.entropy, result.score,
+                                    result.suspicious))))
     report = build_filter_report(filt, x, result, evaluation, timings)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.html", render_html(report))
@@ -174,9 +184,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(filt, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                      max_inputs=args.max_inputs, review_dir=args.review_dir)
     cal = filt.calibration
-    print(f"poisonguard serve: STRIP threshold {cal.threshold:.4g} bits (N={cal.config.n_blends}"
-          f", target FRR {cal.target_frr:.2%}); listening on http://{args.host}:{args.port}",
-          flush=True)
+    thr = ", ".join(f"{k} {v:.4g}" for k, v in cal.thresholds.items())
+    print(f"poisonguard serve: STRIP {cal.config.blend} / {cal.config.statistic}, thresholds "
+          f"{thr} (N={cal.config.n_blends}, target FRR {cal.target_frr:.2%}); listening on "
+          f"http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 access_log=args.access_log)
     return EXIT_CLEAN

@@ -10,26 +10,27 @@ from typing import Any
 import numpy as np
 
 from poisonguard import SCHEMA_VERSION, __version__
-from poisonguard.runtime.strip import HIST_BINS, StripFilter, StripResult, histogram
+from poisonguard.runtime.strip import StripFilter, StripResult, histogram, score_edges
 from poisonguard.types import jsonable
 
 
 def runtime_layer(filt: StripFilter, result: StripResult,
                   evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
     ent = result.entropy
-    top = max(float(ent.max(initial=0.0)), 1e-6)
-    edges = np.linspace(0.0, top, HIST_BINS + 1)
+    edges = score_edges(result.score)
     sus_pred = np.bincount(result.prediction[result.suspicious]) if result.suspicious.any() \
         else np.zeros(0, dtype=int)
     layer: dict[str, Any] = {
-        "method": "STRIP (Gao et al. 2019): low mean entropy under blending = suspicious",
+        "method": "STRIP (Gao et al. 2019): a prediction that survives blending with clean "
+                  f"inputs is suspicious (blend {filt.config.blend}, statistic "
+                  f"{filt.config.statistic})",
         "calibration": filt.describe(),
         "n_screened": int(len(ent)), "n_suspicious": int(result.suspicious.sum()),
         "suspicious_fraction": float(result.suspicious.mean()) if len(ent) else 0.0,
         "suspicious_by_prediction": {str(k): int(n) for k, n in enumerate(sus_pred) if n},
         "threshold": result.threshold,
-        "entropy_histogram": {"edges": np.round(edges, 5).tolist(),
-                              "counts": histogram(ent, edges)},
+        "score_histogram": {"edges": np.round(edges, 5).tolist(),
+                            "counts": histogram(result.score, edges)},
         "flags_file": "flags.csv",
     }
     if evaluation is not None:
@@ -43,8 +44,8 @@ def build_filter_report(filt: StripFilter, x: np.ndarray, result: StripResult,
     from poisonguard.report.builder import environment
 
     n_sus = int(result.suspicious.sum())
-    summary = (f"{n_sus} of {len(x)} inputs flagged by STRIP (threshold "
-               f"{result.threshold:.4g} bits, calibrated at {filt.config.target_frr:.1%} FRR)")
+    summary = (f"{n_sus} of {len(x)} inputs flagged by STRIP ({filt.config.blend}, "
+               f"{filt.config.statistic}; calibrated at {filt.config.target_frr:.1%} FRR)")
     return jsonable({
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "poisonguard", "version": __version__},
@@ -63,12 +64,12 @@ def build_filter_report(filt: StripFilter, x: np.ndarray, result: StripResult,
 
 
 def entropy_plot(layer: Mapping[str, Any]) -> str | None:
-    """Base64 PNG: entropy histograms (screened data; clean vs triggered when evaluated) with the
-    threshold; None when the layer has no histogram."""
+    """Base64 PNG: score histograms (screened data; clean vs triggered when evaluated) with the
+    threshold at 0; None when the layer has no histogram."""
     from poisonguard.report.plots import fig_to_base64, plt
 
     panels = []
-    h = layer.get("entropy_histogram")
+    h = layer.get("score_histogram")
     if isinstance(h, Mapping) and h.get("edges") and h.get("counts"):
         panels.append(("screened inputs", h["edges"], {"inputs": h["counts"]}))
     ev = layer.get("evaluation")
@@ -80,7 +81,7 @@ def entropy_plot(layer: Mapping[str, Any]) -> str | None:
                             or []}))
     if not panels:
         return None
-    thr = layer.get("threshold")
+    thr = 0.0
     colours = {"inputs": "#1f77b4", "clean": "#8c8c8c", "triggered": "#d62728"}
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.2), squeeze=False)
     for ax, (title, edges, series) in zip(axes[0], panels):
@@ -90,7 +91,7 @@ def entropy_plot(layer: Mapping[str, Any]) -> str | None:
                 ax.stairs(counts, e, fill=True, alpha=0.5, label=name, color=colours[name])
         if isinstance(thr, (int, float)) and np.isfinite(thr):
             ax.axvline(thr, color="k", ls="--", lw=1, label=f"threshold {thr:.3g}")
-        ax.set_xlabel("mean entropy under blending (bits)")
+        ax.set_xlabel("score: test statistic minus its threshold (> 0 flagged)")
         ax.set_ylabel("inputs")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
@@ -104,16 +105,20 @@ def runtime_section(r: Mapping[str, Any]) -> str:
     rt = (r.get("layers") or {}).get("runtime")
     if not isinstance(rt, Mapping):
         return ""
-    hist = ("entropy_histogram", "histogram")
+    hist = ("score_histogram", "histogram")
     rest = {k: ({kk: vv for kk, vv in x.items() if kk not in hist} if isinstance(x, Mapping)
                 else x) for k, x in rt.items() if k not in hist}
     for sub in ("calibration",):
         if isinstance(rest.get(sub), Mapping) and "clean_entropy" in rest[sub]:
             ce = dict(rest[sub]["clean_entropy"])
             ce.pop("histogram", None)
-            rest[sub] = {**rest[sub], "clean_entropy": ce}
+            cs = {k: {kk: vv for kk, vv in v.items() if kk != "histogram"}
+                  for k, v in (rest[sub].get("clean_stats") or {}).items()
+                  if isinstance(v, Mapping)}
+            rest[sub] = {**rest[sub], "clean_entropy": ce, "clean_stats": cs}
     return ('<section id="runtime"><h2>Runtime filter (STRIP)</h2>'
-            '<p class="muted">Inputs whose mean entropy under blending falls below the dashed '
-            "threshold are flagged.</p>"
-            f"{_img(entropy_plot(rt), 'entropy histograms', 'No entropy histogram.')}"
+            '<p class="muted">Inputs whose score (a test statistic under blending minus its '
+            "threshold, calibrated on clean inputs) is above the dashed line at 0 are "
+            "flagged.</p>"
+            f"{_img(entropy_plot(rt), 'score histograms', 'No score histogram.')}"
             f"{_value(rest)}</section>")

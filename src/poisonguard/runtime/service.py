@@ -2,11 +2,12 @@
 
 ``POST /predict`` takes one input or a batch, as JSON (a nested array, or ``{"inputs": [...]}``)
 or as ``.npy`` bytes (``Content-Type: application/octet-stream`` or ``application/x-npy``;
-loaded with ``allow_pickle=False``), and answers, per input, ``id``, ``prediction``, ``entropy``
-and ``suspicious``. Suspicious inputs are logged (logger ``poisonguard.runtime``) with their id
-and input digest, kept in a bounded in-memory list (``GET /flagged``) and, with ``review_dir``,
-saved as ``<id>.npy`` for review. ``GET /health`` and ``GET /metrics`` (request counts by
-status, latency percentiles, inputs screened and flagged) complete it.
+loaded with ``allow_pickle=False``), and answers, per input, ``id``, ``prediction``, ``entropy``,
+``score`` (> 0 flagged) and ``suspicious``. Suspicious inputs are logged (logger
+``poisonguard.runtime``) with their id and input digest, kept in a bounded in-memory list
+(``GET /flagged``) and, with ``review_dir``, saved as ``<id>.npy`` for review. ``GET /health``
+and ``GET /metrics`` (request counts by status, latency percentiles, inputs screened and
+flagged) complete it.
 
 Bad requests never reach the model: an empty or oversized body, a body that is not JSON / .npy,
 non-numeric values, NaN/inf, a wrong shape or too many inputs get a 4xx with the reason. Bodies
@@ -178,7 +179,8 @@ def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int
     app.state.stats = stats
     app.state.flagged = flagged
     info = {"threshold": filt.threshold, "n_blends": filt.config.n_blends,
-            "blend": filt.config.blend, "target_frr": filt.config.target_frr,
+            "blend": filt.config.blend, "statistic": filt.config.statistic,
+            "target_frr": filt.config.target_frr,
             "sample_shape": list(filt.sample_shape), "input_dtype": str(filt.pool.dtype),
             "max_inputs": max_inputs, "max_body_bytes": max_body_bytes}
 
@@ -194,6 +196,7 @@ def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int
             record = {"id": ids[i], "time": round(time.time(), 3),
                       "prediction": int(res.prediction[i]),
                       "entropy": round(float(res.entropy[i]), 6),
+                      "score": round(float(res.score[i]), 6),
                       "sha256": hashlib.sha256(np.ascontiguousarray(x[i]).tobytes()).hexdigest()}
             if review is not None and review_count[0] < max_review_files:
                 buf = io.BytesIO()
@@ -265,6 +268,7 @@ def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int
         return {"threshold": res.threshold, "n": len(x), "n_suspicious": n_sus,
                 "results": [{"id": ids[i], "prediction": int(res.prediction[i]),
                              "entropy": round(float(res.entropy[i]), 6),
+                             "score": round(float(res.score[i]), 6),
                              "suspicious": bool(res.suspicious[i])} for i in range(len(x))]}
 
     return app

@@ -1,16 +1,29 @@
 """STRIP (Gao et al. 2019): an input-agnostic trigger keeps a backdoored model confident when the
-input is superimposed with other images, where a clean input's prediction wavers.
+input is perturbed with other images, where a clean input's prediction wavers.
 
 Each input is blended with the same ``n_blends`` held-out clean images (the *blend pool*, drawn
 once with a fixed seed at calibration) in the model's input space (after :class:`InputSpec`
-preparation): ``alpha * x + (1 - alpha) * clean``. The mean Shannon entropy (bits) of the
-predicted class distributions over the blends is the input's entropy; inputs whose entropy falls
-BELOW the threshold are flagged. The threshold is the ``target_frr`` quantile of the entropies of
-clean held-out inputs (disjoint from the pool), never of poisons. ``score = -entropy`` follows the
-project's convention (higher = more suspicious).
+preparation). Blends (``StripConfig.blend``):
 
-The calibration (threshold, FRR, N, alpha, seed, clean-entropy summary) is saved as JSON and the
-blend pool as ``.npz`` (``allow_pickle=False``); :meth:`StripFilter.load` restores both.
+- ``add``: saturating sum ``clip(x + clean)`` (STRIP's superimposition);
+- ``mix``: ``alpha * x + (1 - alpha) * clean``;
+- ``cut``: a random rectangle covering ``cut_area`` of the input is replaced by the clean image
+  (one fixed rectangle per pool image, drawn with the seed). A small patch trigger survives
+  wherever the rectangle misses it; the clean content that is left rarely carries the
+  prediction;
+- ``A+B`` (default ``cut+mix``): both tests, each calibrated at half the FRR budget; an input is
+  flagged when either fires (a Bonferroni union: FRR <= budget).
+
+Per test, the statistic (``StripConfig.statistic``) is the mean over the blends of the log-odds of
+the input's own (unblended) prediction (``log-odds``, default: a trigger keeps it high), or the
+mean Shannon entropy in bits (``entropy``, STRIP's original: a trigger keeps it low). Its
+threshold is the ``target_frr / n_tests`` quantile on clean held-out inputs (disjoint from the
+pool), never on poisons. ``StripResult.score`` is the largest margin of a test statistic over its
+threshold, oriented so that higher = more suspicious and ``score > 0`` = flagged.
+
+The calibration (thresholds, FRR, N, blend, seed, clean summaries) is saved as JSON and the blend
+pool (and cut rectangles) as ``.npz`` (``allow_pickle=False``); :meth:`StripFilter.load` restores
+both. Calibrations written before ``statistic`` existed load as single-test entropy filters.
 """
 
 from __future__ import annotations
@@ -34,34 +47,55 @@ CALIBRATION_JSON = "strip.json"
 POOL_NPZ = "strip_pool.npz"
 FORMAT = "poisonguard-strip-calibration"
 HIST_BINS = 40
-BLENDS = ("add", "mix")
+BLENDS = ("add", "mix", "cut")
+STATISTICS = ("log-odds", "entropy")
+
+
+def blend_tests(blend: str) -> tuple[str, ...]:
+    """The elementary blends of a (possibly ``+``-joined) blend name."""
+    return tuple(blend.split("+"))
 
 
 @dataclass(frozen=True)
 class StripConfig:
-    """``n_blends`` clean images superimposed on every input; ``alpha`` the input's weight in a
-    blend; ``target_frr`` the share of clean inputs allowed to be flagged; ``chunk`` the most
-    blended samples per forward pass (bounds memory; small chunks keep the activations in cache:
-    256 screened about 3x faster than 4096 on the MNIST CNN)."""
+    """``n_blends`` clean images blended with every input (per test); ``blend`` one of
+    :data:`BLENDS` or two joined with ``+`` (union of both tests); ``alpha`` the input's weight in
+    a ``mix`` blend; ``cut_area`` the share of the input a ``cut`` blend replaces; ``statistic``
+    one of :data:`STATISTICS`; ``target_frr`` the share of clean inputs allowed to be flagged
+    (split evenly between the tests); ``chunk`` the most blended samples per forward pass (bounds
+    memory; small chunks keep the activations in cache: 256 screened about 3x faster than 4096
+    on the MNIST CNN)."""
 
     n_blends: int = 20
-    blend: str = "add"
-    alpha: float = 0.5
+    blend: str = "cut+mix"
+    alpha: float = 0.8
     target_frr: float = 0.01
     seed: int = 0
     chunk: int = 256
+    statistic: str = "log-odds"
+    cut_area: float = 0.75
 
     def __post_init__(self) -> None:
         if self.n_blends < 1:
             raise ConfigError(f"n_blends must be >= 1, got {self.n_blends}")
-        if self.blend not in BLENDS:
-            raise ConfigError(f"blend must be one of {BLENDS}, got {self.blend!r}")
+        tests = blend_tests(self.blend)
+        if any(t not in BLENDS for t in tests) or len(set(tests)) != len(tests):
+            raise ConfigError(f"blend must be one of {BLENDS} or distinct ones joined with '+' "
+                              f"(e.g. 'cut+mix'), got {self.blend!r}")
+        if self.statistic not in STATISTICS:
+            raise ConfigError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if not 0.0 < self.alpha < 1.0:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
+        if not 0.0 < self.cut_area < 1.0:
+            raise ConfigError(f"cut_area must be in (0, 1), got {self.cut_area}")
         if not 0.0 <= self.target_frr < 1.0:
             raise ConfigError(f"target_frr must be in [0, 1), got {self.target_frr}")
         if self.chunk < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
+
+    @property
+    def tests(self) -> tuple[str, ...]:
+        return blend_tests(self.blend)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,17 +103,17 @@ class StripConfig:
 
 @dataclass
 class StripResult:
-    """Per input: the plain prediction, the mean blend entropy (bits) and the flag."""
+    """Per input: the plain prediction, the mean entropy (bits) over all blends, each test's
+    statistic (``stats``, oriented: higher = more suspicious), ``score`` (the largest margin of a
+    statistic over its threshold; > 0 = flagged; the largest statistic when uncalibrated) and
+    the flag."""
 
     prediction: np.ndarray
     entropy: np.ndarray
     suspicious: np.ndarray
-    threshold: float
-
-    @property
-    def score(self) -> np.ndarray:
-        """Higher = more suspicious."""
-        return -self.entropy
+    threshold: dict[str, float] | None
+    score: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    stats: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.entropy)
@@ -87,22 +121,32 @@ class StripResult:
 
 @dataclass
 class Calibration:
-    threshold: float
+    """``thresholds``: per test, on its oriented statistic (higher = more suspicious; for
+    ``entropy`` that is minus the bits)."""
+
+    thresholds: dict[str, float]
     target_frr: float
     achieved_frr: float
     n_calibration: int
     config: StripConfig
     clean_entropy: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
+    clean_stats: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def threshold(self) -> dict[str, float]:
+        return self.thresholds
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": 1, "poisonguard_version": __version__,
-                "threshold": self.threshold, "target_frr": self.target_frr,
+        return {"format": FORMAT, "format_version": 2, "poisonguard_version": __version__,
+                "thresholds": self.thresholds, "statistic": self.config.statistic,
+                "target_frr": self.target_frr,
                 "achieved_frr": self.achieved_frr, "n_calibration": self.n_calibration,
                 "n_blends": self.config.n_blends, "blend": self.config.blend,
-                "alpha": self.config.alpha,
+                "alpha": self.config.alpha, "cut_area": self.config.cut_area,
                 "seed": self.config.seed, "chunk": self.config.chunk,
-                "clean_entropy": self.clean_entropy, "model": self.model}
+                "clean_entropy": self.clean_entropy, "clean_stats": self.clean_stats,
+                "model": self.model}
 
 
 def entropy_bits(p: torch.Tensor) -> torch.Tensor:
@@ -116,22 +160,61 @@ def histogram(values: np.ndarray, edges: np.ndarray) -> list[int]:
     return np.histogram(v, bins=edges)[0].astype(int).tolist()
 
 
-def _summary(entropy: np.ndarray) -> dict[str, Any]:
-    qs = (0.001, 0.01, 0.05, 0.5, 0.95)
-    edges = np.linspace(0.0, max(float(entropy.max(initial=0.0)), 1e-6), HIST_BINS + 1)
-    return {"n": int(len(entropy)), "mean": float(entropy.mean()) if len(entropy) else None,
-            "quantiles": {str(q): float(np.quantile(entropy, q)) for q in qs} if len(entropy)
+def _summary(values: np.ndarray) -> dict[str, Any]:
+    qs = (0.001, 0.01, 0.05, 0.5, 0.95, 0.99, 0.999)
+    lo = min(float(values.min(initial=0.0)), 0.0)
+    edges = np.linspace(lo, max(float(values.max(initial=0.0)), lo + 1e-6), HIST_BINS + 1)
+    return {"n": int(len(values)), "mean": float(values.mean()) if len(values) else None,
+            "quantiles": {str(q): float(np.quantile(values, q)) for q in qs} if len(values)
             else {}, "histogram": {"edges": np.round(edges, 5).tolist(),
-                                   "counts": histogram(entropy, edges)}}
+                                   "counts": histogram(values, edges)}}
+
+
+def cut_masks(sample_shape: tuple[int, ...], n: int, area: float, seed: int) -> np.ndarray:
+    """``n`` masks shaped like one raw sample, each 1 on a random axis-aligned rectangle covering
+    about ``area`` of the image (a random segment for vectors): the part a ``cut`` blend takes
+    from the clean image. Images are (H, W), (H, W, C) or, when the first axis holds at most 4
+    values and the last more, (C, H, W)."""
+    rng = np.random.default_rng([seed, 7])
+    shape = tuple(sample_shape)
+    if len(shape) == 1:
+        spatial, axes = (1, shape[0]), None
+    elif len(shape) == 2:
+        spatial, axes = shape, None
+    elif len(shape) == 3 and shape[0] <= 4 < shape[2]:
+        spatial, axes = shape[1:], "chw"
+    else:
+        spatial, axes = shape[:2], "hwc"
+    h_all, w_all = spatial
+    out = np.zeros((n, h_all, w_all), dtype=np.float32)
+    for j in range(n):
+        if h_all == 1:
+            h = 1
+        else:
+            h = min(h_all, max(1, int(round(rng.uniform(area, 1.0) * h_all))))
+        w = min(w_all, max(1, int(round(area * h_all * w_all / h))))
+        r = int(rng.integers(0, h_all - h + 1))
+        c = int(rng.integers(0, w_all - w + 1))
+        out[j, r:r + h, c:c + w] = 1.0
+    if len(shape) == 1:
+        return out[:, 0, :]
+    if axes == "chw":
+        return np.broadcast_to(out[:, None], (n, *shape)).copy()
+    if axes == "hwc":
+        return np.broadcast_to(out.reshape(n, h_all, w_all, *([1] * (len(shape) - 2))),
+                               (n, *shape)).copy()
+    return out
 
 
 class StripFilter:
     """Screens inputs of ``classifier`` against the ``pool`` of clean images (raw samples, as the
-    data holds them). ``threshold=None`` means not calibrated yet (see :meth:`calibrate`)."""
+    data holds them). ``threshold=None`` means not calibrated yet (see :meth:`calibrate`).
+    ``masks`` (for ``cut`` blends) default to :func:`cut_masks` of the config's seed."""
 
     def __init__(self, classifier: TorchClassifier, pool: np.ndarray,
                  config: StripConfig | None = None,
-                 calibration: Calibration | None = None, accelerate: bool = True) -> None:
+                 calibration: Calibration | None = None, accelerate: bool = True,
+                 masks: np.ndarray | None = None) -> None:
         self.classifier = classifier
         self.config = config or StripConfig()
         pool = np.asarray(pool)
@@ -144,6 +227,17 @@ class StripFilter:
         self._pool_f = self._pool_t.float()
         # the value range of model inputs, which a saturating 'add' blend stays within
         self._lo, self._hi = float(self._pool_f.min()), float(self._pool_f.max())
+        self.masks: np.ndarray | None = None
+        self._mask_t: torch.Tensor | None = None
+        if "cut" in self.config.tests:
+            m = cut_masks(self.sample_shape, len(pool), self.config.cut_area, self.config.seed) \
+                if masks is None else np.asarray(masks, dtype=np.float32)
+            if m.shape != pool.shape:
+                raise ConfigError(f"cut masks of shape {m.shape} do not match the pool "
+                                  f"{pool.shape}")
+            self.masks = (m > 0).astype(np.uint8)
+            self._mask_t = (classifier.input_spec.prepare(self.masks.astype(np.float32)) > 0
+                            ).float()
         self.calibration = calibration
         self._probs_given: bool | None = None
         self._fast = _accelerate(classifier.model, self._pool_t) if accelerate else None
@@ -152,36 +246,45 @@ class StripFilter:
     @classmethod
     def calibrate(cls, classifier: TorchClassifier, clean_x: np.ndarray,
                   config: StripConfig | None = None) -> StripFilter:
-        """Draw the blend pool from ``clean_x`` (seeded) and set the threshold at the
-        ``target_frr`` quantile of the entropies of the remaining clean inputs."""
+        """Draw the blend pool from ``clean_x`` (seeded) and set each test's threshold at the
+        ``target_frr / n_tests`` upper quantile of its statistic on the remaining clean
+        inputs."""
         config = config or StripConfig()
         clean_x = np.asarray(clean_x)
-        n_min = config.n_blends + max(20, math.ceil(1.0 / max(config.target_frr, 1e-9)))
+        n_tests = len(config.tests)
+        per_test = config.target_frr / n_tests
+        n_min = config.n_blends + max(20, math.ceil(1.0 / max(per_test, 1e-9)))
         if config.target_frr == 0:
             n_min = config.n_blends + 20
         if len(clean_x) < n_min:
             raise DataError(f"calibration needs at least {n_min} clean inputs ({config.n_blends} "
                             f"for the blend pool, at least {n_min - config.n_blends} to set a "
-                            f"{config.target_frr:.2%} false-rejection threshold); got "
-                            f"{len(clean_x)}")
+                            f"{config.target_frr:.2%} false-rejection threshold over "
+                            f"{n_tests} test(s)); got {len(clean_x)}")
         validate_inputs(clean_x, tuple(clean_x.shape[1:]), "clean calibration data")
         rng = np.random.default_rng(config.seed)
         order = rng.permutation(len(clean_x))
         pool_idx, cal_idx = order[:config.n_blends], np.sort(order[config.n_blends:])
         filt = cls(classifier, clean_x[np.sort(pool_idx)], config)
-        ent = filt.entropies(clean_x[cal_idx])
-        # the 'lower' quantile is an observed entropy; flags are strictly below it, so at most
-        # floor(frr * (n - 1)) calibration inputs are rejected
-        threshold = float(np.quantile(ent, config.target_frr, method="lower")) \
-            if config.target_frr > 0 else float(ent.min()) - 1e-9
+        res = filt.screen(clean_x[cal_idx])
+        thresholds = {}
+        for test, v in res.stats.items():
+            # the 'higher' quantile is an observed value; flags are strictly above it, so at
+            # most floor(per_test * (n - 1)) calibration inputs are rejected per test
+            thresholds[test] = float(np.quantile(v, 1.0 - per_test, method="higher")) \
+                if per_test > 0 else float(v.max()) + 1e-9
+        flagged = np.zeros(len(res), dtype=bool)
+        for test, v in res.stats.items():
+            flagged |= v > thresholds[test]
         model_info = {"sample_shape": list(filt.sample_shape), "dtype": str(clean_x.dtype),
                       "n_classes": classifier.n_classes,
                       "input_spec": classifier.input_spec.to_dict(),
                       "outputs": "probabilities" if filt._probs_given else "logits"}
         filt.calibration = Calibration(
-            threshold=threshold, target_frr=config.target_frr,
-            achieved_frr=float((ent < threshold).mean()), n_calibration=int(len(ent)),
-            config=config, clean_entropy=_summary(ent), model=model_info)
+            thresholds=thresholds, target_frr=config.target_frr,
+            achieved_frr=float(flagged.mean()), n_calibration=int(len(res)),
+            config=config, clean_entropy=_summary(res.entropy), model=model_info,
+            clean_stats={t: _summary(v) for t, v in res.stats.items()})
         return filt
 
     def save(self, out_dir: str | Path) -> Path:
@@ -189,7 +292,10 @@ class StripFilter:
         if self.calibration is None:
             raise ConfigError("the filter is not calibrated; call StripFilter.calibrate first")
         out = Path(out_dir)
-        atomic_save_npz(out / POOL_NPZ, pool=self.pool)
+        arrays = {"pool": self.pool}
+        if self.masks is not None:
+            arrays["masks"] = self.masks
+        atomic_save_npz(out / POOL_NPZ, **arrays)
         return atomic_write_json(out / CALIBRATION_JSON, self.calibration.to_dict())
 
     @classmethod
@@ -210,84 +316,125 @@ class StripFilter:
         try:
             with np.load(pool_path, allow_pickle=False) as arc:
                 pool = arc["pool"]
+                masks = arc["masks"] if "masks" in arc.files else None
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"{pool_path}: unreadable blend pool ({exc})") from None
         try:
+            legacy = "thresholds" not in meta
             config = StripConfig(n_blends=int(meta["n_blends"]), alpha=float(meta["alpha"]),
                                  target_frr=float(meta["target_frr"]), seed=int(meta["seed"]),
                                  blend=str(meta.get("blend", "add")),
-                                 chunk=int(meta.get("chunk", 256)))
-            cal = Calibration(threshold=float(meta["threshold"]),
+                                 chunk=int(meta.get("chunk", 256)),
+                                 statistic=str(meta.get("statistic", "entropy")),
+                                 cut_area=float(meta.get("cut_area", 0.75)))
+            # format 1 stored one entropy threshold in bits (flagged below it)
+            thresholds = ({config.blend: -float(meta["threshold"])} if legacy else
+                          {str(k): float(v) for k, v in dict(meta["thresholds"]).items()})
+            if set(thresholds) != set(config.tests):
+                raise ValueError(f"thresholds for {sorted(thresholds)}, blend {config.blend!r}")
+            cal = Calibration(thresholds=thresholds,
                               target_frr=float(meta["target_frr"]),
                               achieved_frr=float(meta["achieved_frr"]),
                               n_calibration=int(meta["n_calibration"]), config=config,
                               clean_entropy=meta.get("clean_entropy") or {},
-                              model=meta.get("model") or {})
-        except (KeyError, TypeError, ValueError) as exc:
+                              model=meta.get("model") or {},
+                              clean_stats=meta.get("clean_stats") or {})
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise ConfigError(f"{meta_path}: incomplete calibration ({exc})") from None
         n_classes = cal.model.get("n_classes")
         if n_classes and classifier.n_classes and int(n_classes) != classifier.n_classes:
             raise ModelError(f"{meta_path}: calibrated for a {n_classes}-class model, this model "
                              f"has {classifier.n_classes} classes; recalibrate")
-        filt = cls(classifier, pool, config, cal)
+        if "cut" in config.tests and masks is None:
+            raise ConfigError(f"{pool_path}: no cut masks for blend {config.blend!r}")
+        filt = cls(classifier, pool, config, cal, masks=masks)
         # a cheap consistency check: the pool must still pass through this model
-        filt._probs(filt._pool_t[:1])
+        filt._logp(filt._pool_t[:1])
         return filt
 
     # ------------------------------------------------------------------------ screening
     @property
-    def threshold(self) -> float | None:
-        return None if self.calibration is None else self.calibration.threshold
+    def threshold(self) -> dict[str, float] | None:
+        """Per test, the threshold on its oriented statistic; None when not calibrated."""
+        return None if self.calibration is None else self.calibration.thresholds
 
-    def _probs(self, xb: torch.Tensor) -> torch.Tensor:
-        """Class probabilities of a prepared batch; models that already output probabilities
-        (rows non-negative, summing to 1) are used as they are, logits go through softmax."""
+    def _logp(self, xb: torch.Tensor) -> torch.Tensor:
+        """Log class probabilities of a prepared batch; models that already output probabilities
+        (rows non-negative, summing to 1) are used as they are, logits go through log-softmax."""
         if self._fast is not None:
             out = self._fast(xb.contiguous(memory_format=torch.channels_last)).float()
             if self.classifier.outputs == "probs":
-                return out.clamp_min(0.0)
+                return out.clamp_min(1e-30).log()
         else:
             out = self.classifier._logits(xb).float()
             if self.classifier.outputs == "probs":
-                return out.exp()
+                return out
         if self._probs_given is None:
             self._probs_given = bool((out >= 0).all() and torch.allclose(
                 out.sum(1), torch.ones(len(out)), atol=1e-3))
         if self._probs_given:
-            return out.clamp_min(0.0)
-        return F.softmax(out, dim=1)
+            return out.clamp_min(1e-30).log()
+        return F.log_softmax(out, dim=1)
 
-    def _blend(self, xb: torch.Tensor) -> torch.Tensor:
+    def _blend(self, xb: torch.Tensor, test: str) -> torch.Tensor:
         """(B, ...) prepared inputs -> (B * N, ...) blends, input-major."""
-        if self.config.blend == "add":
-            mixed = (xb.float()[:, None] + self._pool_f[None]).clamp(self._lo, self._hi)
-        else:
+        x, pool = xb.float()[:, None], self._pool_f[None]
+        if test == "add":
+            mixed = (x + pool).clamp(self._lo, self._hi)
+        elif test == "mix":
             a = self.config.alpha
-            mixed = a * xb.float()[:, None] + (1.0 - a) * self._pool_f[None]
+            mixed = a * x + (1.0 - a) * pool
+        else:
+            m = self._mask_t[None]
+            mixed = m * pool + (1.0 - m) * x
         mixed = mixed.reshape(-1, *xb.shape[1:])
         if xb.dtype == torch.uint8:
             mixed = mixed.round().clamp(0, 255).to(torch.uint8)
         return mixed
 
+    def _statistic(self, logp: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) log-probabilities of the blends -> (B,) oriented statistic."""
+        if self.config.statistic == "entropy":
+            return -entropy_bits(logp.exp().flatten(0, 1)).reshape(logp.shape[:2]).mean(1)
+        idx = pred[:, None, None].expand(-1, logp.shape[1], 1)
+        own = logp.gather(2, idx)[..., 0]
+        rest = logp.scatter(2, idx, float("-inf")).logsumexp(2)
+        return (own - rest).mean(1)
+
     @torch.inference_mode()
     def screen(self, x: np.ndarray) -> StripResult:
-        """Prediction, entropy and flag for every input of ``x`` (validated first)."""
+        """Prediction, statistics, score and flag for every input of ``x`` (validated
+        first)."""
         x = self.coerce(validate_inputs(x, self.sample_shape))
-        n_blends = self.config.n_blends
-        per_chunk = max(1, self.config.chunk // (n_blends + 1))
+        n_blends, tests = self.config.n_blends, self.config.tests
+        per_chunk = max(1, self.config.chunk // (n_blends * len(tests) + 1))
         preds, ents = [], []
+        stats: dict[str, list[torch.Tensor]] = {t: [] for t in tests}
         for start in range(0, len(x), per_chunk):
             xb = self.classifier.input_spec.prepare(x[start:start + per_chunk])
-            both = torch.cat([xb, self._blend(xb)])
-            p = self._probs(both)
-            preds.append(p[:len(xb)].argmax(1))
-            ents.append(entropy_bits(p[len(xb):]).reshape(len(xb), n_blends).mean(1))
+            b = len(xb)
+            lp = self._logp(torch.cat([xb, *(self._blend(xb, t) for t in tests)]))
+            pred = lp[:b].argmax(1)
+            preds.append(pred)
+            blends = lp[b:].reshape(len(tests), b, n_blends, -1)
+            ents.append(entropy_bits(blends.exp().transpose(0, 1).reshape(b * len(tests) *
+                                                                          n_blends, -1))
+                        .reshape(b, -1).mean(1))
+            for k, t in enumerate(tests):
+                stats[t].append(self._statistic(blends[k], pred))
         pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
         ent = torch.cat(ents).double().numpy() if ents else np.zeros(0)
+        st = {t: torch.cat(v).double().numpy() if v else np.zeros(0) for t, v in stats.items()}
         thr = self.threshold
-        sus = ent < thr if thr is not None else np.zeros(len(ent), dtype=bool)
+        if thr is None:
+            score = np.max(np.stack(list(st.values())), axis=0) if len(ent) else np.zeros(0)
+            sus = np.zeros(len(ent), dtype=bool)
+        else:
+            score = np.max(np.stack([st[t] - thr[t] for t in tests]), axis=0) if len(ent) \
+                else np.zeros(0)
+            sus = score > 0
         return StripResult(prediction=pred, entropy=ent, suspicious=sus,
-                           threshold=float("nan") if thr is None else thr)
+                           threshold=None if thr is None else dict(thr), score=score, stats=st)
 
     def coerce(self, x: np.ndarray) -> np.ndarray:
         """Inputs in the pool's integer dtype (e.g. JSON numbers for a uint8 model), range
@@ -308,7 +455,7 @@ class StripFilter:
     def describe(self) -> dict[str, Any]:
         if self.calibration is not None:
             return self.calibration.to_dict()
-        return {"format": FORMAT, **self.config.to_dict(), "threshold": None}
+        return {"format": FORMAT, **self.config.to_dict(), "thresholds": None}
 
 
 def _accelerate(model: torch.nn.Module, sample: torch.Tensor) -> Any:
@@ -365,17 +512,25 @@ def validate_inputs(x: Any, sample_shape: tuple[int, ...], what: str = "inputs")
     return x
 
 
+def score_edges(*scores: np.ndarray) -> np.ndarray:
+    """Shared histogram bins for scores: the 0.5-99.5% range of all values and 0 (the
+    threshold); values outside fall into the end bins."""
+    v = np.concatenate([np.asarray(s, dtype=np.float64) for s in scores] + [np.zeros(1)])
+    lo, hi = np.quantile(v, 0.005), np.quantile(v, 0.995)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    return np.linspace(lo, max(hi, lo + 1e-6), HIST_BINS + 1)
+
+
 def evaluate(result_clean: StripResult, result_triggered: StripResult) -> dict[str, Any]:
-    """FAR (triggered inputs not flagged) and FRR (clean inputs flagged) with entropy histograms
-    of both on shared bins, for the report."""
-    ec, et = result_clean.entropy, result_triggered.entropy
-    top = max(float(ec.max(initial=0.0)), float(et.max(initial=0.0)), 1e-6)
-    edges = np.linspace(0.0, top, HIST_BINS + 1)
+    """FAR (triggered inputs not flagged) and FRR (clean inputs flagged) with score histograms
+    of both on shared bins (flagged: score > 0), for the report."""
+    sc, st = result_clean.score, result_triggered.score
+    edges = score_edges(sc, st)
     return {
-        "n_clean": int(len(ec)), "n_triggered": int(len(et)),
-        "frr": float(result_clean.suspicious.mean()) if len(ec) else None,
-        "far": float((~result_triggered.suspicious).mean()) if len(et) else None,
+        "n_clean": int(len(sc)), "n_triggered": int(len(st)),
+        "frr": float(result_clean.suspicious.mean()) if len(sc) else None,
+        "far": float((~result_triggered.suspicious).mean()) if len(st) else None,
         "threshold": result_clean.threshold,
-        "histogram": {"edges": np.round(edges, 5).tolist(), "clean": histogram(ec, edges),
-                      "triggered": histogram(et, edges)},
+        "histogram": {"edges": np.round(edges, 5).tolist(), "clean": histogram(sc, edges),
+                      "triggered": histogram(st, edges), "axis": "score"},
     }
