@@ -111,6 +111,19 @@ def test_repairs_remove_backdoor(zoo: dict) -> None:
         assert acc > acc0 - 0.05, (method, acc, acc0)
 
 
+def test_finetune_lowers_rate_when_accuracy_collapses(zoo: dict) -> None:
+    """A trigger learning rate that wrecks clean accuracy is rejected (weights reset) and the
+    run repeated at a third of the rate, down to ``lr``."""
+    base = load_audit_model(zoo["backdoored"])
+    nc = neural_cleanse(base, zoo["clean"], 10, FAST)
+    model = load_audit_model(zoo["backdoored"])
+    info = unlearn(model, zoo["clean"], nc, [TARGET],
+                   RepairConfig(epochs=1, trigger_lr=30.0, lr=1e-3))
+    runs = info["finetune"]["lr_runs"]
+    assert runs[0]["lr"] == 30.0 and runs[0]["chosen_epoch"] == 0
+    assert len(runs) > 1 and runs[-1]["lr"] >= 1e-3 * 0.999
+
+
 def test_bad_clean_data(zoo: dict) -> None:
     model = load_audit_model(zoo["backdoored"])
     clean = zoo["clean"]

@@ -202,8 +202,32 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
     """Fine-tune ``model`` in place on ``clean`` (BN statistics frozen), optionally stamping the
     reversed trigger(s) of ``stamp_classes`` on a share of each batch under the true labels.
     Keeps the epoch with the lowest held-out reversed-trigger ASR (then the best accuracy) among
-    those within ``max_drop`` of ``ref_acc`` (default: the starting held-out accuracy), else the
-    most accurate epoch."""
+    those within ``2 * max_drop`` of ``ref_acc`` (default: the starting held-out accuracy).
+
+    With a trigger the first run uses ``trigger_lr`` (a high rate: unlearning a partial reversed
+    trigger at ``lr`` leaves most of the real backdoor); when no epoch of a run stays within the
+    accuracy budget (very small models or clean sets), the weights are reset and the run is
+    repeated at a third of the rate, down to ``lr``."""
+    lrs = [config.trigger_lr if (nc is not None and stamp_classes) else config.lr]
+    while lrs[-1] / 3 >= config.lr * 0.999:
+        lrs.append(lrs[-1] / 3)
+    if lrs[-1] > config.lr:
+        lrs.append(config.lr)
+    runs = []
+    for lr in lrs:
+        out = _finetune_once(model, clean, config, lr, stamp_classes, nc, after_step, ref_acc)
+        runs.append({"lr": lr, "chosen_epoch": out["chosen_epoch"]})
+        if out["chosen_epoch"] > 0 or config.epochs == 0:
+            break
+    out["lr_runs"] = runs
+    out["lr"] = runs[-1]["lr"]
+    return out
+
+
+def _finetune_once(model: AuditModel, clean: LabeledData, config: RepairConfig, lr: float,
+                   stamp_classes: list[int] | None, nc: CleanseResult | None,
+                   after_step: Callable[[], None] | None, ref_acc: float | None
+                   ) -> dict[str, Any]:
     classes = list(stamp_classes or [])
     stamp = _Stamper(nc, classes) if nc is not None and classes else None
     tr, va = _split(clean, config.val_fraction, config.seed)
@@ -214,7 +238,6 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ModelError("the model has no trainable parameters to fine-tune")
-    lr = config.trigger_lr if stamp is not None else config.lr
     opt = (torch.optim.Adam(params, lr=lr) if config.optimizer == "adam"
            else torch.optim.SGD(params, lr=lr, momentum=0.9))
     anchors = [p.detach().clone() for p in params] if config.anchor > 0 else None
