@@ -87,3 +87,16 @@ def test_too_small_for_batch(poisoned) -> None:
     with pytest.raises(DataError, match="too few"):
         train_guarded(poisoned.data.subset(np.arange(10)), GuardConfig(defense="trim"),
                       TrainConfig(batch_size=128))
+
+
+def test_monitor_result_joins_cross_reference() -> None:
+    from poisonguard.detect.crossref import cross_reference
+
+    rng = np.random.default_rng(1)
+    y = np.repeat(np.arange(4), 100)
+    hist = rng.lognormal(0, 0.2, (3, 400))
+    hist[:, :30] *= 50  # 30 of class 0's samples stand out
+    mon = GradientNormMonitor().detect(hist, y)
+    cross = cross_reference([mon, mon], y)
+    assert cross.flags[:30].all() and cross.flags[30:].sum() == 0
+    assert 0 in cross.suspicious_classes

@@ -55,6 +55,7 @@ class GuardConfig:
     abl_relabel: str = "soft"
     abl_settle_steps: int = 150
     abl_max_class_loss: float = 0.2
+    abl_max_turned: float = 0.8
     monitor_gradients: bool = False
     monitor_params: tuple[str, ...] = ("embed", "head")
 
@@ -301,8 +302,10 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
        isolated set and leave the trusted one;
     3. ``abl_settle_steps`` more steps on the enlarged sets let clean accuracy recover.
     A fifth of the claimed classes' trusted samples is held out of step 1; if unlearning costs
-    more than ``abl_max_class_loss`` of their accuracy, the isolated samples were ordinary easy
-    members of their class rather than a separable shortcut, and the model is restored.
+    more than ``abl_max_class_loss`` of their accuracy, or turns more than ``abl_max_turned`` of
+    the claimed classes' members away from their label (poisons are a minority of their class
+    unless the poison rate is extreme), the isolated samples were ordinary easy members of their
+    class rather than a separable shortcut, and the model is restored.
     BatchNorm statistics stay frozen throughout."""
     if not isolated.any() or guard.abl_unlearn_steps == 0 or isolated.all():
         return {"steps": 0}
@@ -344,6 +347,12 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
                           f"of the claimed class(es), above {guard.abl_max_class_loss:.0%}"}
     candidates = np.flatnonzero(claimed & ~isolated)
     turned = candidates[un.predict(candidates) != data.y[candidates]]
+    info["turned_fraction"] = len(turned) / max(1, len(candidates))
+    if info["turned_fraction"] > guard.abl_max_turned:
+        model.load_state_dict(before)
+        return {**info, "reverted": True,
+                "reason": f"unlearning turned {info['turned_fraction']:.1%} of the claimed "
+                          f"class(es) away from their label, above {guard.abl_max_turned:.0%}"}
     isolated[turned] = True
     trusted = ~isolated
     iso_idx = np.flatnonzero(isolated)
