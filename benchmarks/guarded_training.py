@@ -134,13 +134,15 @@ def main() -> None:
     ap.add_argument("--scenarios", nargs="+", default=["clean", "badnets10", "blended10"])
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--summarise-only", action="store_true")
+    ap.add_argument("--tag", default="", help="suffix of the records file; records of a later "
+                    "(tagged) file replace those of the same run in earlier ones")
     args = ap.parse_args()
     if args.summarise_only:
         write_summary()
         return
     plain_wall: dict = {}
     for name in args.datasets:
-        out = RESULTS / f"guarded_training_{name}.json"
+        out = RESULTS / f"guarded_training_{name}{args.tag}.json"
         records = json.loads(out.read_text()) if out.exists() else []
         train = load_shared(name, SHARED)
         test = load_shared(name, SHARED, split="test")
@@ -160,8 +162,10 @@ def main() -> None:
 
 
 def write_summary() -> None:
-    records = [r for f in sorted(RESULTS.glob("guarded_training_*.json"))
-               for r in json.loads(f.read_text())]
+    by_run = {(r["dataset"], r["scenario"], r["mode"], r["seed"]): r
+              for f in sorted(RESULTS.glob("guarded_training_*.json"))
+              for r in json.loads(f.read_text())}
+    records = list(by_run.values())
     atomic_write_text(RESULTS / "guarded_training.md", summarise(records))
 
 

@@ -302,10 +302,11 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
        isolated set and leave the trusted one;
     3. ``abl_settle_steps`` more steps on the enlarged sets let clean accuracy recover.
     A fifth of the claimed classes' trusted samples is held out of step 1; if unlearning costs
-    more than ``abl_max_class_loss`` of their accuracy, or turns more than ``abl_max_turned`` of
-    the claimed classes' members away from their label (poisons are a minority of their class
-    unless the poison rate is extreme), the isolated samples were ordinary easy members of their
-    class rather than a separable shortcut, and the model is restored.
+    any claimed class more than ``abl_max_class_loss`` of its held-out accuracy, or turns more
+    than ``abl_max_turned`` of one claimed class's members away from their label (poisons are a
+    minority of their class unless the poison rate is extreme), the isolated samples were
+    ordinary easy members of their class rather than a separable shortcut, and the model is
+    restored.
     BatchNorm statistics stay frozen throughout."""
     if not isolated.any() or guard.abl_unlearn_steps == 0 or isolated.all():
         return {"steps": 0}
@@ -324,7 +325,7 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
     trusted[held] = False  # held out of unlearning: do the claimed classes survive it?
     with torch.no_grad():
         n_out = int(model(like.input_spec.prepare(data.x[:1])).shape[1])
-    held_before = float((un.predict(held) == data.y[held]).mean()) if len(held) else 1.0
+    held_before = un.predict(held) == data.y[held]
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     un.retarget(iso_idx, n_out)
     accs: list[float] = []
@@ -335,24 +336,30 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
             if accs[-1] < guard.abl_unlearn_stop:
                 break
     unlearn_steps = un.steps
-    held_after = float((un.predict(held) == data.y[held]).mean()) if len(held) else 1.0
-    info: dict[str, Any] = {"unlearn_steps": unlearn_steps, "isolated_accuracy_checks": accs,
-                            "held_defender_accuracy": [held_before, held_after]}
-    if held_before - held_after > guard.abl_max_class_loss:
-        # the isolated samples were the classes themselves (easy clean samples), not a
-        # shortcut that can be unlearned on its own: undo the unlearning
-        model.load_state_dict(before)
-        return {**info, "reverted": True,
-                "reason": f"unlearning cost {held_before - held_after:.1%} of held-out samples "
-                          f"of the claimed class(es), above {guard.abl_max_class_loss:.0%}"}
+    held_after = un.predict(held) == data.y[held]
     candidates = np.flatnonzero(claimed & ~isolated)
     turned = candidates[un.predict(candidates) != data.y[candidates]]
-    info["turned_fraction"] = len(turned) / max(1, len(candidates))
-    if info["turned_fraction"] > guard.abl_max_turned:
+    per_class = {}
+    for c in np.unique(data.y[isolated]):
+        h = data.y[held] == c
+        members = data.y[candidates] == c
+        per_class[int(c)] = {
+            "held_accuracy_drop": float(held_before[h].mean() - held_after[h].mean())
+            if h.sum() >= 5 else 0.0,
+            "turned_fraction": float(np.isin(candidates[members], turned).mean())
+            if members.any() else 0.0}
+    info: dict[str, Any] = {"unlearn_steps": unlearn_steps, "isolated_accuracy_checks": accs,
+                            "claimed_classes": per_class}
+    worst_drop = max(v["held_accuracy_drop"] for v in per_class.values())
+    worst_turned = max(v["turned_fraction"] for v in per_class.values())
+    if worst_drop > guard.abl_max_class_loss or worst_turned > guard.abl_max_turned:
+        # the isolated samples were ordinary members of their classes, not a shortcut that can
+        # be unlearned on its own: undo the unlearning
         model.load_state_dict(before)
         return {**info, "reverted": True,
-                "reason": f"unlearning turned {info['turned_fraction']:.1%} of the claimed "
-                          f"class(es) away from their label, above {guard.abl_max_turned:.0%}"}
+                "reason": f"unlearning erased a claimed class (worst held-out accuracy drop "
+                          f"{worst_drop:.1%}, limit {guard.abl_max_class_loss:.0%}; worst share "
+                          f"turned {worst_turned:.1%}, limit {guard.abl_max_turned:.0%})"}
     isolated[turned] = True
     trusted = ~isolated
     iso_idx = np.flatnonzero(isolated)
