@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,8 @@ from poisonguard.train import GuardConfig, train_guarded
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent.parent / "shared" / "datasets"
 RESULTS = ROOT / "results"
+COMMIT = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                        capture_output=True, text=True).stdout.strip() or None
 MODES = {
     "plain": GuardConfig(),
     "trim0.05": GuardConfig(defense="trim", trim_fraction=0.05),
@@ -53,7 +56,7 @@ def run(name: str, scenario: str, mode: str, seed: int, train, test, plain_wall:
     config = TrainConfig(epochs=auto_epochs(len(data)), seed=seed)
     res = train_guarded(data, MODES[mode], config)
     clf = res.classifier
-    rec = {"dataset": name, "scenario": scenario, "mode": mode, "seed": seed,
+    rec = {"dataset": name, "scenario": scenario, "mode": mode, "seed": seed, "commit": COMMIT,
            "clean_accuracy": accuracy(clf.predict(test.x), test.y),
            "asr": (accuracy(clf.predict(poisoned.test_triggered.x), poisoned.test_triggered.y)
                    if poisoned else None),
