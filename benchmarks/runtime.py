@@ -163,7 +163,7 @@ def detection(name: str, attack: str, seed: int, blends: list[str], n_eval: int)
             "auroc": auroc(scores, truth),
             "entropy_median": {"clean": float(np.median(rc.entropy)),
                                "triggered": float(np.median(rt.entropy))},
-            "tuning": "tuned on" if seed == 0 else "held out",
+            "seed_role": "tuned" if seed == 0 else "held out",
             "n_clean": result["n_clean"], "n_triggered": result["n_triggered"],
             "histogram": result["histogram"],
             "timings": {"calibrate_s": round(t_cal, 2), "screen_s": round(t_eval, 2)},
@@ -339,12 +339,20 @@ def summarise(res: dict) -> str:
              "FAR = triggered test inputs (true label != target) NOT flagged; FRR = clean test "
              "inputs flagged. 'FAR (successful)' counts only triggered inputs the model sends "
              "to the target.", "",
-             "| dataset | attack | blend | seed | clean acc | ASR | FAR | FRR | FAR (successful)"
-             " | AUROC | n clean / triggered |",
+             "Blends: `add` (saturating sum) and `mix0.8` (0.8 x + 0.2 clean) with STRIP's mean "
+             "entropy (the earlier default was `add`); `cut+mix` (the default now): a random "
+             "rectangle covering 75% of the input replaced by the clean image, and mix 0.8, each "
+             "scored by the mean log-odds of the input's own prediction and calibrated at 0.5% "
+             "FRR, flagged when either fires. `cut+mix` was chosen on seed-0 models only "
+             "(role 'tuned'); seeds 1 and 2 are held-out confirmation.", "",
+             "| dataset | attack | blend | seed (role) | clean acc | ASR | FAR | FRR | "
+             "FAR (successful) | AUROC | n clean / triggered |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["detection"]:
         fs = r["far_on_successful_triggers"]
-        lines.append(f"| {r['dataset']} | {r['attack']} 10% | {r['blend']} | {r['seed']} | "
+        role = "tuned" if r["seed"] == 0 else "held out"
+        lines.append(f"| {r['dataset']} | {r['attack']} 10% | {r['blend']} | {r['seed']} "
+                     f"({role}) | "
                      f"{r['model']['clean_accuracy']:.4f} | {r['model']['asr']:.4f} | "
                      f"{r['far']:.4f} | {r['frr']:.4f} | "
                      f"{'-' if fs is None else f'{fs:.4f}'} | {r['auroc']:.4f} | "
