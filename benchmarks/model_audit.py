@@ -325,6 +325,16 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
             "clean_max_acc_drop": (round(max(r["before"]["clean_acc"] - r[method]["clean_acc"]
                                              for r in cl), 4) if cl else None),
         }
+        out[method]["by_dataset"] = {
+            ds: {"asr_le_2pct": sum((r[method]["asr"] or 0) <= 0.02 for r in bd
+                                    if r["dataset"] == ds),
+                 "n_backdoored": sum(r["dataset"] == ds for r in bd),
+                 "mean_asr_after": mean([r[method]["asr"] for r in bd if r["dataset"] == ds]),
+                 "mean_acc_drop": mean([r["before"]["clean_acc"] - r[method]["clean_acc"]
+                                        for r in bd if r["dataset"] == ds]),
+                 "clean_mean_acc_drop": mean([r["before"]["clean_acc"] - r[method]["clean_acc"]
+                                              for r in cl if r["dataset"] == ds])}
+            for ds in dict.fromkeys(r["dataset"] for r in records)}
     return out
 
 
@@ -361,6 +371,18 @@ def write_results(results: dict[str, Any]) -> None:
                          f"{_pct(m['backdoored_mean_acc_drop'])} points (backdoored), "
                          f"{_pct(m['clean_mean_acc_drop'])} (clean models, worst "
                          f"{_pct(m['clean_max_acc_drop'])}).")
+            for ds, d in (m.get("by_dataset") or {}).items():
+                lines.append(f"  - {ds}: ASR <= 2% on {d['asr_le_2pct']} of "
+                             f"{d['n_backdoored']}, mean ASR after {_pct(d['mean_asr_after'])}%,"
+                             f" accuracy cost {_pct(d['mean_acc_drop'])} points (clean models "
+                             f"{_pct(d['clean_mean_acc_drop'])}).")
+        rc = results.get("repair_config")
+        if rc:
+            lines.append(f"- Repair settings: fine-tuning {rc['epochs']} epochs, learning rate "
+                         f"{rc['trigger_lr']} with a reversed trigger stamped (retried at a third"
+                         f" of it while no epoch keeps accuracy in budget), {rc['lr']} without "
+                         "(clean-model fine-pruning); cosine decay; pruning budget "
+                         f"{100 * rc['prune_budget']:.1f} points.")
     sp = results.get("speed")
     if sp:
         lines += [f"- Speed: all-class Neural Cleanse on `{sp['model']}` (32x32x3, 10 classes, "
