@@ -57,6 +57,7 @@ class GuardConfig:
     abl_max_class_loss: float = 0.2
     abl_max_turned: float = 0.8
     abl_unlearn_retries: int = 2
+    abl_expand_rounds: int = 2
     monitor_gradients: bool = False
     monitor_params: tuple[str, ...] = ("embed", "head")
 
@@ -304,7 +305,8 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
     2. the samples of claimed classes that the unlearned model now assigns to another class are
        the poisons that stayed in training (a clean sample keeps its class); they join the
        isolated set and leave the trusted one;
-    3. ``abl_settle_steps`` more steps on the enlarged sets let clean accuracy recover.
+    3. ``abl_settle_steps`` more steps on the enlarged sets let clean accuracy recover; steps 2
+       and 3 repeat up to ``abl_expand_rounds`` times while step 2 finds samples to add.
     A fifth of the claimed classes' trusted samples is held out of step 1; if unlearning costs
     any claimed class more than ``abl_max_class_loss`` of its held-out accuracy, or turns more
     than ``abl_max_turned`` of one claimed class's members away from their label (poisons are a
@@ -378,12 +380,18 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
                 "reason": f"unlearning erased a claimed class (worst held-out accuracy drop "
                           f"{worst_drop:.1%}, limit {guard.abl_max_class_loss:.0%}; worst share "
                           f"turned {worst_turned:.1%}, limit {guard.abl_max_turned:.0%})"}
-    isolated[turned] = True
-    trusted = ~isolated
-    iso_idx = np.flatnonzero(isolated)
-    un.retarget(turned, n_out)
-    for _ in range(guard.abl_settle_steps):
-        un.step(iso_idx, np.flatnonzero(trusted), np.flatnonzero(trusted & claimed))
+    added = []
+    for _ in range(guard.abl_expand_rounds):
+        if len(turned) == 0:
+            break
+        isolated[turned] = True
+        added.append(int(len(turned)))
+        trusted = ~isolated
+        iso_idx = np.flatnonzero(isolated)
+        un.retarget(turned, n_out)
+        for _ in range(guard.abl_settle_steps):
+            un.step(iso_idx, np.flatnonzero(trusted), np.flatnonzero(trusted & claimed))
+        candidates = np.flatnonzero(claimed & ~isolated)
+        turned = candidates[un.predict(candidates) != data.y[candidates]]
     return {**info, "reverted": False, "settle_steps": un.steps - unlearn_steps,
-            "n_added_after_unlearning": int(len(turned)),
-            "n_isolated_final": int(isolated.sum())}
+            "n_added_per_round": added, "n_isolated_final": int(isolated.sum())}
