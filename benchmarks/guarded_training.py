@@ -90,7 +90,7 @@ def aggregate(records: list[dict]) -> list[str]:
         groups.setdefault((r["dataset"], r["scenario"], r["mode"]), []).append(r)
     lines = ["| dataset | scenario | mode | seeds | clean acc % mean | vs plain on clean data, "
              "points: worst | ASR % max | wall x plain: mean (max) | singled out: precision "
-             "min / recall min |", "|" + "---|" * 9]
+             "min / recall min | code |", "|" + "---|" * 10]
     for key in sorted(groups):
         rs = sorted(groups[key], key=lambda r: r["seed"])
         diffs = [100 * (r["clean_accuracy"] - clean_plain[(r["dataset"], r["seed"])])
@@ -106,7 +106,8 @@ def aggregate(records: list[dict]) -> list[str]:
             f"{f'{100 * max(asrs):.2f}' if asrs else '-'} | "
             f"{f'{np.mean(walls):.2f} ({max(walls):.2f})' if walls else '-'} | "
             + (f"{min(d['precision'] for d in dets):.3f} / {min(d['recall'] for d in dets):.3f}"
-               if dets else "-") + " |")
+               if dets else "-") + " | "
+            + ", ".join(sorted({str(r.get("commit")) for r in rs})) + " |")
     return lines
 
 
@@ -118,7 +119,7 @@ def summarise(records: list[dict]) -> str:
              "the final isolated set (the initial 1% is in the JSON).", "",
              "## Summary over seeds", "", *aggregate(records), "", "## Every run", "",
              "| dataset | scenario | mode | seed | clean acc % | ASR % | wall s (x plain) | "
-             "singled out: precision / recall / AUROC |", "|" + "---|" * 8]
+             "singled out: precision / recall / AUROC | code |", "|" + "---|" * 9]
     for r in sorted(records, key=lambda r: (r["dataset"], r["scenario"], r["seed"], r["mode"])):
         det = r.get("isolation") or r.get("monitor") or r.get("trim_drops")
         det_s = "-" if det is None else (f"{det['precision']:.3f} / {det['recall']:.3f} / "
@@ -126,7 +127,7 @@ def summarise(records: list[dict]) -> str:
         asr = "-" if r["asr"] is None else f"{100 * r['asr']:.2f}"
         lines.append(f"| {r['dataset']} | {r['scenario']} | {r['mode']} | {r['seed']} | "
                      f"{100 * r['clean_accuracy']:.2f} | {asr} | {r['wall_s']} "
-                     f"({r.get('wall_vs_plain', '-')}) | {det_s} |")
+                     f"({r.get('wall_vs_plain', '-')}) | {det_s} | {r.get('commit')} |")
     return "\n".join(lines) + "\n"
 
 
