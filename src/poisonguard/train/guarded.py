@@ -35,7 +35,7 @@ class GuardConfig:
     local gradient ascent with loss floor ``abl_gamma``; then the ``abl_isolation_rate`` share of
     samples with the lowest loss is isolated (a fixed share, as in the ABL paper, never the poison
     rate), training continues on the rest, and the isolated samples are unlearned for up to
-    ``abl_unlearn_steps`` at ``abl_unlearn_lr`` (unlikelihood on them, descent on the rest).
+    ``abl_unlearn_steps`` at ``abl_unlearn_lr`` (see :func:`_unlearn`).
     monitor_gradients: record per-sample gradient norms of ``monitor_params`` every epoch.
     """
 
@@ -252,21 +252,19 @@ class _Unlearner:
     trusted samples per step (half of it from the classes the isolated samples claim)."""
 
     def __init__(self, model: nn.Module, data: LabeledData, spec: Any, guard: GuardConfig,
-                 config: TrainConfig) -> None:
+                 config: TrainConfig, n_out: int) -> None:
         self.model, self.data, self.spec, self.guard = model, data, spec, guard
         self.y = torch.from_numpy(data.y)
         self.bs = config.batch_size
         self.rng = np.random.default_rng(config.seed + 1)
         self.opt = torch.optim.SGD(model.parameters(), lr=guard.abl_unlearn_lr, momentum=0.9)
-        self.soft = torch.zeros(len(data), int(data.y.max()) + 1)
+        self.soft = torch.zeros(len(data), n_out)
         self.steps = 0
 
     def reset_optimizer(self, lr: float) -> None:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
 
-    def retarget(self, idx: np.ndarray, n_out: int) -> None:
-        if self.soft.shape[1] < n_out:
-            self.soft = torch.zeros(len(self.data), n_out)
+    def retarget(self, idx: np.ndarray) -> None:
         self.soft[idx] = _soft_targets(self.model, self.spec, self.data.x[idx], self.y[idx],
                                        self.guard.abl_relabel)
 
@@ -317,8 +315,10 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
     BatchNorm statistics stay frozen throughout."""
     if not isolated.any() or guard.abl_unlearn_steps == 0 or isolated.all():
         return {"steps": 0}
-    un = _Unlearner(model, data, like.input_spec, guard, config)
     model.eval()
+    with torch.no_grad():
+        n_out = int(model(like.input_spec.prepare(data.x[:1])).shape[1])
+    un = _Unlearner(model, data, like.input_spec, guard, config, n_out)
     claimed = np.isin(data.y, np.unique(data.y[isolated]))
     trusted = ~isolated
     if losses is not None:
@@ -330,11 +330,10 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
     defenders = np.flatnonzero(trusted & claimed)
     held = un.rng.choice(defenders, size=len(defenders) // 5, replace=False)
     trusted[held] = False  # held out of unlearning: do the claimed classes survive it?
-    with torch.no_grad():
-        n_out = int(model(like.input_spec.prepare(data.x[:1])).shape[1])
+    trusted_idx, guard_idx = np.flatnonzero(trusted), np.flatnonzero(trusted & claimed)
     held_before = un.predict(held) == data.y[held]
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    un.retarget(iso_idx, n_out)
+    un.retarget(iso_idx)
     attempts: list[dict[str, Any]] = []
     lr = guard.abl_unlearn_lr
     for attempt in range(guard.abl_unlearn_retries + 1):
@@ -345,7 +344,7 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
         start = un.steps
         accs: list[float] = []
         while un.steps - start < guard.abl_unlearn_steps:
-            un.step(iso_idx, np.flatnonzero(trusted), np.flatnonzero(trusted & claimed))
+            un.step(iso_idx, trusted_idx, guard_idx)
             if (un.steps - start) % guard.abl_check_every == 0:
                 accs.append(float((un.predict(iso_idx) == data.y[iso_idx]).mean()))
                 if accs[-1] < guard.abl_unlearn_stop:
@@ -386,11 +385,12 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
             break
         isolated[turned] = True
         added.append(int(len(turned)))
-        trusted = ~isolated
         iso_idx = np.flatnonzero(isolated)
-        un.retarget(turned, n_out)
+        trusted_idx = np.flatnonzero(~isolated)
+        guard_idx = np.flatnonzero(~isolated & claimed)
+        un.retarget(turned)
         for _ in range(guard.abl_settle_steps):
-            un.step(iso_idx, np.flatnonzero(trusted), np.flatnonzero(trusted & claimed))
+            un.step(iso_idx, trusted_idx, guard_idx)
         candidates = np.flatnonzero(claimed & ~isolated)
         turned = candidates[un.predict(candidates) != data.y[candidates]]
     return {**info, "reverted": False, "settle_steps": un.steps - unlearn_steps,
