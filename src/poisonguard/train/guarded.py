@@ -17,8 +17,10 @@ from poisonguard.data.labeled import LabeledData
 from poisonguard.detect.common import robust_z
 from poisonguard.errors import ConfigError
 from poisonguard.models.adapter import TorchClassifier
+from poisonguard.models.architectures import DEFAULT_LAYER
 from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
 from poisonguard.train.monitor import GradientNormMonitor
+from poisonguard.train.seeded import expand_from_seed
 from poisonguard.types import DetectorResult
 
 DEFENSES = ("none", "trim", "abl")
@@ -58,6 +60,7 @@ class GuardConfig:
     abl_max_turned: float = 0.8
     abl_unlearn_retries: int = 2
     abl_expand_rounds: int = 2
+    abl_expand_seed: bool = True
     monitor_gradients: bool = False
     monitor_params: tuple[str, ...] = ("embed", "head")
 
@@ -203,15 +206,25 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
         if epoch + 1 == iso_epochs:
             from poisonguard.models.adapter import InputSpec
 
-            clf = TorchClassifier(model, InputSpec.for_data(data.x), layer=None, batch_size=512)
-            losses = clf.per_sample_loss(data.x, data.y)
+            layer = (DEFAULT_LAYER if guard.abl_expand_seed and hasattr(model, DEFAULT_LAYER)
+                     else None)
+            clf = TorchClassifier(model, InputSpec.for_data(data.x), layer=layer, batch_size=512)
+            out = clf.forward_all(data.x, data.y)
+            losses = out["losses"]
             state["losses"] = losses
             isolated[:] = isolate_lowest(losses, guard.abl_isolation_rate)
+            state["initial"] = isolated.copy()
+            if layer is not None:
+                added, evidence = expand_from_seed(data.x, data.y, out["representations"],
+                                                   losses, isolated.copy())
+                isolated[added] = True
+                state["expansion"] = evidence
 
     train = train_classifier(data, config, n_classes=n_classes, progress=progress,
                              batch_loss=batch_loss, epoch_end=epoch_end)
     model = train.classifier.model
-    initial = isolated.copy()
+    initial = state.get("initial", isolated.copy())
+    n_after_expansion = int(isolated.sum())
     unlearned = _unlearn(model, data, isolated, train.classifier, guard, config,
                          losses=state["losses"])
     train.classifier = TorchClassifier(model.eval(), train.classifier.input_spec,
@@ -220,6 +233,8 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                          isolated_initial=initial,
                          info={"isolation_epochs": iso_epochs,
                                "n_isolated_initial": int(initial.sum()),
+                               "n_isolated_after_expansion": n_after_expansion,
+                               "seed_expansion": state.get("expansion"),
                                "n_isolated": int(isolated.sum()),
                                "isolation_rule": f"lowest {guard.abl_isolation_rate:.2%} of "
                                                  f"per-sample losses after {iso_epochs} LGA "
@@ -332,6 +347,8 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
     trusted[held] = False  # held out of unlearning: do the claimed classes survive it?
     trusted_idx, guard_idx = np.flatnonzero(trusted), np.flatnonzero(trusted & claimed)
     held_before = un.predict(held) == data.y[held]
+    check_idx = (iso_idx if len(iso_idx) <= 1000  # the stop rule watches a fixed sample
+                 else np.sort(un.rng.choice(iso_idx, size=1000, replace=False)))
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     un.retarget(iso_idx)
     attempts: list[dict[str, Any]] = []
@@ -346,7 +363,7 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
         while un.steps - start < guard.abl_unlearn_steps:
             un.step(iso_idx, trusted_idx, guard_idx)
             if (un.steps - start) % guard.abl_check_every == 0:
-                accs.append(float((un.predict(iso_idx) == data.y[iso_idx]).mean()))
+                accs.append(float((un.predict(check_idx) == data.y[check_idx]).mean()))
                 if accs[-1] < guard.abl_unlearn_stop:
                     break
         reached = bool(accs) and accs[-1] < guard.abl_unlearn_stop
