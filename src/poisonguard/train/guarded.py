@@ -225,8 +225,11 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
     model = train.classifier.model
     initial = state.get("initial", isolated.copy())
     n_after_expansion = int(isolated.sum())
+    expansion = state.get("expansion") or {}
+    complete = bool(expansion.get("classes")) and all(
+        v["accepted"] for v in expansion["classes"].values())
     unlearned = _unlearn(model, data, isolated, train.classifier, guard, config,
-                         losses=state["losses"])
+                         losses=state["losses"], expand=not complete)
     train.classifier = TorchClassifier(model.eval(), train.classifier.input_spec,
                                        layer=train.classifier.layer, n_classes=n_classes)
     return GuardedResult(train.classifier, train, guard, 0.0, isolated=isolated,
@@ -284,8 +287,9 @@ class _Unlearner:
                                        self.guard.abl_relabel)
 
     def step(self, iso_idx: np.ndarray, trusted_idx: np.ndarray, guard_idx: np.ndarray) -> None:
-        ib = self.rng.choice(iso_idx, size=min(self.bs, len(iso_idx)), replace=False)
-        rb = self.rng.choice(trusted_idx, size=min(self.bs, len(trusted_idx)), replace=False)
+        half_bs = max(1, self.bs // 2)  # one step costs one plain training step
+        ib = self.rng.choice(iso_idx, size=min(half_bs, len(iso_idx)), replace=False)
+        rb = self.rng.choice(trusted_idx, size=min(half_bs, len(trusted_idx)), replace=False)
         if len(guard_idx):
             half = min(len(rb) // 2, len(guard_idx))
             rb[:half] = self.rng.choice(guard_idx, size=half, replace=False)
@@ -304,7 +308,7 @@ class _Unlearner:
 
 def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: TorchClassifier,
              guard: GuardConfig, config: TrainConfig,
-             losses: np.ndarray | None = None) -> dict[str, Any]:
+             losses: np.ndarray | None = None, expand: bool = True) -> dict[str, Any]:
     """Unlearn the isolated samples without wrecking the classes they claim; may grow
     ``isolated`` in place.
 
@@ -319,7 +323,9 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
        the poisons that stayed in training (a clean sample keeps its class); they join the
        isolated set and leave the trusted one;
     3. ``abl_settle_steps`` more steps on the enlarged sets let clean accuracy recover; steps 2
-       and 3 repeat up to ``abl_expand_rounds`` times while step 2 finds samples to add.
+       and 3 repeat up to ``abl_expand_rounds`` times while step 2 finds samples to add. With
+       ``expand=False`` (the isolated set is already complete: the seed expansion was accepted
+       in every claimed class) step 2 is skipped and one settle phase runs.
     A fifth of the claimed classes' trusted samples is held out of step 1; if unlearning costs
     any claimed class more than ``abl_max_class_loss`` of its held-out accuracy, or turns more
     than ``abl_max_turned`` of one claimed class's members away from their label (poisons are a
@@ -397,7 +403,7 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
                           f"{worst_drop:.1%}, limit {guard.abl_max_class_loss:.0%}; worst share "
                           f"turned {worst_turned:.1%}, limit {guard.abl_max_turned:.0%})"}
     added = []
-    for _ in range(guard.abl_expand_rounds):
+    for _ in range(guard.abl_expand_rounds if expand else 0):
         if len(turned) == 0:
             break
         isolated[turned] = True
@@ -410,5 +416,8 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
             un.step(iso_idx, trusted_idx, guard_idx)
         candidates = np.flatnonzero(claimed & ~isolated)
         turned = candidates[un.predict(candidates) != data.y[candidates]]
+    if not added:  # nothing was added: one settle phase on the sets as they stand
+        for _ in range(guard.abl_settle_steps):
+            un.step(iso_idx, trusted_idx, guard_idx)
     return {**info, "reverted": False, "settle_steps": un.steps - unlearn_steps,
             "n_added_per_round": added, "n_isolated_final": int(isolated.sum())}
