@@ -33,7 +33,7 @@ def test_scan_structure_and_sanitise(scanned) -> None:
     assert result.flags.shape == (n,)
     assert [r.name for r in result.detectors] == ["activation_clustering",
                                                    "spectral_signatures", "loss_outliers",
-                                                   "trigger_template"]
+                                                   "trigger_template", "loss_seed_template"]
     assert all(r.scores.shape == (n,) for r in result.detectors)
     kept, removed = sanitize(result)
     assert len(kept) + len(removed) == n
@@ -116,3 +116,27 @@ def test_trigger_template_confirms_a_suspect_class() -> None:
                result("spectral_signatures", np.zeros(400, bool), [])]
     combined = CrossReference().combine(results, y)
     assert not _add_trigger_template(data, results, combined)[1].flags.any()
+
+
+def test_loss_seed_template_finds_a_rare_stamped_trigger(digits) -> None:
+    from poisonguard.pipeline import _add_seed_template, run_detectors
+
+    train, _ = digits
+    poisoned = badnets(train, rate=0.02, target=3, seed=0, size=3)
+    data, truth = poisoned.data, poisoned.is_poison
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(len(data), 8))  # no cluster: the representation stage is silent
+    results, combined = run_detectors(features, data.y, rng.uniform(size=len(data)))
+    assert not combined.flags.any()
+    seed = np.zeros(len(data), dtype=bool)
+    poison_idx = np.flatnonzero(truth)
+    seed[poison_idx[: len(poison_idx) * 4 // 5]] = True  # a seed that is mostly poison ...
+    seed[rng.choice(np.flatnonzero(~truth), 5, replace=False)] = True  # ... plus easy clean ones
+    results, merged = _add_seed_template(data, seed, results, combined)
+    assert results[-1].name == "loss_seed_template"
+    assert (merged.flags == truth).all()
+    assert 3 in merged.suspicious_classes
+    clean_seed = np.zeros(len(data), dtype=bool)
+    clean_seed[rng.choice(np.flatnonzero(~truth & (data.y == 1)), 20, replace=False)] = True
+    _, merged_clean = _add_seed_template(data, clean_seed, results[:-1], combined)
+    assert not merged_clean.flags.any() and not merged_clean.suspicious_classes

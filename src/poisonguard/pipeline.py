@@ -43,12 +43,17 @@ class ScanConfig:
     max_rounds: int = 3
     final_model: bool = True
     trigger_template: bool = True
+    loss_seed: bool = True
+    loss_seed_rate: float = 0.01
+    loss_seed_gamma: float = 0.01
     progress: bool = False
 
     def __post_init__(self) -> None:
         unknown = set(self.detectors) - set(DETECTORS)
         if self.max_rounds < 1:
             raise ConfigError(f"max_rounds must be >= 1, got {self.max_rounds}")
+        if not 0.0 < self.loss_seed_rate < 0.5:
+            raise ConfigError(f"loss_seed_rate must be in (0, 0.5), got {self.loss_seed_rate}")
         if unknown or not self.detectors:
             raise ConfigError(f"unknown or no detectors {sorted(unknown)}; choose from "
                               f"{list(DETECTORS)}")
@@ -131,16 +136,50 @@ def run_detectors(features: np.ndarray, labels: np.ndarray, losses: np.ndarray |
     return results, combined
 
 
+def _train_with_loss_seed(subset: LabeledData, config: ScanConfig, n_classes: int
+                          ) -> tuple[TrainResult, np.ndarray]:
+    """Sacrificial training whose first quarter of epochs keeps every loss above a floor (ABL's
+    local gradient ascent); the ``loss_seed_rate`` share of samples with the lowest loss at the
+    end of those epochs is the loss seed (a fixed share, never the poison rate)."""
+    from poisonguard.models.adapter import InputSpec
+    from poisonguard.train.guarded import isolate_lowest
+    from poisonguard.train.seeded import loss_floor_ascent
+
+    train_config = config.train_config(len(subset))
+    seed_epochs = max(1, math.ceil(train_config.epochs / 4))
+    captured: dict[str, np.ndarray] = {}
+
+    def batch_loss(per_sample: Any, _idx: np.ndarray, epoch: int) -> Any:
+        if epoch < seed_epochs:
+            return loss_floor_ascent(per_sample, config.loss_seed_gamma)
+        return per_sample.mean()
+
+    def epoch_end(epoch: int, model: Any) -> None:
+        if epoch + 1 == seed_epochs:
+            clf = TorchClassifier(model, InputSpec.for_data(subset.x), layer=None,
+                                  batch_size=512)
+            captured["losses"] = clf.per_sample_loss(subset.x, subset.y)
+
+    train = train_classifier(subset, train_config, n_classes=n_classes,
+                             progress=config.progress, batch_loss=batch_loss,
+                             epoch_end=epoch_end)
+    return train, isolate_lowest(captured["losses"], config.loss_seed_rate)
+
+
 def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
-                classifier: TorchClassifier | None, n_classes: int
+                classifier: TorchClassifier | None, n_classes: int, first: bool = True
                 ) -> tuple[RoundResult, dict[str, np.ndarray]]:
     timings: dict[str, float] = {}
     train = None
+    seed_mask = None
     subset = data.subset(kept)
     t0 = time.perf_counter()
     if classifier is None:
-        train = train_classifier(subset, config.train_config(len(data)), n_classes=n_classes,
-                                 progress=config.progress)
+        if first and config.loss_seed:
+            train, seed_mask = _train_with_loss_seed(subset, config, n_classes)
+        else:
+            train = train_classifier(subset, config.train_config(len(data)),
+                                     n_classes=n_classes, progress=config.progress)
         classifier = train.classifier
     timings["training_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
@@ -154,6 +193,8 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
                                       config.detectors, config.seed, config.min_class_votes)
     if config.trigger_template:
         results, combined = _add_trigger_template(subset, results, combined)
+        if seed_mask is not None:
+            results, combined = _add_seed_template(subset, seed_mask, results, combined)
     timings["detectors_s"] = round(time.perf_counter() - t0, 3)
     return RoundResult(kept, results, combined, classifier, train, timings), out
 
@@ -241,6 +282,44 @@ def _merge_rounds(rounds: list[RoundResult], labels: np.ndarray) -> DetectorResu
                                               "timings": r.timings} for r in rounds]})
 
 
+def _add_seed_template(data: LabeledData, seed: np.ndarray, results: list[DetectorResult],
+                       combined: DetectorResult, min_claim: float = 0.1
+                       ) -> tuple[list[DetectorResult], DetectorResult]:
+    """Third stage, for poisons too few to form a cluster of their own (a 1% rate): in each
+    class holding at least ``min_claim`` of the loss seed and not already judged poisoned, a
+    trigger template formed from the class's seed samples. The template's own rules (agreement
+    of most of the seed, a shift from the rest of the class, no match in other classes) keep
+    easy clean samples from forming one; a template found is input-space evidence on top of the
+    loss evidence, and makes its class poisoned."""
+    classes, counts = np.unique(data.y[seed], return_counts=True)
+    judged = set(combined.suspicious_classes)
+    claimed = [int(c) for c, n in zip(classes, counts)
+               if n >= min_claim * seed.sum() and int(c) not in judged]
+    tt = TriggerTemplate(name="loss_seed_template").detect(data.x, data.y, seed, claimed)
+    found = {f.label for f in tt.findings if f.suspicious and f.n_flagged > 0}
+    new = tt.flags & np.isin(data.y, list(found))
+    flags = combined.flags | new
+    det_flags = {**combined.extras["detector_flags"], tt.name: new}
+    votes = combined.extras["votes"] + new
+    findings = []
+    for f in combined.findings:
+        evidence, suspicious = f.evidence, f.suspicious
+        if f.label in found:
+            suspicious = True
+            evidence = {**f.evidence, "verdict": "poisoned",
+                        "detectors": [*f.evidence["detectors"], tt.name]}
+        findings.append(ClassFinding(f.label, suspicious, f.n_samples,
+                                     int(flags[data.y == f.label].sum()), evidence))
+    rule = {**combined.threshold_rule, "third_stage": tt.name,
+            "loss_seed_classes": claimed}
+    merged = DetectorResult(combined.name, votes / (len(results) + 1), flags, None, rule,
+                            tuple(findings), combined.runtime_s + tt.runtime_s,
+                            extras={"votes": votes, "detector_flags": det_flags})
+    result = DetectorResult(tt.name, tt.scores, new, tt.threshold, tt.threshold_rule,
+                            tt.findings, tt.runtime_s, params={"loss_seed": int(seed.sum())})
+    return [*results, result], merged
+
+
 def scan(data: LabeledData, config: ScanConfig | None = None,
          classifier: TorchClassifier | None = None) -> ScanResult:
     """Scan ``data`` for poisons; the scan is told nothing about any attack.
@@ -260,7 +339,7 @@ def scan(data: LabeledData, config: ScanConfig | None = None,
     t0 = time.perf_counter()
     max_rounds = 1 if classifier is not None else config.max_rounds
     for r in range(max_rounds):
-        rnd, out = _scan_round(data, kept, config, classifier, n_classes)
+        rnd, out = _scan_round(data, kept, config, classifier, n_classes, first=r == 0)
         rounds.append(rnd)
         if r == 0:
             first_out = out

@@ -20,7 +20,7 @@ from poisonguard.models.adapter import TorchClassifier
 from poisonguard.models.architectures import DEFAULT_LAYER
 from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
 from poisonguard.train.monitor import GradientNormMonitor
-from poisonguard.train.seeded import expand_from_seed
+from poisonguard.train.seeded import expand_from_seed, loss_floor_ascent
 from poisonguard.types import DetectorResult
 
 DEFENSES = ("none", "trim", "abl")
@@ -194,7 +194,7 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
 
     def batch_loss(per_sample: torch.Tensor, idx: np.ndarray, epoch: int) -> torch.Tensor:
         if epoch < iso_epochs:  # local gradient ascent: no sample's loss is pushed below gamma
-            return (torch.sign(per_sample.detach() - gamma) * per_sample).mean()
+            return loss_floor_ascent(per_sample, gamma)
         keep = torch.from_numpy(~isolated[idx])
         if not bool(keep.any()):
             return per_sample.sum() * 0.0

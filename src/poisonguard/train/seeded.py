@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 
 from poisonguard.detect.activation_clustering import ActivationClustering
 from poisonguard.detect.trigger_template import TriggerTemplate
@@ -64,3 +65,10 @@ def expand_from_seed(x: np.ndarray, labels: np.ndarray, reps: np.ndarray, losses
         evidence["classes"][str(c)] = entry
     evidence["n_added"] = int(added.sum())
     return added, evidence
+
+
+def loss_floor_ascent(per_sample: torch.Tensor, gamma: float) -> torch.Tensor:
+    """ABL's local gradient ascent: descend on samples above the loss floor ``gamma`` and ascend
+    on those below, so no sample is fitted past the floor; a shortcut (a trigger) reaches the
+    floor first, which is what makes the lowest losses after these epochs mostly poison."""
+    return (torch.sign(per_sample.detach() - gamma) * per_sample).mean()
