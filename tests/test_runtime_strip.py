@@ -61,8 +61,9 @@ def calibrated() -> StripFilter:
 
 def test_calibration_respects_target_frr(calibrated: StripFilter) -> None:
     cal = calibrated.calibration
-    assert cal is not None and cal.n_calibration == 410
+    assert cal is not None and cal.n_calibration == 400  # 20 of 420 form the pool (cut: 2 x 10)
     assert cal.config.blend == "cut+mix" and set(cal.thresholds) == {"cut", "mix"}
+    assert cal.config.statistic == "probability" and len(calibrated.pool) == 20
     assert cal.achieved_frr <= 0.01
     held_out = calibrated.screen(clean_images(500, seed=1))
     assert held_out.suspicious.mean() <= 0.03
@@ -90,7 +91,7 @@ def test_each_blend_flags_the_trigger(blend: str, statistic: str) -> None:
     assert ev["far"] <= 0.02 and ev["frr"] <= 0.05
 
 
-@pytest.mark.parametrize("statistic", ["log-odds", "entropy"])
+@pytest.mark.parametrize("statistic", ["probability", "log-odds", "entropy"])
 def test_probability_outputs_match_logits(statistic: str) -> None:
     x = clean_images(250)
     cfg = StripConfig(n_blends=5, statistic=statistic)
@@ -112,7 +113,7 @@ def test_save_load_roundtrip(calibrated: StripFilter, tmp_path) -> None:  # noqa
     x = trigger(clean_images(30, seed=3))
     np.testing.assert_array_equal(loaded.screen(x).suspicious, calibrated.screen(x).suspicious)
     with np.load(tmp_path / "strip_pool.npz", allow_pickle=False) as arc:
-        assert arc["pool"].shape == (10, 8, 8) and arc["masks"].shape == (10, 8, 8)
+        assert arc["pool"].shape == (20, 8, 8) and arc["masks"].shape == (20, 8, 8)
 
 
 def test_format1_calibration_loads_as_entropy_test(tmp_path) -> None:  # noqa: ANN001
@@ -191,7 +192,35 @@ def test_accelerated_cnn_matches_eager() -> None:
     model = SmallCNN(1, 10, width=4, embed_dim=16, pools=0).eval()
     clf = TorchClassifier(model, InputSpec(layout="nchw", scale=1 / 255), n_classes=10)
     x = clean_images(40)
-    fast = StripFilter(clf, x[:5], StripConfig(n_blends=5))
-    slow = StripFilter(clf, x[:5], StripConfig(n_blends=5), accelerate=False)
+    fast = StripFilter(clf, x[:10], StripConfig(n_blends=5))
+    slow = StripFilter(clf, x[:10], StripConfig(n_blends=5), accelerate=False)
     assert fast._fast is not None and slow._fast is None
     np.testing.assert_allclose(fast.screen(x).entropy, slow.screen(x).entropy, atol=1e-4)
+
+
+def test_cut_blends_and_format2_calibration(tmp_path) -> None:  # noqa: ANN001
+    import json
+
+    cfg = StripConfig(n_blends=6, cut_blends=9, statistic="log-odds")
+    assert cfg.blends_for("cut") == 9 and cfg.blends_for("mix") == 6 and cfg.pool_size == 9
+    assert StripConfig(n_blends=6).pool_size == 12 and StripConfig(blend="mix").pool_size == 20
+    with pytest.raises(ConfigError, match="cut_blends"):
+        StripConfig(cut_blends=0)
+    with pytest.raises(ConfigError, match="needs 9"):
+        StripFilter(make_clf(), clean_images(6), cfg)
+    # a format-2 file (one pool for both tests, no cut_blends) loads with cut_blends = n_blends
+    old = StripFilter.calibrate(make_clf(), clean_images(320),
+                                StripConfig(n_blends=8, cut_blends=8, statistic="log-odds"))
+    old.save(tmp_path)
+    meta = json.loads((tmp_path / "strip.json").read_text())
+    meta["format_version"] = 2
+    meta.pop("cut_blends")
+    (tmp_path / "strip.json").write_text(json.dumps(meta))
+    loaded = StripFilter.load(tmp_path, make_clf())
+    assert loaded.config.blends_for("cut") == 8 and loaded.threshold == old.threshold
+    x = trigger(clean_images(30, seed=3))
+    np.testing.assert_array_equal(loaded.screen(x).suspicious, old.screen(x).suspicious)
+    meta["format_version"] = 99
+    (tmp_path / "strip.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="newer"):
+        StripFilter.load(tmp_path, make_clf())

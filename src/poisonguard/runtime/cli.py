@@ -36,10 +36,14 @@ def _add_strip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.8, help="input weight for 'mix' (0.8)")
     p.add_argument("--cut-area", type=float, default=0.75,
                    help="share of the input a 'cut' blend replaces (0.75)")
-    p.add_argument("--statistic", default="log-odds", choices=["log-odds", "entropy"],
-                   help="per test: mean log-odds of the input's own prediction over the blends "
-                        "(default; high = suspicious) or mean entropy (STRIP's; low = "
-                        "suspicious)")
+    p.add_argument("--statistic", default="probability",
+                   choices=["probability", "log-odds", "entropy"],
+                   help="per test: mean probability of the input's own prediction over the "
+                        "blends (default; high = suspicious), its mean log-odds, or the mean "
+                        "entropy (STRIP's; low = suspicious)")
+    p.add_argument("--cut-blends", type=int, default=None,
+                   help="blends of the 'cut' test (default 2 x --n-blends: whether a "
+                        "rectangle hides a patch trigger varies from blend to blend)")
     p.add_argument("--seed", type=int, default=0, help="seed of the blend-pool draw")
     p.add_argument("--batch-size", type=int, default=256,
                    help="most blended samples per forward pass (bounds memory; default 256)")
@@ -100,7 +104,8 @@ def build_filter(args: argparse.Namespace, classifier: Any) -> Any:
                           "--calibration PATH (a saved calibration)")
     config = StripConfig(n_blends=args.n_blends, blend=args.blend, alpha=args.alpha,
                          target_frr=args.frr, seed=args.seed, chunk=args.batch_size,
-                         statistic=args.statistic, cut_area=args.cut_area)
+                         statistic=args.statistic, cut_area=args.cut_area,
+                         cut_blends=args.cut_blends)
     return StripFilter.calibrate(classifier, _load_inputs(args.clean), config)
 
 
@@ -186,7 +191,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cal = filt.calibration
     thr = ", ".join(f"{k} {v:.4g}" for k, v in cal.thresholds.items())
     print(f"poisonguard serve: STRIP {cal.config.blend} / {cal.config.statistic}, thresholds "
-          f"{thr} (N={cal.config.n_blends}, target FRR {cal.target_frr:.2%}); listening on "
+          f"{thr} (N={cal.config.n_blends}, cut N={cal.config.blends_for('cut')}, target FRR "
+          f"{cal.target_frr:.2%}); listening on "
           f"http://{args.host}:{args.port}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 access_log=args.access_log)

@@ -179,6 +179,7 @@ def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int
     app.state.stats = stats
     app.state.flagged = flagged
     info = {"threshold": filt.threshold, "n_blends": filt.config.n_blends,
+            "cut_blends": filt.config.blends_for("cut") if "cut" in filt.config.tests else None,
             "blend": filt.config.blend, "statistic": filt.config.statistic,
             "target_frr": filt.config.target_frr,
             "sample_shape": list(filt.sample_shape), "input_dtype": str(filt.pool.dtype),

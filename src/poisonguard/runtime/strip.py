@@ -1,9 +1,11 @@
 """STRIP (Gao et al. 2019): an input-agnostic trigger keeps a backdoored model confident when the
 input is perturbed with other images, where a clean input's prediction wavers.
 
-Each input is blended with the same ``n_blends`` held-out clean images (the *blend pool*, drawn
-once with a fixed seed at calibration) in the model's input space (after :class:`InputSpec`
-preparation). Blends (``StripConfig.blend``):
+Each input is blended with the same held-out clean images (the *blend pool*, drawn once with a
+fixed seed at calibration) in the model's input space (after :class:`InputSpec` preparation):
+``n_blends`` of them per test, ``cut_blends`` (default ``2 * n_blends``) for a ``cut`` test, whose
+per-blend outcome varies most (it depends on whether the rectangle hides the trigger). Blends
+(``StripConfig.blend``):
 
 - ``add``: saturating sum ``clip(x + clean)`` (STRIP's superimposition);
 - ``mix``: ``alpha * x + (1 - alpha) * clean``;
@@ -14,16 +16,20 @@ preparation). Blends (``StripConfig.blend``):
 - ``A+B`` (default ``cut+mix``): both tests, each calibrated at half the FRR budget; an input is
   flagged when either fires (a Bonferroni union: FRR <= budget).
 
-Per test, the statistic (``StripConfig.statistic``) is the mean over the blends of the log-odds of
-the input's own (unblended) prediction (``log-odds``, default: a trigger keeps it high), or the
-mean Shannon entropy in bits (``entropy``, STRIP's original: a trigger keeps it low). Its
+Per test, the statistic (``StripConfig.statistic``) is the mean over the blends of the
+probability of the input's own (unblended) prediction (``probability``, default: a soft vote of
+the blends, a trigger keeps it high; each blend counts at most 1, so a few blends in which a clean
+input's surviving fragment is very confident cannot carry it), the mean log-odds of that
+prediction (``log-odds``, unbounded), or the mean Shannon entropy in bits (``entropy``, STRIP's
+original: a trigger keeps it low). Its
 threshold is the ``target_frr / n_tests`` quantile on clean held-out inputs (disjoint from the
 pool), never on poisons. ``StripResult.score`` is the largest margin of a test statistic over its
 threshold, oriented so that higher = more suspicious and ``score > 0`` = flagged.
 
 The calibration (thresholds, FRR, N, blend, seed, clean summaries) is saved as JSON and the blend
 pool (and cut rectangles) as ``.npz`` (``allow_pickle=False``); :meth:`StripFilter.load` restores
-both. Calibrations written before ``statistic`` existed load as single-test entropy filters.
+both. Calibrations written before ``statistic`` existed load as single-test entropy filters;
+those written before ``cut_blends`` existed (format 2) load with ``cut_blends = n_blends``.
 """
 
 from __future__ import annotations
@@ -48,7 +54,8 @@ POOL_NPZ = "strip_pool.npz"
 FORMAT = "poisonguard-strip-calibration"
 HIST_BINS = 40
 BLENDS = ("add", "mix", "cut")
-STATISTICS = ("log-odds", "entropy")
+STATISTICS = ("probability", "log-odds", "entropy")
+FORMAT_VERSION = 3
 
 
 def blend_tests(blend: str) -> tuple[str, ...]:
@@ -58,7 +65,8 @@ def blend_tests(blend: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class StripConfig:
-    """``n_blends`` clean images blended with every input (per test); ``blend`` one of
+    """``n_blends`` clean images blended with every input per test (``cut_blends`` for a ``cut``
+    test; None: ``2 * n_blends``); ``blend`` one of
     :data:`BLENDS` or two joined with ``+`` (union of both tests); ``alpha`` the input's weight in
     a ``mix`` blend; ``cut_area`` the share of the input a ``cut`` blend replaces; ``statistic``
     one of :data:`STATISTICS`; ``target_frr`` the share of clean inputs allowed to be flagged
@@ -72,8 +80,9 @@ class StripConfig:
     target_frr: float = 0.01
     seed: int = 0
     chunk: int = 256
-    statistic: str = "log-odds"
+    statistic: str = "probability"
     cut_area: float = 0.75
+    cut_blends: int | None = None
 
     def __post_init__(self) -> None:
         if self.n_blends < 1:
@@ -92,10 +101,26 @@ class StripConfig:
             raise ConfigError(f"target_frr must be in [0, 1), got {self.target_frr}")
         if self.chunk < 1:
             raise ConfigError(f"chunk must be >= 1, got {self.chunk}")
+        if self.cut_blends is None:  # resolved here, so equal settings compare equal
+            object.__setattr__(self, "cut_blends", 2 * self.n_blends)
+        if self.cut_blends < 1:
+            raise ConfigError(f"cut_blends must be >= 1 (or None for 2 x n_blends), got "
+                              f"{self.cut_blends}")
 
     @property
     def tests(self) -> tuple[str, ...]:
         return blend_tests(self.blend)
+
+    def blends_for(self, test: str) -> int:
+        """Blends (pool images) a test uses: the first ones of the pool."""
+        if test != "cut":
+            return self.n_blends
+        return int(self.cut_blends)
+
+    @property
+    def pool_size(self) -> int:
+        """Clean images the blend pool holds: the most any test uses."""
+        return max(self.blends_for(t) for t in self.tests)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,11 +163,13 @@ class Calibration:
         return self.thresholds
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "format_version": 2, "poisonguard_version": __version__,
+        return {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "poisonguard_version": __version__,
                 "thresholds": self.thresholds, "statistic": self.config.statistic,
                 "target_frr": self.target_frr,
                 "achieved_frr": self.achieved_frr, "n_calibration": self.n_calibration,
                 "n_blends": self.config.n_blends, "blend": self.config.blend,
+                "cut_blends": self.config.blends_for("cut"),
                 "alpha": self.config.alpha, "cut_area": self.config.cut_area,
                 "seed": self.config.seed, "chunk": self.config.chunk,
                 "clean_entropy": self.clean_entropy, "clean_stats": self.clean_stats,
@@ -218,9 +245,10 @@ class StripFilter:
         self.classifier = classifier
         self.config = config or StripConfig()
         pool = np.asarray(pool)
-        if len(pool) != self.config.n_blends:
-            raise ConfigError(f"blend pool holds {len(pool)} images but n_blends is "
-                              f"{self.config.n_blends}")
+        if len(pool) != self.config.pool_size:
+            raise ConfigError(f"blend pool holds {len(pool)} images; blend "
+                              f"{self.config.blend!r} with n_blends {self.config.n_blends} needs "
+                              f"{self.config.pool_size}")
         self.pool = pool
         self.sample_shape = tuple(pool.shape[1:])
         self._pool_t = classifier.input_spec.prepare(pool)
@@ -230,11 +258,12 @@ class StripFilter:
         self.masks: np.ndarray | None = None
         self._mask_t: torch.Tensor | None = None
         if "cut" in self.config.tests:
-            m = cut_masks(self.sample_shape, len(pool), self.config.cut_area, self.config.seed) \
+            n_cut = self.config.blends_for("cut")
+            m = cut_masks(self.sample_shape, n_cut, self.config.cut_area, self.config.seed) \
                 if masks is None else np.asarray(masks, dtype=np.float32)
-            if m.shape != pool.shape:
-                raise ConfigError(f"cut masks of shape {m.shape} do not match the pool "
-                                  f"{pool.shape}")
+            if m.shape != (n_cut, *self.sample_shape):
+                raise ConfigError(f"cut masks of shape {m.shape} do not match {n_cut} cut "
+                                  f"blends of samples shaped {self.sample_shape}")
             self.masks = (m > 0).astype(np.uint8)
             self._mask_t = (classifier.input_spec.prepare(self.masks.astype(np.float32)) > 0
                             ).float()
@@ -253,18 +282,19 @@ class StripFilter:
         clean_x = np.asarray(clean_x)
         n_tests = len(config.tests)
         per_test = config.target_frr / n_tests
-        n_min = config.n_blends + max(20, math.ceil(1.0 / max(per_test, 1e-9)))
+        n_pool = config.pool_size
+        n_min = n_pool + max(20, math.ceil(1.0 / max(per_test, 1e-9)))
         if config.target_frr == 0:
-            n_min = config.n_blends + 20
+            n_min = n_pool + 20
         if len(clean_x) < n_min:
-            raise DataError(f"calibration needs at least {n_min} clean inputs ({config.n_blends} "
-                            f"for the blend pool, at least {n_min - config.n_blends} to set a "
+            raise DataError(f"calibration needs at least {n_min} clean inputs ({n_pool} "
+                            f"for the blend pool, at least {n_min - n_pool} to set a "
                             f"{config.target_frr:.2%} false-rejection threshold over "
                             f"{n_tests} test(s)); got {len(clean_x)}")
         validate_inputs(clean_x, tuple(clean_x.shape[1:]), "clean calibration data")
         rng = np.random.default_rng(config.seed)
         order = rng.permutation(len(clean_x))
-        pool_idx, cal_idx = order[:config.n_blends], np.sort(order[config.n_blends:])
+        pool_idx, cal_idx = order[:n_pool], np.sort(order[n_pool:])
         filt = cls(classifier, clean_x[np.sort(pool_idx)], config)
         res = filt.screen(clean_x[cal_idx])
         thresholds = {}
@@ -312,6 +342,11 @@ class StripFilter:
             raise ConfigError(f"{meta_path}: unreadable calibration ({exc})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ConfigError(f"{meta_path}: not a poisonguard STRIP calibration")
+        version = meta.get("format_version", 1)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigError(f"{meta_path}: calibration format {version!r} is newer than this "
+                              f"poisonguard reads ({FORMAT_VERSION}); upgrade poisonguard or "
+                              "recalibrate")
         pool_path = meta_path.parent / POOL_NPZ
         try:
             with np.load(pool_path, allow_pickle=False) as arc:
@@ -326,7 +361,8 @@ class StripFilter:
                                  blend=str(meta.get("blend", "add")),
                                  chunk=int(meta.get("chunk", 256)),
                                  statistic=str(meta.get("statistic", "entropy")),
-                                 cut_area=float(meta.get("cut_area", 0.75)))
+                                 cut_area=float(meta.get("cut_area", 0.75)),
+                                 cut_blends=int(meta.get("cut_blends", meta["n_blends"])))
             # format 1 stored one entropy threshold in bits (flagged below it)
             thresholds = ({config.blend: -float(meta["threshold"])} if legacy else
                           {str(k): float(v) for k, v in dict(meta["thresholds"]).items()})
@@ -378,7 +414,8 @@ class StripFilter:
 
     def _blend(self, xb: torch.Tensor, test: str) -> torch.Tensor:
         """(B, ...) prepared inputs -> (B * N, ...) blends, input-major."""
-        x, pool = xb.float()[:, None], self._pool_f[None]
+        n = self.config.blends_for(test)
+        x, pool = xb.float()[:, None], self._pool_f[None, :n]
         if test == "add":
             mixed = (x + pool).clamp(self._lo, self._hi)
         elif test == "mix":
@@ -398,6 +435,8 @@ class StripFilter:
             return -entropy_bits(logp.exp().flatten(0, 1)).reshape(logp.shape[:2]).mean(1)
         idx = pred[:, None, None].expand(-1, logp.shape[1], 1)
         own = logp.gather(2, idx)[..., 0]
+        if self.config.statistic == "probability":
+            return own.exp().mean(1)
         rest = logp.scatter(2, idx, float("-inf")).logsumexp(2)
         return (own - rest).mean(1)
 
@@ -406,8 +445,9 @@ class StripFilter:
         """Prediction, statistics, score and flag for every input of ``x`` (validated
         first)."""
         x = self.coerce(validate_inputs(x, self.sample_shape))
-        n_blends, tests = self.config.n_blends, self.config.tests
-        per_chunk = max(1, self.config.chunk // (n_blends * len(tests) + 1))
+        tests = self.config.tests
+        counts = [self.config.blends_for(t) for t in tests]
+        per_chunk = max(1, self.config.chunk // (sum(counts) + 1))
         preds, ents = [], []
         stats: dict[str, list[torch.Tensor]] = {t: [] for t in tests}
         for start in range(0, len(x), per_chunk):
@@ -416,12 +456,13 @@ class StripFilter:
             lp = self._logp(torch.cat([xb, *(self._blend(xb, t) for t in tests)]))
             pred = lp[:b].argmax(1)
             preds.append(pred)
-            blends = lp[b:].reshape(len(tests), b, n_blends, -1)
-            ents.append(entropy_bits(blends.exp().transpose(0, 1).reshape(b * len(tests) *
-                                                                          n_blends, -1))
-                        .reshape(b, -1).mean(1))
-            for k, t in enumerate(tests):
-                stats[t].append(self._statistic(blends[k], pred))
+            parts = lp[b:].split([b * n for n in counts])
+            ent = torch.zeros(b)
+            for t, n, part in zip(tests, counts, parts):
+                blends = part.reshape(b, n, -1)
+                ent += entropy_bits(part.exp()).reshape(b, n).sum(1)
+                stats[t].append(self._statistic(blends, pred))
+            ents.append(ent / sum(counts))
         pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
         ent = torch.cat(ents).double().numpy() if ents else np.zeros(0)
         st = {t: torch.cat(v).double().numpy() if v else np.zeros(0) for t, v in stats.items()}
