@@ -63,7 +63,8 @@ def test_calibration_respects_target_frr(calibrated: StripFilter) -> None:
     cal = calibrated.calibration
     assert cal is not None and cal.n_calibration == 400  # 20 of 420 form the pool (cut: 2 x 10)
     assert cal.config.blend == "cut+mix" and set(cal.thresholds) == {"cut", "mix"}
-    assert cal.config.statistic == "probability" and len(calibrated.pool) == 20
+    assert cal.config.statistic == "auto" and len(calibrated.pool) == 20
+    assert cal.to_dict()["statistics"] == {"cut": "probability", "mix": "log-odds"}
     assert cal.achieved_frr <= 0.01
     held_out = calibrated.screen(clean_images(500, seed=1))
     assert held_out.suspicious.mean() <= 0.03
@@ -91,7 +92,7 @@ def test_each_blend_flags_the_trigger(blend: str, statistic: str) -> None:
     assert ev["far"] <= 0.02 and ev["frr"] <= 0.05
 
 
-@pytest.mark.parametrize("statistic", ["probability", "log-odds", "entropy"])
+@pytest.mark.parametrize("statistic", ["auto", "probability", "log-odds", "entropy"])
 def test_probability_outputs_match_logits(statistic: str) -> None:
     x = clean_images(250)
     cfg = StripConfig(n_blends=5, statistic=statistic)

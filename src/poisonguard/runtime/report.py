@@ -23,7 +23,7 @@ def runtime_layer(filt: StripFilter, result: StripResult,
     layer: dict[str, Any] = {
         "method": "STRIP (Gao et al. 2019): a prediction that survives blending with clean "
                   f"inputs is suspicious (blend {filt.config.blend}, statistic "
-                  f"{filt.config.statistic})",
+                  f"{_statistics(filt)})",
         "calibration": filt.describe(),
         "n_screened": int(len(ent)), "n_suspicious": int(result.suspicious.sum()),
         "suspicious_fraction": float(result.suspicious.mean()) if len(ent) else 0.0,
@@ -45,7 +45,7 @@ def build_filter_report(filt: StripFilter, x: np.ndarray, result: StripResult,
 
     n_sus = int(result.suspicious.sum())
     summary = (f"{n_sus} of {len(x)} inputs flagged by STRIP ({filt.config.blend}, "
-               f"{filt.config.statistic}; calibrated at {filt.config.target_frr:.1%} FRR)")
+               f"{_statistics(filt)}; calibrated at {filt.config.target_frr:.1%} FRR)")
     return jsonable({
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "poisonguard", "version": __version__},
@@ -122,3 +122,8 @@ def runtime_section(r: Mapping[str, Any]) -> str:
             "flagged.</p>"
             f"{_img(entropy_plot(rt), 'score histograms', 'No score histogram.')}"
             f"{_value(rest)}</section>")
+
+
+def _statistics(filt: StripFilter) -> str:
+    """Each test's statistic, e.g. ``cut: probability, mix: log-odds``."""
+    return ", ".join(f"{t}: {filt.config.statistic_for(t)}" for t in filt.config.tests)

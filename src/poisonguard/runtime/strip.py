@@ -17,11 +17,13 @@ per-blend outcome varies most (it depends on whether the rectangle hides the tri
   flagged when either fires (a Bonferroni union: FRR <= budget).
 
 Per test, the statistic (``StripConfig.statistic``) is the mean over the blends of the
-probability of the input's own (unblended) prediction (``probability``, default: a soft vote of
-the blends, a trigger keeps it high; each blend counts at most 1, so a few blends in which a clean
+probability of the input's own (unblended) prediction (``probability``: a soft vote of the
+blends, a trigger keeps it high; each blend counts at most 1, so a few blends in which a clean
 input's surviving fragment is very confident cannot carry it), the mean log-odds of that
-prediction (``log-odds``, unbounded), or the mean Shannon entropy in bits (``entropy``, STRIP's
-original: a trigger keeps it low). Its
+prediction (``log-odds``: graded, unbounded), or the mean Shannon entropy in bits (``entropy``,
+STRIP's original: a trigger keeps it low). ``auto`` (default) takes ``probability`` for ``cut``,
+whose blends keep only a fragment of the input, so each blend's outcome is close to a yes/no, and
+``log-odds`` for ``mix`` and ``add``, whose blends keep all of it at a graded strength. Its
 threshold is the ``target_frr / n_tests`` quantile on clean held-out inputs (disjoint from the
 pool), never on poisons. ``StripResult.score`` is the largest margin of a test statistic over its
 threshold, oriented so that higher = more suspicious and ``score > 0`` = flagged.
@@ -54,7 +56,7 @@ POOL_NPZ = "strip_pool.npz"
 FORMAT = "poisonguard-strip-calibration"
 HIST_BINS = 40
 BLENDS = ("add", "mix", "cut")
-STATISTICS = ("probability", "log-odds", "entropy")
+STATISTICS = ("auto", "probability", "log-odds", "entropy")
 FORMAT_VERSION = 3
 
 
@@ -80,7 +82,7 @@ class StripConfig:
     target_frr: float = 0.01
     seed: int = 0
     chunk: int = 256
-    statistic: str = "probability"
+    statistic: str = "auto"
     cut_area: float = 0.75
     cut_blends: int | None = None
 
@@ -110,6 +112,12 @@ class StripConfig:
     @property
     def tests(self) -> tuple[str, ...]:
         return blend_tests(self.blend)
+
+    def statistic_for(self, test: str) -> str:
+        """The statistic a test uses (``auto`` resolved)."""
+        if self.statistic != "auto":
+            return self.statistic
+        return "probability" if test == "cut" else "log-odds"
 
     def blends_for(self, test: str) -> int:
         """Blends (pool images) a test uses: the first ones of the pool."""
@@ -166,6 +174,7 @@ class Calibration:
         return {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "poisonguard_version": __version__,
                 "thresholds": self.thresholds, "statistic": self.config.statistic,
+                "statistics": {t: self.config.statistic_for(t) for t in self.config.tests},
                 "target_frr": self.target_frr,
                 "achieved_frr": self.achieved_frr, "n_calibration": self.n_calibration,
                 "n_blends": self.config.n_blends, "blend": self.config.blend,
@@ -429,13 +438,14 @@ class StripFilter:
             mixed = mixed.round().clamp(0, 255).to(torch.uint8)
         return mixed
 
-    def _statistic(self, logp: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) log-probabilities of the blends -> (B,) oriented statistic."""
-        if self.config.statistic == "entropy":
+    def _statistic(self, logp: torch.Tensor, pred: torch.Tensor, test: str) -> torch.Tensor:
+        """(B, N, C) log-probabilities of ``test``'s blends -> (B,) oriented statistic."""
+        statistic = self.config.statistic_for(test)
+        if statistic == "entropy":
             return -entropy_bits(logp.exp().flatten(0, 1)).reshape(logp.shape[:2]).mean(1)
         idx = pred[:, None, None].expand(-1, logp.shape[1], 1)
         own = logp.gather(2, idx)[..., 0]
-        if self.config.statistic == "probability":
+        if statistic == "probability":
             return own.exp().mean(1)
         rest = logp.scatter(2, idx, float("-inf")).logsumexp(2)
         return (own - rest).mean(1)
@@ -461,7 +471,7 @@ class StripFilter:
             for t, n, part in zip(tests, counts, parts):
                 blends = part.reshape(b, n, -1)
                 ent += entropy_bits(part.exp()).reshape(b, n).sum(1)
-                stats[t].append(self._statistic(blends, pred))
+                stats[t].append(self._statistic(blends, pred, t))
             ents.append(ent / sum(counts))
         pred = torch.cat(preds).numpy() if preds else np.zeros(0, dtype=np.int64)
         ent = torch.cat(ents).double().numpy() if ents else np.zeros(0)
