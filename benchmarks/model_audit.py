@@ -1,6 +1,6 @@
 """Model-audit benchmark: a zoo of small models (half clean, half backdoored), each audited with
-at most 500 clean samples: Neural Cleanse detection, fine-pruning and unlearning repairs, and the
-speed of all-class reverse-engineering on a CIFAR-10-sized model.
+at most 500 clean samples: Neural Cleanse detection, fine-pruning, unlearning and ANP repairs,
+and the speed of all-class reverse-engineering on a CIFAR-10-sized model.
 
     python benchmarks/model_audit.py                 # train the zoo (cached), audit, repair
     python benchmarks/model_audit.py --train-only    # only build benchmarks/cache/model_zoo/
@@ -151,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 N_EVAL = 5000
+METHODS = ("fine-prune", "unlearn", "anp")
+ACC_BUDGET = {"fine-prune": 0.01, "unlearn": 0.02, "anp": 0.01}
 SPEED_MODEL = "cifar10-badnets-t1-3px"
 
 
@@ -193,7 +195,7 @@ def audit_one(spec: dict[str, Any], previous: dict[str, Any] | None = None) -> d
     cached = ZOO / spec["name"] / "triggers.npz"
     if previous is not None and cached.exists():
         nc = load_triggers(cached)
-        rec = {k: v for k, v in previous.items() if k not in ("before", "fine-prune", "unlearn")}
+        rec = {k: v for k, v in previous.items() if k not in ("before", *METHODS)}
         return repair_one(spec, rec, nc, clean, evaluation, triggered)
     result = audit_model(model, clean)
     nc = result.cleanse
@@ -219,18 +221,23 @@ def audit_one(spec: dict[str, Any], previous: dict[str, Any] | None = None) -> d
 
 def repair_one(spec: dict[str, Any], rec: dict[str, Any], nc: Any, clean: Any, evaluation: Any,
                triggered: Any) -> dict[str, Any]:
-    from poisonguard.audit import fine_prune, load_audit_model, unlearn
+    from poisonguard.audit import anp_prune, fine_prune, load_audit_model, unlearn
 
     model = load_audit_model(ZOO / spec["name"])
     rec["before"] = _eval(model, evaluation, triggered)
     classes = list(nc.flagged) or [nc.most_anomalous()]
-    for method in ("fine-prune", "unlearn"):
+    for method in METHODS:
         m = load_audit_model(ZOO / spec["name"])
         t0 = time.perf_counter()
-        if method == "fine-prune":
+        if method == "anp":  # needs no trigger: runs on every model
+            det = anp_prune(m, clean)
+            extra = {"n_pruned": det["n_pruned"], "n_channels": det["n_neurons"],
+                     "mask_quantiles": det["mask_quantiles"]}
+        elif method == "fine-prune":
             det = fine_prune(m, clean, nc=nc if nc.flagged else None,
                              trigger_classes=list(nc.flagged))
-            extra = {"n_pruned": det["n_pruned"], "n_channels": det["n_channels"]}
+            extra = {"n_pruned": det["n_pruned"], "n_channels": det["n_channels"],
+                     "units": det["units"]}
         elif not nc.flagged:  # nothing to unlearn: the model stays as it is
             rec[method] = {**rec["before"], "skipped": "no class flagged"}
             continue
@@ -238,11 +245,12 @@ def repair_one(spec: dict[str, Any], rec: dict[str, Any], nc: Any, clean: Any, e
             det = unlearn(m, clean, nc, classes)
             extra = {"classes": classes}
         rec[method] = {**_eval(m, evaluation, triggered), **extra,
-                       "chosen_epoch": det["finetune"]["chosen_epoch"], "skipped": None,
+                       "chosen_epoch": det["finetune"]["chosen_epoch"] if "finetune" in det
+                       else None, "skipped": None,
                        "repair_s": round(time.perf_counter() - t0, 2)}
     print(f"{spec['name']}: verdict {rec['verdict']} correct {rec['correct']} "
           f"AI {rec['anomaly_index_max']} nc {rec['nc_s']} s | before {rec['before']} | "
-          f"FP {rec['fine-prune']} | UL {rec['unlearn']}", flush=True)
+          f"FP {rec['fine-prune']} | UL {rec['unlearn']} | ANP {rec['anp']}", flush=True)
     return rec
 
 
@@ -310,12 +318,21 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         "clean_flagged": sum(r["verdict"]["backdoored"] for r in cl),
         "nc_s_mean": mean([r["nc_s"] for r in records]),
     }
-    for method in ("fine-prune", "unlearn"):
+    def near_floor(r: dict[str, Any], method: str) -> bool:
+        floor = r.get("clean_model_asr_floor")
+        return floor is not None and (r[method]["asr"] or 0) <= floor + 0.02 + 1e-9
+
+    for method in METHODS:
+        if any(method not in r for r in records):  # a partial rerun: summarised when complete
+            continue
         out[method] = {
             "backdoored_asr_le_2pct": sum((r[method]["asr"] or 0) <= 0.02 for r in bd),
+            "backdoored_asr_le_floor_plus_2": sum(near_floor(r, method) for r in bd),
             "backdoored_acc_within": sum(r["before"]["clean_acc"] - r[method]["clean_acc"]
-                                         <= (0.01 if method == "fine-prune" else 0.02) + 1e-9
-                                         for r in bd),
+                                         <= ACC_BUDGET[method] + 1e-9 for r in bd),
+            "backdoored_both": sum((r[method]["asr"] or 0) <= 0.02 and
+                                   r["before"]["clean_acc"] - r[method]["clean_acc"]
+                                   <= ACC_BUDGET[method] + 1e-9 for r in bd),
             "backdoored_mean_asr_before": mean([r["before"]["asr"] for r in bd]),
             "backdoored_mean_asr_after": mean([r[method]["asr"] for r in bd]),
             "backdoored_mean_acc_drop": mean([r["before"]["clean_acc"] - r[method]["clean_acc"]
@@ -328,6 +345,8 @@ def summarise(records: list[dict[str, Any]]) -> dict[str, Any]:
         out[method]["by_dataset"] = {
             ds: {"asr_le_2pct": sum((r[method]["asr"] or 0) <= 0.02 for r in bd
                                     if r["dataset"] == ds),
+                 "asr_le_floor_plus_2": sum(near_floor(r, method) for r in bd
+                                            if r["dataset"] == ds),
                  "n_backdoored": sum(r["dataset"] == ds for r in bd),
                  "mean_asr_after": mean([r[method]["asr"] for r in bd if r["dataset"] == ds]),
                  "mean_acc_drop": mean([r["before"]["clean_acc"] - r[method]["clean_acc"]
@@ -360,29 +379,44 @@ def write_results(results: dict[str, Any]) -> None:
                   f"**{s['clean_flagged']} of {s['n_clean']}** clean models flagged.",
                   f"- Neural Cleanse mean time per model: {s['nc_s_mean']} s (1 torch thread, "
                   "shared machine)."]
-        for method in ("fine-prune", "unlearn"):
-            m = s[method]
+        for method in METHODS:
+            m = s.get(method)
+            if m is None:
+                continue
             lines.append(f"- {method}: ASR <= 2% on {m['backdoored_asr_le_2pct']} of "
-                         f"{s['n_backdoored']} backdoored models (mean ASR "
-                         f"{_pct(m['backdoored_mean_asr_before'])}% -> "
+                         f"{s['n_backdoored']} backdoored models (within 2 points of the "
+                         f"clean-model floor on {m.get('backdoored_asr_le_floor_plus_2')}; mean "
+                         f"ASR {_pct(m['backdoored_mean_asr_before'])}% -> "
                          f"{_pct(m['backdoored_mean_asr_after'])}%), clean accuracy within "
-                         f"{'1' if method == 'fine-prune' else '2'} point(s) on "
-                         f"{m['backdoored_acc_within']}; mean accuracy cost "
+                         f"{round(100 * ACC_BUDGET[method])} point(s) on "
+                         f"{m['backdoored_acc_within']}, both on {m.get('backdoored_both')}; "
+                         "mean accuracy cost "
                          f"{_pct(m['backdoored_mean_acc_drop'])} points (backdoored), "
                          f"{_pct(m['clean_mean_acc_drop'])} (clean models, worst "
                          f"{_pct(m['clean_max_acc_drop'])}).")
             for ds, d in (m.get("by_dataset") or {}).items():
                 lines.append(f"  - {ds}: ASR <= 2% on {d['asr_le_2pct']} of "
-                             f"{d['n_backdoored']}, mean ASR after {_pct(d['mean_asr_after'])}%,"
+                             f"{d['n_backdoored']} (within 2 points of the floor on "
+                             f"{d.get('asr_le_floor_plus_2')}), mean ASR after "
+                             f"{_pct(d['mean_asr_after'])}%,"
                              f" accuracy cost {_pct(d['mean_acc_drop'])} points (clean models "
                              f"{_pct(d['clean_mean_acc_drop'])}).")
         rc = results.get("repair_config")
         if rc:
-            lines.append(f"- Repair settings: fine-tuning {rc['epochs']} epochs, learning rate "
+            lines.append(f"- Repair settings: fine-tuning ({rc.get('tune', 'all')} layers) "
+                         f"{rc['epochs']} epochs, learning rate "
                          f"{rc['trigger_lr']} with a reversed trigger stamped (retried at a third"
                          f" of it while no epoch keeps accuracy in budget), {rc['lr']} without "
-                         "(clean-model fine-pruning); cosine decay; pruning budget "
-                         f"{100 * rc['prune_budget']:.1f} points.")
+                         "(after fine-pruning); cosine decay; fine-pruning: the reversed "
+                         "trigger's units first (mean-filled) until it stops responding, else "
+                         f"the least active units within {100 * rc['prune_budget']:.1f} points.")
+        ac = results.get("anp_config")
+        if ac:
+            lines.append(f"- ANP settings: eps {ac['eps']}, alpha {ac['alpha']}, "
+                         f"{ac['iterations']} mask iterations of {ac['batch_size']} samples, "
+                         f"prune masks below {ac['threshold']} within "
+                         f"{100 * ac['acc_budget']:.1f} points (trusted set), at most "
+                         f"{100 * ac['max_fraction']:.0f}% of the neurons.")
     sp = results.get("speed")
     if sp:
         lines += [f"- Speed: all-class Neural Cleanse on `{sp['model']}` (32x32x3, 10 classes, "
@@ -395,11 +429,14 @@ def write_results(results: dict[str, Any]) -> None:
     lines += ["", "ASR floor = share of the triggered test inputs that the clean models of the "
               "same dataset (no poison) already send to the target.", "",
               "| model | train ASR | ASR floor | verdict | target (true) | AI max | NC s "
-              "| acc before | ASR before | FP acc | FP ASR | FP pruned | UL acc | UL ASR |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| acc before | ASR before | FP acc | FP ASR | FP pruned | UL acc | UL ASR "
+              "| ANP acc | ANP ASR | ANP pruned |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results.get("models", []):
         v = r["verdict"]
         fp, ul = r["fine-prune"], r["unlearn"]
+        an = r.get("anp") or {"clean_acc": None, "asr": None, "n_pruned": "—",
+                              "n_channels": "—"}
         lines.append(
             f"| {r['name']} | {_pct(r['train']['asr'])} | "
             f"{_pct(r.get('clean_model_asr_floor'))} | "
@@ -410,7 +447,8 @@ def write_results(results: dict[str, Any]) -> None:
             f"{_pct(r['before']['asr'])} | {_pct(fp['clean_acc'])} | {_pct(fp['asr'])} | "
             f"{fp['n_pruned']}/{fp['n_channels']} | "
             f"{'skipped' if ul.get('skipped') else _pct(ul['clean_acc'])} | "
-            f"{'—' if ul.get('skipped') else _pct(ul['asr'])} |")
+            f"{'—' if ul.get('skipped') else _pct(ul['asr'])} | {_pct(an['clean_acc'])} | "
+            f"{_pct(an['asr'])} | {an['n_pruned']}/{an['n_channels']} |")
     atomic_write_text(RESULTS / "model_audit.md", "\n".join(lines) + "\n")
 
 
@@ -433,9 +471,11 @@ def run_audits(specs: list[dict[str, Any]], speed_only: bool = False,
         results["code_version"] = code_version()
         from dataclasses import asdict
 
+        from poisonguard.audit.anp import ANPConfig
         from poisonguard.audit.repair import RepairConfig
 
         results["repair_config"] = asdict(RepairConfig())
+        results["anp_config"] = asdict(ANPConfig())
         results["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
         results["summary"] = summarise(results["models"])
         write_results(results)

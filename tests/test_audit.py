@@ -98,9 +98,13 @@ def test_repairs_remove_backdoor(zoo: dict) -> None:
         model = load_audit_model(zoo["backdoored"])
         if method == "fine-prune":
             info = fine_prune(model, zoo["clean"], cfg, nc=nc, trigger_classes=[TARGET])
-            conv = model.module.get_submodule(info["layer"])
+            layer = model.module.get_submodule(info["layer"])
             assert info["n_pruned"] > 0
-            assert float(conv.weight.detach()[info["pruned"]].abs().sum()) == 0.0
+            w = layer.weight.detach()
+            # (channel, cell) units are the input columns of the first linear layer
+            w = w[:, info["pruned"]] if info["units"].startswith("channel x") \
+                else w[info["pruned"]]
+            assert float(w.abs().sum()) == 0.0
         else:
             unlearn(model, zoo["clean"], nc, [TARGET], cfg)
         asr = accuracy(model.classifier.predict(trig.x), trig.y)

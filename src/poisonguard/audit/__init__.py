@@ -2,6 +2,7 @@
 does the trigger look like, and can it be repaired? Works from the model and a small trusted
 clean set, without the training data."""
 
+from poisonguard.audit.anp import ANPConfig, anp_prune
 from poisonguard.audit.core import AuditResult, audit_model, build_audit_report, make_verdict
 from poisonguard.audit.dormant import DormantResult, dormant_neurons
 from poisonguard.audit.model import AuditModel, load_audit_model, save_repaired
@@ -13,7 +14,7 @@ from poisonguard.audit.neural_cleanse import (
 )
 from poisonguard.audit.repair import RepairConfig, fine_prune, unlearn
 
-__all__ = ["AuditModel", "AuditResult", "CleanseConfig", "CleanseResult", "DormantResult",
-           "RepairConfig", "anomaly_index", "audit_model", "build_audit_report",
-           "dormant_neurons", "fine_prune", "load_audit_model", "make_verdict",
-           "neural_cleanse", "save_repaired", "unlearn"]
+__all__ = ["ANPConfig", "AuditModel", "AuditResult", "CleanseConfig", "CleanseResult",
+           "DormantResult", "RepairConfig", "anomaly_index", "anp_prune", "audit_model",
+           "build_audit_report", "dormant_neurons", "fine_prune", "load_audit_model",
+           "make_verdict", "neural_cleanse", "save_repaired", "unlearn"]

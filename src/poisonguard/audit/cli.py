@@ -47,12 +47,17 @@ def register(sub: Any) -> None:
     a.set_defaults(handler=cmd_audit_model)
 
     r = sub.add_parser(
-        "repair", help="repair a backdoored model: fine-pruning or unlearning with clean data",
+        "repair", help="repair a backdoored model: fine-pruning, unlearning or adversarial "
+                       "neuron pruning (ANP) with clean data",
         description="Audit the model (or reuse --triggers from audit-model), then repair it "
                     "and write the repaired model to DIR (a poisonguard model folder, or "
                     "DIR/model.pt for TorchScript input) with DIR/report.json.")
     _add_common(r)
-    r.add_argument("--method", required=True, choices=["fine-prune", "unlearn"])
+    r.add_argument("--method", required=True, choices=["fine-prune", "unlearn", "anp"],
+                   help="fine-prune: prune the last conv layer's units (the reversed trigger's "
+                        "first), then fine-tune; unlearn: fine-tune with the reversed trigger "
+                        "stamped under true labels; anp: prune the neurons that break under "
+                        "adversarial weight perturbation (needs no trigger)")
     r.add_argument("--triggers", default=None,
                    help="triggers.npz written by audit-model (skips the reverse-engineering)")
     r.add_argument("--test", default=None,
@@ -60,7 +65,8 @@ def register(sub: Any) -> None:
                         "y_triggered) before and after the repair")
     r.add_argument("--epochs", type=int, default=None, help="fine-tuning epochs (default 15)")
     r.add_argument("--prune-budget", type=float, default=None,
-                   help="clean-accuracy drop allowed while pruning (default 0.005)")
+                   help="clean-accuracy drop allowed while pruning (default 0.005; "
+                        "ANP: 0.01)")
     r.set_defaults(handler=cmd_repair)
 
 
@@ -144,6 +150,7 @@ def _load_test(path: str | None) -> dict[str, np.ndarray] | None:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
+    from poisonguard.audit.anp import ANPConfig, anp_prune
     from poisonguard.audit.core import (
         AuditResult,
         audit_model,
@@ -179,7 +186,12 @@ def cmd_repair(args: argparse.Namespace) -> int:
     cfg = RepairConfig(**kw)
     before = _evaluate(model, test)
     before["reversed_trigger_asr"] = reversed_trigger_asr(model, nc, classes, clean)
-    if args.method == "fine-prune":
+    if args.method == "anp":
+        akw: dict[str, Any] = {"seed": args.seed}
+        if args.prune_budget is not None:
+            akw["acc_budget"] = args.prune_budget
+        info = anp_prune(model, clean, ANPConfig(**akw))
+    elif args.method == "fine-prune":
         info = fine_prune(model, clean, cfg, nc=nc if nc.flagged else None,
                           trigger_classes=list(nc.flagged))
     elif not nc.flagged:

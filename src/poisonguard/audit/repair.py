@@ -46,7 +46,16 @@ class RepairConfig:
     variants (0: off); ``adv_steps``: half of the stamped samples instead get the worst
     pattern inside the trigger's region (grown by 2 pixels), found with this many
     signed-gradient steps (0, the default: off; it did not lower the ASR further in our
-    tests); ``optimizer``: ``"sgd"`` (momentum 0.9) or ``"adam"``."""
+    tests); ``optimizer``: ``"sgd"`` (momentum 0.9) or ``"adam"``; ``drop_z``: standard
+    errors of the paired held-out accuracy difference granted before an epoch counts as over
+    budget; ``tune``: ``"linear"`` fine-tunes only the fully connected layers (the convolutional
+    features stay; far less clean accuracy lost with a few hundred samples) or ``"all"``;
+    ``trigger_stop``/``trigger_patience``/``max_trigger_units``: fine-pruning stops pruning the
+    reversed trigger's units once its worst variant's success is at most ``trigger_stop``, or
+    has not dropped by a point in ``trigger_patience`` steps (after falling below 50%; those
+    steps are kept), or
+    this share of the units is gone; ``prune_stamp``: fine-pruning's fine-tuning also stamps
+    the trigger (off: plain fine-tuning)."""
 
     prune_budget: float = 0.005
     prune_step: int = 0          # channels per pruning step (0: about 1/32 of the layer)
@@ -59,6 +68,8 @@ class RepairConfig:
     stamp_fraction: float = 0.5
     val_fraction: float = 0.2
     max_drop: float = 0.01
+    drop_z: float = 1.0
+    tune: str = "linear"
     distill: float = 1.0
     rereverse_steps: int = 0
     clip: float = 10.0
@@ -66,6 +77,10 @@ class RepairConfig:
     adv_steps: int = 0
     optimizer: str = "sgd"
     shift: int = 2
+    trigger_stop: float = 0.02
+    trigger_patience: int = 4
+    prune_stamp: bool = False
+    max_trigger_units: float = 0.25
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +90,8 @@ class RepairConfig:
             raise ConfigError(f"stamp_fraction must be in (0, 1), got {self.stamp_fraction}")
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
+        if self.tune not in ("all", "linear"):
+            raise ConfigError(f"tune must be 'all' or 'linear', got {self.tune!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -115,8 +132,9 @@ class _Stamper:
         self.masks: list[torch.Tensor] = []
         self.patterns: list[torch.Tensor] = []
         self.regions: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        self.owners: list[int] = []
         for k in classes:
-            self.add(nc.masks[k], nc.patterns[k])
+            self.add(nc.masks[k], nc.patterns[k], k)
             m = torch.from_numpy(np.asarray(nc.masks[k])).float()
             if m.ndim >= 2:  # the region around the trigger: its hard mask grown by 2 pixels
                 hard = (m >= m.max() / 3).float().reshape(1, 1, m.shape[0], m.shape[1])
@@ -140,9 +158,10 @@ class _Stamper:
             p = (p - step * g.sign()).clamp(lo, hi).detach().requires_grad_(True)
         return ((1 - region) * xb + region * p).detach()
 
-    def add(self, mask: np.ndarray, pattern: np.ndarray) -> None:
+    def add(self, mask: np.ndarray, pattern: np.ndarray, owner: int = -1) -> None:
         m = torch.from_numpy(np.asarray(mask)).float()
         p = torch.from_numpy(np.asarray(pattern)).float()
+        n0 = len(self.masks)
         self.masks.append(m)
         self.patterns.append(p)
         if m.ndim >= 2:  # images: the mask hardened (full strength where it is at least a third
@@ -166,6 +185,19 @@ class _Stamper:
                     colour = (p * w).flatten(0, 1).sum(0) / w.sum()
                     self.masks.append(box)
                     self.patterns.append(torch.ones_like(p) * colour)
+        self.owners += [owner] * (len(self.masks) - n0)
+
+    def worst_asr(self, model: AuditModel, xd: torch.Tensor, y: np.ndarray) -> float | None:
+        """The highest share of samples (not of the class) that any variant sends to its
+        class: a stricter test than the reversed trigger alone, whose mask is often only part
+        of the real trigger."""
+        rates = []
+        for m, p, k in zip(self.masks, self.patterns, self.owners):
+            keep = torch.from_numpy(y != k)
+            if k >= 0 and bool(keep.any()):
+                rates.append(float(np.mean(model.predict_data((1 - m) * xd[keep] + m * p)
+                                           == k)))
+        return max(rates) if rates else None
 
     def __call__(self, xb: torch.Tensor, gen: torch.Generator, jitter: int = 0
                  ) -> torch.Tensor:
@@ -198,11 +230,16 @@ def _trigger_asr(model: AuditModel, nc: CleanseResult | None, classes: list[int]
 def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
              stamp_classes: list[int] | None = None, nc: CleanseResult | None = None,
              after_step: Callable[[], None] | None = None,
-             ref_acc: float | None = None) -> dict[str, Any]:
+             ref_pred: np.ndarray | None = None) -> dict[str, Any]:
     """Fine-tune ``model`` in place on ``clean`` (BN statistics frozen), optionally stamping the
     reversed trigger(s) of ``stamp_classes`` on a share of each batch under the true labels.
     Keeps the epoch with the lowest held-out reversed-trigger ASR (then the best accuracy) among
-    those within ``2 * max_drop`` of ``ref_acc`` (default: the starting held-out accuracy).
+    those whose held-out accuracy is not significantly more than ``2 * max_drop`` below the
+    reference's (``ref_pred``: the reference model's held-out predictions, default the starting
+    model's): the drop minus ``drop_z`` standard errors of the paired difference (from the
+    samples whose correctness changed) must stay within it. A hundred held-out samples cannot
+    tell a 2-point drop from noise; a plain threshold then rejects every epoch whenever the
+    starting model happens to score high on them.
 
     With a trigger the first run uses ``trigger_lr`` (a high rate: unlearning a partial reversed
     trigger at ``lr`` leaves most of the real backdoor); when no epoch of a run stays within the
@@ -215,7 +252,7 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
         lrs.append(config.lr)
     runs = []
     for lr in lrs:
-        out = _finetune_once(model, clean, config, lr, stamp_classes, nc, after_step, ref_acc)
+        out = _finetune_once(model, clean, config, lr, stamp_classes, nc, after_step, ref_pred)
         runs.append({"lr": lr, "chosen_epoch": out["chosen_epoch"]})
         if out["chosen_epoch"] > 0 or config.epochs == 0:
             break
@@ -226,7 +263,7 @@ def finetune(model: AuditModel, clean: LabeledData, config: RepairConfig,
 
 def _finetune_once(model: AuditModel, clean: LabeledData, config: RepairConfig, lr: float,
                    stamp_classes: list[int] | None, nc: CleanseResult | None,
-                   after_step: Callable[[], None] | None, ref_acc: float | None
+                   after_step: Callable[[], None] | None, ref_pred: np.ndarray | None
                    ) -> dict[str, Any]:
     classes = list(stamp_classes or [])
     stamp = _Stamper(nc, classes) if nc is not None and classes else None
@@ -236,6 +273,10 @@ def _finetune_once(model: AuditModel, clean: LabeledData, config: RepairConfig, 
     xv, yv = x_all[va], clean.y[va]
     module = model.module
     params = [p for p in module.parameters() if p.requires_grad]
+    if config.tune == "linear":  # only the fully connected layers (features stay as they are)
+        lin = [p for m in module.modules() if _is(m, "Linear") for p in m.parameters()
+               if p.requires_grad]
+        params = lin or params
     if not params:
         raise ModelError("the model has no trainable parameters to fine-tune")
     opt = (torch.optim.Adam(params, lr=lr) if config.optimizer == "adam"
@@ -249,15 +290,23 @@ def _finetune_once(model: AuditModel, clean: LabeledData, config: RepairConfig, 
 
     def score() -> tuple[float, float | None]:
         module.eval()
-        return _accuracy(model, xv, yv), _trigger_asr(model, nc, classes, xv, yv)
+        nonlocal correct
+        correct = model.predict_data(xv) == yv if len(yv) else np.zeros(0, dtype=bool)
+        acc = float(np.mean(correct)) if len(yv) else 0.0
+        return acc, _trigger_asr(model, nc, classes, xv, yv)
 
+    correct = np.zeros(0, dtype=bool)
     acc0, asr0 = score()
-    ref = acc0 if ref_acc is None else ref_acc
+    ref_correct = correct if ref_pred is None else (np.asarray(ref_pred) == yv)
     best_state = copy.deepcopy(module.state_dict())
+
     def key(acc: float, asr: float | None) -> tuple[bool, float, float]:
-        """Epochs losing more than 2x max_drop are last; then the lowest reversed-trigger ASR
-        (in steps of 5%); then the best accuracy."""
-        bad = ref - acc > 2 * config.max_drop + 1e-9
+        """Epochs whose accuracy drop is significantly above 2x max_drop are last; then the
+        lowest reversed-trigger ASR (in steps of 5%); then the best accuracy."""
+        n = max(len(yv), 1)
+        drop = float(np.mean(ref_correct)) - acc if len(yv) else 0.0
+        se = float(np.sqrt(np.sum(ref_correct != correct))) / n
+        bad = drop - config.drop_z * se > 2 * config.max_drop + 1e-9
         return (bad, 0.0 if asr is None or bad else round(asr / 0.05), -acc)
 
     best_key = key(acc0, asr0)
@@ -321,12 +370,13 @@ def _finetune_once(model: AuditModel, clean: LabeledData, config: RepairConfig, 
                                             steps=config.rereverse_steps, cost=0.005,
                                             lr=0.2, seed=config.seed + epoch)
                 if succ >= 0.5:
-                    stamp.add(m, p)
+                    stamp.add(m, p, k)
                 found.append(round(succ, 3))
             entry["rereversed_success"] = found
         history.append(entry)
         k_ep = key(acc, asr)
-        if k_ep <= best_key:  # ties: the later epoch (lower learning rate)
+        # ties: with a trigger the later epoch (lower learning rate); without, the earlier
+        if k_ep < best_key or (k_ep == best_key and stamp is not None):
             best_key, best_state, best_epoch = k_ep, copy.deepcopy(module.state_dict()), epoch
     module.load_state_dict(best_state)
     module.eval()
@@ -356,77 +406,132 @@ def last_conv(module: nn.Module) -> tuple[str, nn.Module, str | None, nn.Module 
     return name, conv, bn_name, bn
 
 
-def _channel_activation(model: AuditModel, unit: nn.Module, xd: torch.Tensor,
-                        batch: int = 256) -> np.ndarray:
-    """Mean ReLU activation per channel of ``unit``'s output over ``xd``."""
-    sums: list[torch.Tensor] = []
+def _spatial_head(module: nn.Module, conv: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first linear layer after the last conv when it reads the conv's map flattened over
+    S > 1 spatial cells (``in_features == channels * S``): its input columns are then the last
+    conv layer's units as the classifier sees them (a channel at one position)."""
+    mods = list(module.named_modules())
+    idx = next((i for i, (_n, m) in enumerate(mods) if m is conv), None)
+    if idx is None:
+        return None
+    n_ch = int(conv.weight.shape[0])
+    for n, m in mods[idx + 1:]:
+        if _is(m, "Conv2d"):
+            return None
+        if _is(m, "Linear"):
+            f = int(m.weight.shape[1])
+            return (n, m) if f > n_ch and f % n_ch == 0 else None
+    return None
 
-    def hook(_m: nn.Module, _i: object, o: torch.Tensor) -> None:
-        sums.append(o.detach().clamp_min(0).mean(dim=(2, 3)).sum(0))
 
-    handle = unit.register_forward_hook(hook)
-    try:
+class _Units:
+    """The prunable units of the last conv layer: its channels (zeroed in the conv and its
+    batch-norm), or, when a linear layer reads its map position by position, each
+    (channel, cell) input of that layer (zeroed as a weight column)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.conv_name, self.conv, self.bn_name, self.bn = last_conv(module)
+        self.head = _spatial_head(module, self.conv)
+        self.layer = self.head[0] if self.head else self.conv_name
+        self.n = (int(self.head[1].weight.shape[1]) if self.head
+                  else int(self.conv.weight.shape[0]))
+        self.kind = "channel x cell (inputs of the first linear layer)" if self.head \
+            else "channel"
+        self.fill: np.ndarray | None = None   # mean clean activation, folded into the bias
+
+    def activation(self, model: AuditModel, xd: torch.Tensor, batch: int = 256) -> np.ndarray:
+        """Mean ReLU activation per unit over ``xd`` (RuntimeError without hook support)."""
+        sums: list[torch.Tensor] = []
+        if self.head is not None:
+            def pre(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+                sums.append(inp[0].detach().clamp_min(0).sum(0))
+            handle = self.head[1].register_forward_pre_hook(pre)
+        else:
+            def hook(_m: nn.Module, _i: object, o: torch.Tensor) -> None:
+                sums.append(o.detach().clamp_min(0).mean(dim=(2, 3)).sum(0))
+            handle = (self.bn if self.bn is not None else self.conv).register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                for i in range(0, len(xd), batch):
+                    model.logits(xd[i:i + batch])
+        finally:
+            handle.remove()
+        return (torch.stack(sums).sum(0) / max(len(xd), 1)).numpy()
+
+    def ablation(self, model: AuditModel, xd: torch.Tensor) -> np.ndarray:
+        """For models without forward hooks (TorchScript): a unit's importance as the mean
+        change of the logits when it is zeroed."""
         with torch.no_grad():
-            for i in range(0, len(xd), batch):
-                model.logits(xd[i:i + batch])
-    finally:
-        handle.remove()
-    return (torch.stack(sums).sum(0) / max(len(xd), 1)).numpy()
+            base = model.logits(xd)
+            out = np.zeros(self.n)
+            for c in range(self.n):
+                saved = self.zero([c])
+                out[c] = float((model.logits(xd) - base).abs().mean())
+                _restore(saved)
+        return out
+
+    def zero(self, units: list[int], fold: bool = True
+             ) -> list[tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]]:
+        """Zero ``units`` (``fold``: their mean clean activation moves into the next layer's
+        bias, once; not when re-zeroing during fine-tuning); returns what ``_restore``
+        needs, in the order to undo."""
+        saved = []
+        idx = torch.as_tensor(units, dtype=torch.long)
+        with torch.no_grad():
+            if self.head is not None:
+                lin = self.head[1]
+                w = lin.weight
+                if fold and self.fill is not None and lin.bias is not None:
+                    # the pruned inputs are replaced by their mean clean value (folded into
+                    # the bias): the next layer keeps seeing what it expects on clean data
+                    fill = torch.from_numpy(self.fill[units]).float()
+                    saved.append((lin.bias, (slice(None),), lin.bias.data.clone()))
+                    lin.bias.data += w.data[:, idx] @ fill
+                saved.append((w, (slice(None), idx), w.data[:, idx].clone()))
+                w.data[:, idx] = 0
+                return saved
+            params = [self.conv.weight] + ([self.conv.bias]
+                                           if getattr(self.conv, "bias", None) is not None
+                                           else [])
+            if self.bn is not None:
+                params += [p for p in (self.bn.weight, self.bn.bias) if p is not None]
+            for p in params:
+                saved.append((p, (idx,), p.data[idx].clone()))
+                p.data[idx] = 0
+        return saved
 
 
-def _ablation_activation(model: AuditModel, conv: nn.Module, bn: nn.Module | None,
-                         xd: torch.Tensor) -> np.ndarray:
-    """For models without forward hooks (TorchScript): a channel's importance as the mean change
-    of the logits when it is zeroed."""
+def _restore(saved: list[tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]]) -> None:
     with torch.no_grad():
-        base = model.logits(xd)
-        out = np.zeros(conv.weight.shape[0])
-        for c in range(len(out)):
-            saved = _zero_channels(conv, bn, [c])
-            out[c] = float((model.logits(xd) - base).abs().mean())
-            _restore(saved, [c])
-    return out
-
-
-def _zero_channels(conv: nn.Module, bn: nn.Module | None, channels: list[int]
-                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    saved = []
-    with torch.no_grad():
-        params = [conv.weight] + ([conv.bias] if getattr(conv, "bias", None) is not None else [])
-        if bn is not None:
-            params += [p for p in (bn.weight, bn.bias) if p is not None]
-        idx = torch.as_tensor(channels, dtype=torch.long)
-        for p in params:
-            saved.append((p, p.data[idx].clone()))
-            p.data[idx] = 0
-    return saved
-
-
-def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]], channels: list[int]) -> None:
-    with torch.no_grad():
-        idx = torch.as_tensor(channels, dtype=torch.long)
-        for p, old in saved:
-            p.data[idx] = old
+        for p, where, old in reversed(saved):
+            p.data[where] = old
 
 
 def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | None = None,
                nc: CleanseResult | None = None, trigger_classes: list[int] | None = None
                ) -> dict[str, Any]:
-    """Fine-pruning in place; returns what was pruned and the fine-tuning record."""
+    """Fine-pruning in place; returns what was pruned and the fine-tuning record.
+
+    The units are the last conv layer's channels, or its (channel, cell) outputs when the
+    classifier reads the map position by position (a localised trigger's features live in one
+    cell; pruning whole channels there misses them). Units are pruned by increasing mean clean
+    activation while the clean accuracy stays within ``prune_budget``; with a reversed trigger,
+    the units it excites far more than clean inputs do (robust z > 3) go first, regardless of
+    the budget (the fine-tuning then recovers the accuracy)."""
     cfg = config or RepairConfig()
     t0 = time.perf_counter()
     module = model.module.eval()
-    conv_name, conv, bn_name, bn = last_conv(module)
-    n_ch = int(conv.weight.shape[0])
+    units = _Units(module)
+    n_ch = units.n
     tr, va = _split(clean, cfg.val_fraction, cfg.seed)
     x_all = to_data_tensor(clean.x)
     xv, yv = x_all[va], clean.y[va]
-    unit = bn if bn is not None else conv
     try:
-        act = _channel_activation(model, unit, x_all[tr])
+        act = units.activation(model, x_all[tr])
         ranking = "mean clean activation"
+        units.fill = act
     except RuntimeError:
-        act = _ablation_activation(model, conv, bn, x_all[tr][:128])
+        act = units.ablation(model, x_all[tr][:128])
         ranking = "logit change when zeroed (no forward hooks on this model)"
     order = list(np.argsort(act, kind="stable"))
     trig_first: list[int] = []
@@ -434,40 +539,75 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     if nc is not None and classes and ranking.startswith("mean"):
         others = tr[np.isin(clean.y[tr], classes, invert=True)][:256]
         stamped = torch.cat([nc.stamp(clean.x[others], k) for k in classes])
-        act_t = _channel_activation(model, unit, stamped)
-        excess = act_t - act
+        act_t = units.activation(model, stamped)
+        act_o = units.activation(model, x_all[others])
+        excess = act_t - act_o
         spread = np.median(np.abs(excess - np.median(excess))) * 1.4826 + 1e-8
         z = (excess - np.median(excess)) / spread
         trig_first = [int(c) for c in np.argsort(-z) if z[c] > 3.0]
-        order = trig_first + [c for c in order if c not in set(trig_first)]
-    base_acc = _accuracy(model, xv, yv)
+    base_pred = model.predict_data(xv)
+    base_acc = float(np.mean(base_pred == yv)) if len(yv) else 0.0
     y_all = clean.y
     base_all = _accuracy(model, x_all, y_all)
-    step = cfg.prune_step or max(1, n_ch // 32)
     pruned: list[int] = []
-    curve = [{"n_pruned": 0, "clean_acc": base_all}]
-    for start in range(0, n_ch - 1, step):
-        batch = [int(c) for c in order[start:start + step]]
+    curve: list[dict[str, Any]] = [{"n_pruned": 0, "clean_acc": base_all}]
+    if trig_first:
+        # the trigger's units, most excited first, until no variant of the reversed trigger
+        # (as stamped when unlearning: also its hardened, grown and box-filled masks) works
+        variants = _Stamper(nc, classes)
+        t_step = max(1, n_ch // 128)
+        limit = max(1, int(cfg.max_trigger_units * n_ch))
+        best, best_n, since, saved_after = np.inf, 0, 0, []
+        for start in range(0, min(len(trig_first), limit), t_step):
+            batch = trig_first[start:start + t_step]
+            saved_after.append(units.zero(batch))
+            pruned += batch
+            rate = variants.worst_asr(model, x_all[tr], clean.y[tr])
+            curve.append({"n_pruned": len(pruned), "clean_acc": _accuracy(model, x_all, y_all),
+                          "trigger_asr": rate})
+            if rate is None:
+                break
+            if rate < best - 0.01:
+                best, best_n, since, saved_after = rate, len(pruned), 0, []
+            elif best < 0.5:  # (while the trigger still works on most inputs, keep going)
+                since += 1
+            # stop once the trigger no longer works, or no longer responds to pruning (the
+            # rest is the clean model's own response to the stamp); undo the steps that did
+            # not help
+            if best <= cfg.trigger_stop or since >= cfg.trigger_patience:
+                break
+        # the steps after the best are kept: once the reversed trigger sits at the clean
+        # model's own response, the real trigger (of which it is often only a part) still
+        # loses strength to further pruning of its units, at little cost in accuracy
+        del saved_after, best_n
+    # classic fine-pruning when no trigger is known: the least active units, while the
+    # held-out clean accuracy stays within the budget
+    rest = [] if trig_first else [int(c) for c in order]
+    step = cfg.prune_step or max(1, n_ch // 32)
+    ref = _accuracy(model, xv, yv)
+    for start in range(0, len(rest), step):
+        batch = rest[start:start + step]
         if len(pruned) + len(batch) >= n_ch:
             break
-        saved = _zero_channels(conv, bn, batch)
-        acc = _accuracy(model, x_all, y_all)
-        if acc < base_all - cfg.prune_budget and not set(batch) <= set(trig_first):
-            _restore(saved, batch)
+        saved = units.zero(batch)
+        acc = _accuracy(model, xv, yv)
+        if acc < ref - cfg.prune_budget - 1e-9:
+            _restore(saved)
             break
         pruned += batch
-        curve.append({"n_pruned": len(pruned), "clean_acc": acc})
+        curve.append({"n_pruned": len(pruned), "val_acc": acc})
 
     def keep_pruned() -> None:
         if pruned:
-            _zero_channels(conv, bn, pruned)
+            units.zero(pruned, fold=False)
 
-    ft = finetune(model, clean, cfg, stamp_classes=classes, nc=nc, after_step=keep_pruned,
-                  ref_acc=base_acc)
+    ft = finetune(model, clean, cfg, stamp_classes=classes if cfg.prune_stamp else None,
+                  nc=nc if cfg.prune_stamp else None, after_step=keep_pruned,
+                  ref_pred=base_pred)
     keep_pruned()
-    return {"method": "fine-prune", "layer": conv_name, "batchnorm": bn_name,
-            "n_channels": n_ch, "n_pruned": len(pruned), "pruned": sorted(pruned),
-            "trigger_channels_first": trig_first, "ranking": ranking,
+    return {"method": "fine-prune", "layer": units.layer, "units": units.kind,
+            "batchnorm": units.bn_name, "n_channels": n_ch, "n_pruned": len(pruned),
+            "pruned": sorted(pruned), "trigger_channels_first": trig_first, "ranking": ranking,
             "val_acc_before": base_acc, "prune_curve": curve, "finetune": ft,
             "config": cfg.to_dict(), "runtime_s": round(time.perf_counter() - t0, 3)}
 
