@@ -77,6 +77,7 @@ def _augment(xb: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor
 
 
 BatchLoss = Callable[[torch.Tensor, np.ndarray, int], torch.Tensor]
+BatchTargets = Callable[[np.ndarray, int], torch.Tensor | None]
 EpochEnd = Callable[[int, nn.Module], None]
 
 
@@ -84,11 +85,14 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
                      model: nn.Module | None = None, input_spec: InputSpec | None = None,
                      arch: str | None = None, n_classes: int | None = None,
                      progress: bool = False, batch_loss: BatchLoss | None = None,
-                     epoch_end: EpochEnd | None = None) -> TrainResult:
+                     epoch_end: EpochEnd | None = None,
+                     batch_targets: BatchTargets | None = None) -> TrainResult:
     """Train ``model`` (default: a built-in architecture sized to ``data``) on ``data``.
 
     ``batch_loss(per_sample_losses, dataset_indices, epoch)`` turns a batch's per-sample losses
     into the scalar to minimise (default: their mean); guarded training plugs in here.
+    ``batch_targets(dataset_indices, epoch)`` may return a (batch, classes) matrix of target
+    distributions that replaces the labels for that batch (``None``: the labels).
     ``epoch_end(epoch, model)`` runs after every epoch. Deterministic for a given seed on one
     machine. Returns the trained adapter and history.
     """
@@ -142,8 +146,13 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
             if logits.ndim != 2 or logits.shape[1] < n_classes:
                 raise DataError(f"model output shape {tuple(logits.shape)} does not match "
                                 f"{n_classes} classes")
-            per_sample = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing,
-                                         reduction="none")
+            targets = None if batch_targets is None else batch_targets(idx, epoch)
+            if targets is None:
+                per_sample = F.cross_entropy(logits, yb, label_smoothing=config.label_smoothing,
+                                             reduction="none")
+            else:
+                per_sample = F.cross_entropy(logits[:, :targets.shape[1]], targets,
+                                             reduction="none")
             loss = per_sample.mean() if batch_loss is None else batch_loss(per_sample, idx,
                                                                            epoch)
             opt.zero_grad(set_to_none=True)

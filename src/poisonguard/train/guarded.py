@@ -36,8 +36,14 @@ class GuardConfig:
     abl: one training schedule whose first ``abl_isolation_epochs`` (default: a quarter) use
     local gradient ascent with loss floor ``abl_gamma``; then the ``abl_isolation_rate`` share of
     samples with the lowest loss is isolated (a fixed share, as in the ABL paper, never the poison
-    rate), training continues on the rest, and the isolated samples are unlearned for up to
-    ``abl_unlearn_steps`` at ``abl_unlearn_lr`` (see :func:`_unlearn`).
+    rate) and, with ``abl_expand_seed``, grown to the rest of the poison population of the
+    classes it claims (:func:`poisonguard.train.seeded.expand_from_seed`). When that expansion is
+    accepted in every claimed class (``abl_relabel_in_training``), the isolated samples stay in
+    training for the remaining epochs with soft targets (the model's distribution over their
+    other classes), so the backdoor is unlearned while the clean task keeps training; otherwise
+    training continues on the rest and the isolated samples are unlearned afterwards for up to
+    ``abl_unlearn_steps`` at ``abl_unlearn_lr`` (see :func:`_unlearn`), which also runs when
+    the in-training relabelling left the isolated samples on their labels.
     monitor_gradients: record per-sample gradient norms of ``monitor_params`` every epoch.
     """
 
@@ -61,6 +67,7 @@ class GuardConfig:
     abl_unlearn_retries: int = 2
     abl_expand_rounds: int = 2
     abl_expand_seed: bool = True
+    abl_relabel_in_training: bool = True
     monitor_gradients: bool = False
     monitor_params: tuple[str, ...] = ("embed", "head")
 
@@ -195,6 +202,8 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
     def batch_loss(per_sample: torch.Tensor, idx: np.ndarray, epoch: int) -> torch.Tensor:
         if epoch < iso_epochs:  # local gradient ascent: no sample's loss is pushed below gamma
             return loss_floor_ascent(per_sample, gamma)
+        if state.get("soft") is not None:  # isolated samples train toward their soft targets
+            return per_sample.mean()
         keep = torch.from_numpy(~isolated[idx])
         if not bool(keep.any()):
             return per_sample.sum() * 0.0
@@ -219,17 +228,50 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                                                    losses, isolated.copy())
                 isolated[added] = True
                 state["expansion"] = evidence
+                complete = bool(evidence["classes"]) and all(
+                    v["accepted"] for v in evidence["classes"].values())
+                if complete and guard.abl_relabel_in_training:
+                    iso_idx = np.flatnonzero(isolated)
+                    targets = _soft_targets(model, clf.input_spec, data.x[iso_idx],
+                                            y_all[iso_idx], guard.abl_relabel)
+                    soft = torch.zeros(len(data), targets.shape[1])
+                    soft[iso_idx] = targets
+                    state["soft"] = soft
+
+    y_all = torch.from_numpy(data.y)
+
+    def batch_targets(idx: np.ndarray, epoch: int) -> torch.Tensor | None:
+        soft = state.get("soft")
+        if epoch < iso_epochs or soft is None:
+            return None
+        m = isolated[idx]
+        if not m.any():
+            return None
+        t = F.one_hot(y_all[idx], soft.shape[1]).float()
+        t[torch.from_numpy(m)] = soft[idx[m]]
+        return t
 
     train = train_classifier(data, config, n_classes=n_classes, progress=progress,
-                             batch_loss=batch_loss, epoch_end=epoch_end)
+                             batch_loss=batch_loss, epoch_end=epoch_end,
+                             batch_targets=batch_targets)
     model = train.classifier.model
     initial = state.get("initial", isolated.copy())
     n_after_expansion = int(isolated.sum())
     expansion = state.get("expansion") or {}
     complete = bool(expansion.get("classes")) and all(
         v["accepted"] for v in expansion["classes"].values())
-    unlearned = _unlearn(model, data, isolated, train.classifier, guard, config,
-                         losses=state["losses"], expand=not complete)
+    iso_acc = None
+    if state.get("soft") is not None:
+        iso_idx = np.flatnonzero(isolated)
+        iso_acc = float((train.classifier.predict(data.x[iso_idx]) == data.y[iso_idx]).mean())
+    if iso_acc is not None and iso_acc < guard.abl_unlearn_stop:
+        unlearned = {"steps": 0, "relabelled_in_training": True,
+                     "isolated_accuracy_after_training": iso_acc, "reverted": False}
+    else:
+        unlearned = _unlearn(model, data, isolated, train.classifier, guard, config,
+                             losses=state["losses"], expand=not complete)
+        unlearned["relabelled_in_training"] = iso_acc is not None
+        unlearned["isolated_accuracy_after_training"] = iso_acc
     train.classifier = TorchClassifier(model.eval(), train.classifier.input_spec,
                                        layer=train.classifier.layer, n_classes=n_classes)
     return GuardedResult(train.classifier, train, guard, 0.0, isolated=isolated,
