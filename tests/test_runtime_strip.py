@@ -14,6 +14,7 @@ from poisonguard.models.adapter import InputSpec, TorchClassifier
 from poisonguard.runtime.strip import (
     StripConfig,
     StripFilter,
+    conformal_threshold,
     cut_masks,
     evaluate,
     validate_inputs,
@@ -225,3 +226,12 @@ def test_cut_blends_and_format2_calibration(tmp_path) -> None:  # noqa: ANN001
     (tmp_path / "strip.json").write_text(json.dumps(meta))
     with pytest.raises(ConfigError, match="newer"):
         StripFilter.load(tmp_path, make_clf())
+
+
+def test_conformal_threshold() -> None:
+    v = np.arange(199, -1, -1, dtype=float)  # 0..199, unsorted
+    # rank ceil(201 * 0.99) = 199 -> value 198: 1 of 200 above, expected FRR 2/201 <= 1%
+    assert conformal_threshold(v, 0.01) == 198.0
+    assert conformal_threshold(v, 0.0) > 199.0 and conformal_threshold(v[:50], 0.01) > 49.0
+    with pytest.raises(DataError, match="no calibration"):
+        conformal_threshold(np.zeros(0), 0.01)

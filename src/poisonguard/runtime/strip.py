@@ -24,8 +24,10 @@ prediction (``log-odds``: graded, unbounded), or the mean Shannon entropy in bit
 STRIP's original: a trigger keeps it low). ``auto`` (default) takes ``probability`` for ``cut``,
 whose blends keep only a fragment of the input, so each blend's outcome is close to a yes/no, and
 ``log-odds`` for ``mix`` and ``add``, whose blends keep all of it at a graded strength. Its
-threshold is the ``target_frr / n_tests`` quantile on clean held-out inputs (disjoint from the
-pool), never on poisons. ``StripResult.score`` is the largest margin of a test statistic over its
+threshold is the split-conformal ``1 - target_frr / n_tests`` quantile of clean held-out inputs
+(disjoint from the pool; never poisons), so the expected FRR of each test on new clean inputs is
+at most its share and the union's at most ``target_frr`` (:func:`conformal_threshold`).
+``StripResult.score`` is the largest margin of a test statistic over its
 threshold, oriented so that higher = more suspicious and ``score > 0`` = flagged.
 
 The calibration (thresholds, FRR, N, blend, seed, clean summaries) is saved as JSON and the blend
@@ -285,7 +287,7 @@ class StripFilter:
     def calibrate(cls, classifier: TorchClassifier, clean_x: np.ndarray,
                   config: StripConfig | None = None) -> StripFilter:
         """Draw the blend pool from ``clean_x`` (seeded) and set each test's threshold at the
-        ``target_frr / n_tests`` upper quantile of its statistic on the remaining clean
+        conformal ``target_frr / n_tests`` upper quantile of its statistic on the remaining clean
         inputs."""
         config = config or StripConfig()
         clean_x = np.asarray(clean_x)
@@ -308,10 +310,7 @@ class StripFilter:
         res = filt.screen(clean_x[cal_idx])
         thresholds = {}
         for test, v in res.stats.items():
-            # the 'higher' quantile is an observed value; flags are strictly above it, so at
-            # most floor(per_test * (n - 1)) calibration inputs are rejected per test
-            thresholds[test] = float(np.quantile(v, 1.0 - per_test, method="higher")) \
-                if per_test > 0 else float(v.max()) + 1e-9
+            thresholds[test] = conformal_threshold(v, per_test)
         flagged = np.zeros(len(res), dtype=bool)
         for test, v in res.stats.items():
             flagged |= v > thresholds[test]
@@ -561,6 +560,20 @@ def validate_inputs(x: Any, sample_shape: tuple[int, ...], what: str = "inputs")
             raise DataError(f"{what}: {int(bad.sum())} NaN/inf value(s) in input(s) "
                             f"{rows[:10].tolist()}{' …' if len(rows) > 10 else ''}")
     return x
+
+
+def conformal_threshold(values: np.ndarray, rate: float) -> float:
+    """Threshold on ``values`` (clean calibration statistics, higher = more suspicious; flagged
+    strictly above) whose expected false-rejection rate on a new clean input exchangeable with
+    them is at most ``rate``: the ``ceil((n + 1) * (1 - rate))``-th smallest value (split
+    conformal), or just above the largest when ``n`` is too small for that rank."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if len(v) == 0:
+        raise DataError("no calibration statistics to set a threshold on")
+    k = math.ceil((len(v) + 1) * (1.0 - rate) - 1e-9)
+    if rate <= 0 or k > len(v):
+        return float(v[-1]) + 1e-9
+    return float(v[k - 1])
 
 
 def score_edges(*scores: np.ndarray) -> np.ndarray:
