@@ -580,22 +580,22 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
         # model's own response, the real trigger (of which it is often only a part) still
         # loses strength to further pruning of its units, at little cost in accuracy
         del saved_after, best_n
-    # classic fine-pruning when no trigger is known: the least active units, while the
-    # held-out clean accuracy stays within the budget
+    # classic fine-pruning when no trigger is known: the least active units zeroed (no mean
+    # fill: that hides each step's cost from a few hundred samples while the steps add up),
+    # while the accuracy on the whole trusted set stays within the budget
     rest = [] if trig_first else [int(c) for c in order]
     step = cfg.prune_step or max(1, n_ch // 32)
-    ref = _accuracy(model, xv, yv)
     for start in range(0, len(rest), step):
         batch = rest[start:start + step]
         if len(pruned) + len(batch) >= n_ch:
             break
-        saved = units.zero(batch)
-        acc = _accuracy(model, xv, yv)
-        if acc < ref - cfg.prune_budget - 1e-9:
+        saved = units.zero(batch, fold=False)
+        acc = _accuracy(model, x_all, y_all)
+        if acc < base_all - cfg.prune_budget - 1e-9:
             _restore(saved)
             break
         pruned += batch
-        curve.append({"n_pruned": len(pruned), "val_acc": acc})
+        curve.append({"n_pruned": len(pruned), "clean_acc": acc})
 
     def keep_pruned() -> None:
         if pruned:
