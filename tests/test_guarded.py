@@ -101,3 +101,29 @@ def test_monitor_result_joins_cross_reference() -> None:
     cross = cross_reference([mon, mon], y)
     assert cross.flags[:30].all() and cross.flags[30:].sum() == 0
     assert 0 in cross.suspicious_classes
+
+
+def test_abl_relabels_a_complete_isolated_set_during_training(digits, monkeypatch) -> None:
+    """Once the isolated set is the whole poison population (the seed expansion is stubbed here
+    with the ground truth, to test the mechanism alone), training on with soft targets removes
+    the backdoor that plain training learns."""
+    import poisonguard.train.guarded as guarded
+    from poisonguard.metrics import accuracy
+
+    train, test = digits
+    p = badnets(train, rate=0.1, target=0, seed=0, test=test, size=3)
+    truth = p.is_poison
+
+    def expand(_x, _y, _reps, _losses, seed):  # noqa: ANN001, ANN202
+        return truth & ~seed, {"classes": {"0": {"accepted": True}}}
+
+    monkeypatch.setattr(guarded, "expand_from_seed", expand)
+    cfg = TrainConfig(epochs=8, batch_size=64, seed=0)
+    plain = train_guarded(p.data, GuardConfig(), cfg).classifier
+    r = train_guarded(p.data, GuardConfig(defense="abl"), cfg)
+    assert r.info["unlearning"]["relabelled_in_training"] is True
+    assert (r.isolated >= truth).all()
+    asr_plain = accuracy(plain.predict(p.test_triggered.x), p.test_triggered.y)
+    asr_abl = accuracy(r.classifier.predict(p.test_triggered.x), p.test_triggered.y)
+    assert asr_plain > 0.9 and asr_abl < 0.1, (asr_plain, asr_abl)
+    assert accuracy(r.classifier.predict(test.x), test.y) > 0.9
