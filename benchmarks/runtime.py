@@ -106,13 +106,13 @@ def trained_model(name: str, attack: str, seed: int) -> dict[str, Any]:
 
 
 # 'add' and 'mix0.8' are the original STRIP entropy tests (the earlier defaults); 'cut+mix' the
-# default: cut-and-paste (2N = 40 blends; mean probability of the own prediction) and mix 0.8
-# (N = 20; mean log-odds of the own prediction), union of both at half the FRR each;
+# default: cut-and-paste (2N = 40 blends) and mix 0.8 (N = 20), mean log-odds of the own
+# prediction, union of both at half the FRR each;
 # 'cut+mix-v2' the previous default (N = 20 cut blends, mean log-odds)
 BLENDS = {"add": {"blend": "add", "statistic": "entropy"},
           "mix0.8": {"blend": "mix", "alpha": 0.8, "statistic": "entropy"},
           "cut+mix": {"blend": "cut+mix", "alpha": 0.8, "cut_area": 0.75,
-                      "statistic": "auto", "cut_blends": 40},
+                      "statistic": "log-odds", "cut_blends": 40},
           "cut+mix-v2": {"blend": "cut+mix", "alpha": 0.8, "cut_area": 0.75,
                          "statistic": "log-odds", "cut_blends": 20}}
 
@@ -349,11 +349,11 @@ def summarise(res: dict) -> str:
              "Blends: `add` (saturating sum) and `mix0.8` (0.8 x + 0.2 clean) with STRIP's mean "
              "entropy (the first default was `add`); `cut+mix` (the default): a random "
              "rectangle covering 75% of the input replaced by a clean image (2N = 40 blends) and "
-             "mix 0.8 (N = 20), scored by the mean probability (cut) or the mean log-odds (mix) "
-             "of the input's own prediction over the blends, each calibrated at 0.5% FRR, "
-             "flagged when either fires; "
-             "`cut+mix-v2` (the previous default): the same with 20 cut blends and the mean "
-             "log-odds. Both defaults were chosen on seed-0 models only (role 'tuned'); seeds 1 "
+             "mix 0.8 (N = 20), each scored by the mean log-odds of the input's own prediction "
+             "over its blends and calibrated at 0.5% FRR (split-conformal), flagged when either "
+             "fires; "
+             "`cut+mix-v2` (the previous default): the same with 20 cut blends. Both "
+             "defaults were chosen on seed-0 models only (role 'tuned'); seeds 1 "
              "and 2 are held-out confirmation.", "",
              "| dataset | attack | blend | seed (role) | clean acc | ASR | FAR | FRR | "
              "FAR (successful) | AUROC | n clean / triggered | cal |",

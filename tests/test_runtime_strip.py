@@ -64,8 +64,9 @@ def test_calibration_respects_target_frr(calibrated: StripFilter) -> None:
     cal = calibrated.calibration
     assert cal is not None and cal.n_calibration == 400  # 20 of 420 form the pool (cut: 2 x 10)
     assert cal.config.blend == "cut+mix" and set(cal.thresholds) == {"cut", "mix"}
-    assert cal.config.statistic == "auto" and len(calibrated.pool) == 20
-    assert cal.to_dict()["statistics"] == {"cut": "probability", "mix": "log-odds"}
+    assert cal.config.statistic == "log-odds" and len(calibrated.pool) == 20
+    assert StripConfig(statistic="auto").statistic_for("cut") == "probability"
+    assert StripConfig(statistic="auto").statistic_for("mix") == "log-odds"
     assert cal.achieved_frr <= 0.01
     held_out = calibrated.screen(clean_images(500, seed=1))
     assert held_out.suspicious.mean() <= 0.03

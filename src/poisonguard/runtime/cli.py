@@ -36,12 +36,12 @@ def _add_strip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--alpha", type=float, default=0.8, help="input weight for 'mix' (0.8)")
     p.add_argument("--cut-area", type=float, default=0.75,
                    help="share of the input a 'cut' blend replaces (0.75)")
-    p.add_argument("--statistic", default="auto",
-                   choices=["auto", "probability", "log-odds", "entropy"],
-                   help="per test: mean probability of the input's own prediction over the "
-                        "blends (high = suspicious), its mean log-odds, or the mean entropy "
-                        "(STRIP's; low = suspicious); auto (default): probability for cut, "
-                        "log-odds for mix and add")
+    p.add_argument("--statistic", default="log-odds",
+                   choices=["log-odds", "probability", "auto", "entropy"],
+                   help="per test: mean log-odds of the input's own prediction over the blends "
+                        "(default; high = suspicious), its mean probability, auto (probability "
+                        "for cut, log-odds for the others) or the mean entropy (STRIP's; low = "
+                        "suspicious)")
     p.add_argument("--cut-blends", type=int, default=None,
                    help="blends of the 'cut' test (default 2 x --n-blends: whether a "
                         "rectangle hides a patch trigger varies from blend to blend)")

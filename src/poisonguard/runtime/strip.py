@@ -16,14 +16,13 @@ per-blend outcome varies most (it depends on whether the rectangle hides the tri
 - ``A+B`` (default ``cut+mix``): both tests, each calibrated at half the FRR budget; an input is
   flagged when either fires (a Bonferroni union: FRR <= budget).
 
-Per test, the statistic (``StripConfig.statistic``) is the mean over the blends of the
-probability of the input's own (unblended) prediction (``probability``: a soft vote of the
-blends, a trigger keeps it high; each blend counts at most 1, so a few blends in which a clean
-input's surviving fragment is very confident cannot carry it), the mean log-odds of that
-prediction (``log-odds``: graded, unbounded), or the mean Shannon entropy in bits (``entropy``,
-STRIP's original: a trigger keeps it low). ``auto`` (default) takes ``probability`` for ``cut``,
-whose blends keep only a fragment of the input, so each blend's outcome is close to a yes/no, and
-``log-odds`` for ``mix`` and ``add``, whose blends keep all of it at a graded strength. Its
+Per test, the statistic (``StripConfig.statistic``) is the mean over the blends of the log-odds
+of the input's own (unblended) prediction (``log-odds``, default: graded, a trigger keeps it
+high), the mean probability of that prediction (``probability``: a soft vote, each blend counts
+at most 1), or the mean Shannon entropy in bits (``entropy``, STRIP's original: a trigger keeps it
+low); ``auto`` takes ``probability`` for ``cut`` and ``log-odds`` for the others. (``auto`` halved
+the missed CIFAR-10 BadNets triggers on the seed-0 model, but the bounded vote saturates: on a
+blended MNIST model its cut test caught 0.3% of triggered inputs, log-odds 100%.) Its
 threshold is the split-conformal ``1 - target_frr / n_tests`` quantile of clean held-out inputs
 (disjoint from the pool; never poisons), so the expected FRR of each test on new clean inputs is
 at most its share and the union's at most ``target_frr`` (:func:`conformal_threshold`).
@@ -84,7 +83,7 @@ class StripConfig:
     target_frr: float = 0.01
     seed: int = 0
     chunk: int = 256
-    statistic: str = "auto"
+    statistic: str = "log-odds"
     cut_area: float = 0.75
     cut_blends: int | None = None
 
