@@ -68,7 +68,7 @@ class RepairConfig:
     stamp_fraction: float = 0.5
     val_fraction: float = 0.2
     max_drop: float = 0.01
-    drop_z: float = 1.0
+    drop_z: float = 0.5
     tune: str = "linear"
     distill: float = 1.0
     rereverse_steps: int = 0
@@ -77,7 +77,7 @@ class RepairConfig:
     adv_steps: int = 0
     optimizer: str = "sgd"
     shift: int = 2
-    trigger_stop: float = 0.02
+    trigger_stop: float = 0.0
     trigger_patience: int = 4
     prune_stamp: bool = False
     max_trigger_units: float = 0.25
