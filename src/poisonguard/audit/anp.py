@@ -44,8 +44,8 @@ class ANPConfig:
     Defaults: the paper's eps 0.4 and alpha 0.2, on the spatial units only, pruned by
     increasing mask within the accuracy budget (threshold 1: no mask cut-off). On the small
     CNNs of our benchmark every batch-norm channel is fragile (at eps 0.4 the perturbed loss
-    is 8 and half the channels' masks collapse to 0, so the paper's 0.2 cut-off prunes
-    needed channels and no backdoor ones), and a localised trigger's features live in one
+    is 8 and a tenth of the channels' masks fall to about 0, so the paper's 0.2 cut-off
+    prunes needed channels and no backdoor ones), and a localised trigger's features live in one
     spatial cell of the last map."""
 
     eps: float = 0.4
