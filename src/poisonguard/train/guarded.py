@@ -59,6 +59,7 @@ class GuardConfig:
     abl_unlearn_weight: float = 1.0
     abl_unlearn_stop: float = 0.05
     abl_check_every: int = 5
+    abl_erase_check_every: int = 50
     abl_unlearn_clip: float = 1.0
     abl_relabel: str = "soft"
     abl_settle_steps: int = 150
@@ -373,8 +374,10 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
     than ``abl_max_turned`` of one claimed class's members away from their label (poisons are a
     minority of their class unless the poison rate is extreme), the isolated samples were
     ordinary easy members of their class rather than a separable shortcut, and the model is
-    restored. When step 1 reached its stop yet failed that check, it overshot: it is retried from
-    the start at a third of the learning rate, up to ``abl_unlearn_retries`` times.
+    restored. The held-out drop is also probed every ``abl_erase_check_every`` steps and an
+    attempt already past the limit stops there. When step 1 reached its stop or was stopped so,
+    yet failed that check, it overshot: it is retried from the start at a third of the learning
+    rate, up to ``abl_unlearn_retries`` times.
     BatchNorm statistics stay frozen throughout."""
     if not isolated.any() or guard.abl_unlearn_steps == 0 or isolated.all():
         return {"steps": 0}
@@ -395,8 +398,12 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
     trusted[held] = False  # held out of unlearning: do the claimed classes survive it?
     trusted_idx, guard_idx = np.flatnonzero(trusted), np.flatnonzero(trusted & claimed)
     held_before = un.predict(held) == data.y[held]
-    check_idx = (iso_idx if len(iso_idx) <= 1000  # the stop rule watches a fixed sample
-                 else np.sort(un.rng.choice(iso_idx, size=1000, replace=False)))
+    check_idx = (iso_idx if len(iso_idx) <= 256  # the stop rule watches a fixed sample
+                 else np.sort(un.rng.choice(iso_idx, size=256, replace=False)))
+    # the erase rule is also watched while unlearning, on part of the held-out defenders
+    probe = np.sort(un.rng.choice(len(held), size=min(len(held), 600), replace=False))
+    probe_classes = [c for c in np.unique(data.y[isolated])
+                     if (data.y[held[probe]] == c).sum() >= 5]
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     un.retarget(iso_idx)
     attempts: list[dict[str, Any]] = []
@@ -408,11 +415,19 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
         un.reset_optimizer(lr)
         start = un.steps
         accs: list[float] = []
+        aborted = False
         while un.steps - start < guard.abl_unlearn_steps:
             un.step(iso_idx, trusted_idx, guard_idx)
             if (un.steps - start) % guard.abl_check_every == 0:
                 accs.append(float((un.predict(check_idx) == data.y[check_idx]).mean()))
                 if accs[-1] < guard.abl_unlearn_stop:
+                    break
+            if (un.steps - start) % guard.abl_erase_check_every == 0 and probe_classes:
+                ok_now = un.predict(held[probe]) == data.y[held[probe]]
+                drops = [held_before[probe][data.y[held[probe]] == c].mean()
+                         - ok_now[data.y[held[probe]] == c].mean() for c in probe_classes]
+                if max(drops) > guard.abl_max_class_loss:
+                    aborted = True  # already erasing a claimed class: stop this attempt
                     break
         reached = bool(accs) and accs[-1] < guard.abl_unlearn_stop
         held_after = un.predict(held) == data.y[held]
@@ -431,8 +446,9 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
         worst_turned = max(v["turned_fraction"] for v in per_class.values())
         ok = worst_drop <= guard.abl_max_class_loss and worst_turned <= guard.abl_max_turned
         attempts.append({"lr": lr, "steps": un.steps - start, "reached_stop": reached,
+                         "aborted_erasing": aborted,
                          "isolated_accuracy_checks": accs, "claimed_classes": per_class})
-        if ok or not reached:  # retry only an unlearning that overshot into the class
+        if ok or not (reached or aborted):  # retry only an unlearning that overshot
             break
     unlearn_steps = un.steps
     info: dict[str, Any] = {"unlearn_steps": unlearn_steps, "attempts": attempts}
