@@ -444,7 +444,10 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
                 if members.any() else 0.0}
         worst_drop = max(v["held_accuracy_drop"] for v in per_class.values())
         worst_turned = max(v["turned_fraction"] for v in per_class.values())
-        ok = worst_drop <= guard.abl_max_class_loss and worst_turned <= guard.abl_max_turned
+        # accepted only when the isolated samples lost their labels (a separable shortcut was
+        # unlearned) without the claimed classes going with them
+        ok = (reached and not aborted and worst_drop <= guard.abl_max_class_loss
+              and worst_turned <= guard.abl_max_turned)
         attempts.append({"lr": lr, "steps": un.steps - start, "reached_stop": reached,
                          "aborted_erasing": aborted,
                          "isolated_accuracy_checks": accs, "claimed_classes": per_class})
@@ -457,9 +460,11 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
         # be unlearned on its own: undo the unlearning
         model.load_state_dict(before)
         return {**info, "reverted": True,
-                "reason": f"unlearning erased a claimed class (worst held-out accuracy drop "
-                          f"{worst_drop:.1%}, limit {guard.abl_max_class_loss:.0%}; worst share "
-                          f"turned {worst_turned:.1%}, limit {guard.abl_max_turned:.0%})"}
+                "reason": ("the isolated samples kept their labels within the step budget"
+                           if not (reached or aborted) else
+                           f"unlearning erased a claimed class (worst held-out accuracy drop "
+                           f"{worst_drop:.1%}, limit {guard.abl_max_class_loss:.0%}; worst share "
+                           f"turned {worst_turned:.1%}, limit {guard.abl_max_turned:.0%})")}
     added = []
     for _ in range(guard.abl_expand_rounds if expand else 0):
         if len(turned) == 0:
