@@ -219,24 +219,54 @@ def _add_trigger_template(data: LabeledData, results: list[DetectorResult],
     flags = combined.flags | tt.flags
     if confirmed:
         flags |= first & np.isin(data.y, list(confirmed))
-    det_flags = {**combined.extras["detector_flags"], tt.name: tt.flags}
-    votes = combined.extras["votes"] + tt.flags
-    confidence = votes / (len(results) + 1)
+    return _join_stage(data, results, combined, tt, flags, confirmed,
+                       {"second_stage": tt.name, "second_stage_confirms_suspect_classes": True})
+
+
+def _join_stage(data: LabeledData, results: list[DetectorResult], combined: DetectorResult,
+                stage: DetectorResult, flags: np.ndarray, poisoned: set[int],
+                rule: dict[str, Any]) -> tuple[list[DetectorResult], DetectorResult]:
+    """Add a template stage to the cross-referenced result: its flags become one more vote,
+    ``flags`` is the merged flag set, and the classes in ``poisoned`` become poisoned with the
+    stage named among their detectors."""
+    det_flags = {**combined.extras["detector_flags"], stage.name: stage.flags}
+    votes = combined.extras["votes"] + stage.flags
     findings = []
     for f in combined.findings:
         evidence, suspicious = f.evidence, f.suspicious
-        if f.label in confirmed:
+        if f.label in poisoned:
             suspicious = True
             evidence = {**f.evidence, "verdict": "poisoned",
-                        "detectors": [*f.evidence["detectors"], tt.name]}
+                        "detectors": [*f.evidence["detectors"], stage.name]}
         findings.append(ClassFinding(f.label, suspicious, f.n_samples,
                                      int(flags[data.y == f.label].sum()), evidence))
-    rule = {**combined.threshold_rule, "second_stage": tt.name,
-            "second_stage_confirms_suspect_classes": True}
-    merged = DetectorResult(combined.name, confidence, flags,
-                            None, rule, tuple(findings), combined.runtime_s + tt.runtime_s,
+    merged = DetectorResult(combined.name, votes / (len(results) + 1), flags, None,
+                            {**combined.threshold_rule, **rule}, tuple(findings),
+                            combined.runtime_s + stage.runtime_s,
                             extras={"votes": votes, "detector_flags": det_flags})
-    return [*results, tt], merged
+    return [*results, stage], merged
+
+
+def _add_seed_template(data: LabeledData, seed: np.ndarray, results: list[DetectorResult],
+                       combined: DetectorResult, min_claim: float = 0.1
+                       ) -> tuple[list[DetectorResult], DetectorResult]:
+    """Third stage, for poisons too few to form a cluster of their own (a 1% rate): in each
+    class holding at least ``min_claim`` of the loss seed and not already judged poisoned, a
+    trigger template formed from the class's seed samples. The template's own rules (agreement
+    of most of the seed, a shift from the rest of the class, no match in other classes) keep
+    easy clean samples from forming one; a template found is input-space evidence on top of the
+    loss evidence, and makes its class poisoned."""
+    classes, counts = np.unique(data.y[seed], return_counts=True)
+    judged = set(combined.suspicious_classes)
+    claimed = [int(c) for c, n in zip(classes, counts)
+               if n >= min_claim * seed.sum() and int(c) not in judged]
+    tt = TriggerTemplate(name="loss_seed_template").detect(data.x, data.y, seed, claimed)
+    found = {f.label for f in tt.findings if f.suspicious and f.n_flagged > 0}
+    new = tt.flags & np.isin(data.y, list(found))
+    stage = DetectorResult(tt.name, tt.scores, new, tt.threshold, tt.threshold_rule,
+                           tt.findings, tt.runtime_s, params={"loss_seed": int(seed.sum())})
+    return _join_stage(data, results, combined, stage, combined.flags | new, found,
+                       {"third_stage": tt.name, "loss_seed_classes": claimed})
 
 
 def _merge_rounds(rounds: list[RoundResult], labels: np.ndarray) -> DetectorResult:
@@ -280,44 +310,6 @@ def _merge_rounds(rounds: list[RoundResult], labels: np.ndarray) -> DetectorResu
                                               "n_flagged": int(r.combined.flags.sum()),
                                               "poisoned_classes": r.combined.suspicious_classes,
                                               "timings": r.timings} for r in rounds]})
-
-
-def _add_seed_template(data: LabeledData, seed: np.ndarray, results: list[DetectorResult],
-                       combined: DetectorResult, min_claim: float = 0.1
-                       ) -> tuple[list[DetectorResult], DetectorResult]:
-    """Third stage, for poisons too few to form a cluster of their own (a 1% rate): in each
-    class holding at least ``min_claim`` of the loss seed and not already judged poisoned, a
-    trigger template formed from the class's seed samples. The template's own rules (agreement
-    of most of the seed, a shift from the rest of the class, no match in other classes) keep
-    easy clean samples from forming one; a template found is input-space evidence on top of the
-    loss evidence, and makes its class poisoned."""
-    classes, counts = np.unique(data.y[seed], return_counts=True)
-    judged = set(combined.suspicious_classes)
-    claimed = [int(c) for c, n in zip(classes, counts)
-               if n >= min_claim * seed.sum() and int(c) not in judged]
-    tt = TriggerTemplate(name="loss_seed_template").detect(data.x, data.y, seed, claimed)
-    found = {f.label for f in tt.findings if f.suspicious and f.n_flagged > 0}
-    new = tt.flags & np.isin(data.y, list(found))
-    flags = combined.flags | new
-    det_flags = {**combined.extras["detector_flags"], tt.name: new}
-    votes = combined.extras["votes"] + new
-    findings = []
-    for f in combined.findings:
-        evidence, suspicious = f.evidence, f.suspicious
-        if f.label in found:
-            suspicious = True
-            evidence = {**f.evidence, "verdict": "poisoned",
-                        "detectors": [*f.evidence["detectors"], tt.name]}
-        findings.append(ClassFinding(f.label, suspicious, f.n_samples,
-                                     int(flags[data.y == f.label].sum()), evidence))
-    rule = {**combined.threshold_rule, "third_stage": tt.name,
-            "loss_seed_classes": claimed}
-    merged = DetectorResult(combined.name, votes / (len(results) + 1), flags, None, rule,
-                            tuple(findings), combined.runtime_s + tt.runtime_s,
-                            extras={"votes": votes, "detector_flags": det_flags})
-    result = DetectorResult(tt.name, tt.scores, new, tt.threshold, tt.threshold_rule,
-                            tt.findings, tt.runtime_s, params={"loss_seed": int(seed.sum())})
-    return [*results, result], merged
 
 
 def scan(data: LabeledData, config: ScanConfig | None = None,
