@@ -198,7 +198,8 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                      guard.abl_isolation_epochs or max(1, math.ceil(config.epochs / 4)))
     gamma = guard.abl_gamma
     isolated = np.zeros(len(data), dtype=bool)
-    state: dict[str, Any] = {"losses": None}
+    y_all = torch.from_numpy(data.y)
+    state: dict[str, Any] = {"losses": None, "complete": False}
 
     def batch_loss(per_sample: torch.Tensor, idx: np.ndarray, epoch: int) -> torch.Tensor:
         if epoch < iso_epochs:  # local gradient ascent: no sample's loss is pushed below gamma
@@ -226,20 +227,18 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
             state["initial"] = isolated.copy()
             if layer is not None:
                 added, evidence = expand_from_seed(data.x, data.y, out["representations"],
-                                                   losses, isolated.copy())
+                                                   losses, state["initial"])
                 isolated[added] = True
                 state["expansion"] = evidence
-                complete = bool(evidence["classes"]) and all(
+                state["complete"] = bool(evidence["classes"]) and all(
                     v["accepted"] for v in evidence["classes"].values())
-                if complete and guard.abl_relabel_in_training:
+                if state["complete"] and guard.abl_relabel_in_training:
                     iso_idx = np.flatnonzero(isolated)
                     targets = _soft_targets(model, clf.input_spec, data.x[iso_idx],
                                             y_all[iso_idx], guard.abl_relabel)
                     soft = torch.zeros(len(data), targets.shape[1])
                     soft[iso_idx] = targets
                     state["soft"] = soft
-
-    y_all = torch.from_numpy(data.y)
 
     def batch_targets(idx: np.ndarray, epoch: int) -> torch.Tensor | None:
         soft = state.get("soft")
@@ -258,9 +257,6 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
     model = train.classifier.model
     initial = state.get("initial", isolated.copy())
     n_after_expansion = int(isolated.sum())
-    expansion = state.get("expansion") or {}
-    complete = bool(expansion.get("classes")) and all(
-        v["accepted"] for v in expansion["classes"].values())
     iso_acc = None
     if state.get("soft") is not None:
         iso_idx = np.flatnonzero(isolated)
@@ -270,7 +266,7 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                      "isolated_accuracy_after_training": iso_acc, "reverted": False}
     else:
         unlearned = _unlearn(model, data, isolated, train.classifier, guard, config,
-                             losses=state["losses"], expand=not complete)
+                             losses=state["losses"], expand=not state["complete"])
         unlearned["relabelled_in_training"] = iso_acc is not None
         unlearned["isolated_accuracy_after_training"] = iso_acc
     train.classifier = TorchClassifier(model.eval(), train.classifier.input_spec,
@@ -402,8 +398,9 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
                  else np.sort(un.rng.choice(iso_idx, size=256, replace=False)))
     # the erase rule is also watched while unlearning, on part of the held-out defenders
     probe = np.sort(un.rng.choice(len(held), size=min(len(held), 600), replace=False))
-    probe_classes = [c for c in np.unique(data.y[isolated])
-                     if (data.y[held[probe]] == c).sum() >= 5]
+    probe_idx, probe_before = held[probe], held_before[probe]
+    probe_masks = [m for m in (data.y[probe_idx] == c for c in np.unique(data.y[isolated]))
+                   if m.sum() >= 5]
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     un.retarget(iso_idx)
     attempts: list[dict[str, Any]] = []
@@ -422,10 +419,9 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
                 accs.append(float((un.predict(check_idx) == data.y[check_idx]).mean()))
                 if accs[-1] < guard.abl_unlearn_stop:
                     break
-            if (un.steps - start) % guard.abl_erase_check_every == 0 and probe_classes:
-                ok_now = un.predict(held[probe]) == data.y[held[probe]]
-                drops = [held_before[probe][data.y[held[probe]] == c].mean()
-                         - ok_now[data.y[held[probe]] == c].mean() for c in probe_classes]
+            if (un.steps - start) % guard.abl_erase_check_every == 0 and probe_masks:
+                ok_now = un.predict(probe_idx) == data.y[probe_idx]
+                drops = [probe_before[m].mean() - ok_now[m].mean() for m in probe_masks]
                 if max(drops) > guard.abl_max_class_loss:
                     aborted = True  # already erasing a claimed class: stop this attempt
                     break
