@@ -55,9 +55,7 @@ def unit_activations(model: AuditModel, xd: torch.Tensor, layer: str,
         raise ModelError(f"cannot attach a hook to layer {layer!r} of this model ({exc})"
                          ) from None
     try:
-        with torch.no_grad():
-            for i in range(0, len(xd), batch):
-                model.logits(xd[i:i + batch])
+        model.run_batches(xd, batch)
     finally:
         handle.remove()
     return torch.cat(captured).numpy().astype(np.float64)

@@ -78,6 +78,13 @@ class AuditModel:
         probs = self.classifier.predict_proba(x[:2])
         return int(probs.shape[1])
 
+    def run_batches(self, xd: torch.Tensor, batch: int) -> None:
+        """Forward ``xd`` in batches without gradients, for hooks attached to the module to
+        observe."""
+        with torch.no_grad():
+            for i in range(0, len(xd), batch):
+                self.logits(xd[i:i + batch])
+
     def predict_data(self, xd: torch.Tensor, batch: int = 512) -> np.ndarray:
         with torch.no_grad():
             return torch.cat([self.logits(xd[i:i + batch]).argmax(1)

@@ -451,9 +451,7 @@ class _Units:
                 sums.append(o.detach().clamp_min(0).mean(dim=(2, 3)).sum(0))
             handle = (self.bn if self.bn is not None else self.conv).register_forward_hook(hook)
         try:
-            with torch.no_grad():
-                for i in range(0, len(xd), batch):
-                    model.logits(xd[i:i + batch])
+            model.run_batches(xd, batch)
         finally:
             handle.remove()
         return (torch.stack(sums).sum(0) / max(len(xd), 1)).numpy()
