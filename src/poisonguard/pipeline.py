@@ -143,10 +143,10 @@ def _train_with_loss_seed(subset: LabeledData, config: ScanConfig, n_classes: in
     end of those epochs is the loss seed (a fixed share, never the poison rate)."""
     from poisonguard.models.adapter import InputSpec
     from poisonguard.train.guarded import isolate_lowest
-    from poisonguard.train.seeded import loss_floor_ascent
+    from poisonguard.train.seeded import loss_floor_ascent, loss_floor_epochs
 
     train_config = config.train_config(len(subset))
-    seed_epochs = max(1, math.ceil(train_config.epochs / 4))
+    seed_epochs = loss_floor_epochs(train_config.epochs)
     captured: dict[str, np.ndarray] = {}
 
     def batch_loss(per_sample: Any, _idx: np.ndarray, epoch: int) -> Any:

@@ -20,7 +20,7 @@ from poisonguard.models.adapter import TorchClassifier
 from poisonguard.models.architectures import DEFAULT_LAYER
 from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
 from poisonguard.train.monitor import GradientNormMonitor
-from poisonguard.train.seeded import expand_from_seed, loss_floor_ascent
+from poisonguard.train.seeded import expand_from_seed, loss_floor_ascent, loss_floor_epochs
 from poisonguard.types import DetectorResult
 
 DEFENSES = ("none", "trim", "abl")
@@ -195,7 +195,7 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
     training on the rest, then unlearning the isolated samples."""
     n_classes = n_classes or data.n_classes
     iso_epochs = min(config.epochs,
-                     guard.abl_isolation_epochs or max(1, math.ceil(config.epochs / 4)))
+                     guard.abl_isolation_epochs or loss_floor_epochs(config.epochs))
     gamma = guard.abl_gamma
     isolated = np.zeros(len(data), dtype=bool)
     y_all = torch.from_numpy(data.y)

@@ -16,6 +16,7 @@ Nothing here uses the poison rate or the target class: both come out of the seed
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,12 @@ def expand_from_seed(x: np.ndarray, labels: np.ndarray, reps: np.ndarray, losses
         evidence["classes"][str(c)] = entry
     evidence["n_added"] = int(added.sum())
     return added, evidence
+
+
+def loss_floor_epochs(epochs: int) -> int:
+    """How many of a schedule's epochs run under the loss floor by default: a quarter, at least
+    one (the isolation point of ABL and of the quarantine's loss seed)."""
+    return max(1, math.ceil(epochs / 4))
 
 
 def loss_floor_ascent(per_sample: torch.Tensor, gamma: float) -> torch.Tensor:
