@@ -45,7 +45,7 @@ MODES = {
 }
 
 
-def run(name: str, scenario: str, mode: str, seed: int, train, test, plain_wall: dict) -> dict:
+def run(name: str, scenario: str, mode: str, seed: int, train, test, plain_cost: dict) -> dict:
     poisoned = None
     data = train
     if scenario != "clean":
@@ -67,11 +67,11 @@ def run(name: str, scenario: str, mode: str, seed: int, train, test, plain_wall:
            "trim_fraction": res.trim_fraction}
     key = (name, scenario, seed)
     if mode == "plain":
-        plain_wall[key] = res.wall_s
-        plain_wall[key + ("cpu",)] = cpu_s
-    if key in plain_wall:
-        rec["wall_vs_plain"] = round(res.wall_s / plain_wall[key], 3)
-        rec["cpu_vs_plain"] = round(cpu_s / plain_wall[key + ("cpu",)], 3)
+        plain_cost[key] = (res.wall_s, cpu_s)
+    if key in plain_cost:
+        wall, cpu = plain_cost[key]
+        rec["wall_vs_plain"] = round(res.wall_s / wall, 3)
+        rec["cpu_vs_plain"] = round(cpu_s / cpu, 3)
     if poisoned is not None:
         truth = poisoned.is_poison
         if res.isolated is not None:
@@ -155,7 +155,7 @@ def main() -> None:
     if args.summarise_only:
         write_summary()
         return
-    plain_wall: dict = {}
+    plain_cost: dict = {}  # (dataset, scenario, seed) -> plain training's (wall s, CPU s)
     for name in args.datasets:
         out = RESULTS / f"guarded_training_{name}{args.tag}.json"
         records = json.loads(out.read_text()) if out.exists() else []
@@ -164,7 +164,7 @@ def main() -> None:
         for seed in args.seeds:
             for scenario in args.scenarios:
                 for mode in ["plain"] + [m for m in args.modes if m != "plain"]:
-                    rec = run(name, scenario, mode, seed, train, test, plain_wall)
+                    rec = run(name, scenario, mode, seed, train, test, plain_cost)
                     print({k: rec.get(k) for k in ("dataset", "scenario", "mode", "seed",
                                                    "clean_accuracy", "asr", "wall_vs_plain")},
                           flush=True)
