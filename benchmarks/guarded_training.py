@@ -125,7 +125,7 @@ def summarise(records: list[dict]) -> str:
              "(3*seed+1) mod 10; epochs as the quarantine's auto_epochs; ABL's 'singled out' = "
              "the final isolated set (the initial 1% is in the JSON). Wall time depends on what "
              "else shared the 2 cores; CPU time (the process's, 1 torch thread) does not, "
-             "and is recorded from commit 4da3124 on.", "",
+             "and is recorded in runs from commit 8bd6a60 on.", "",
              "## Summary over seeds", "", *aggregate(records), "", "## Every run", "",
              "| dataset | scenario | mode | seed | clean acc % | ASR % | wall s (x plain) | "
              "CPU s (x plain) | singled out: precision / recall / AUROC | code |",
