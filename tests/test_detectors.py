@@ -119,3 +119,46 @@ def test_trigger_template_recovers_unlearned_poisons() -> None:
     xb = clean.copy()
     xb[poison] = (0.8 * clean[poison] + 0.2 * rng.integers(0, 255, (8, 8))).astype(np.uint8)
     assert not TriggerTemplate().detect(xb, y, first, [2]).flags.any()
+
+
+def _smooth_images(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Low-frequency 32x32 RGB images (8x8 blocks upsampled) with a little pixel noise."""
+    coarse = rng.uniform(0, 200, (n, 8, 8, 3))
+    x = np.kron(coarse, np.ones((1, 4, 4, 1))) + rng.normal(0, 4, (n, 32, 32, 3))
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+def test_blend_template_recovers_blended_poisons_the_first_stage_missed() -> None:
+    from poisonguard.detect.blend_template import BlendTemplate
+
+    rng = np.random.default_rng(0)
+    x = _smooth_images(rng, 400)
+    y = np.repeat(np.arange(4), 100)
+    poison = np.zeros(400, bool)
+    poison[np.flatnonzero(y == 2)[:40]] = True
+    pattern = rng.integers(0, 256, (32, 32, 3))
+    x[poison] = (0.8 * x[poison] + 0.2 * pattern).astype(np.uint8)
+    first = poison.copy()
+    first[np.flatnonzero(poison)[:10]] = False  # the first stage missed 10 poisons
+    first[np.flatnonzero((y == 2) & ~poison)[:5]] = True  # and flagged 5 clean samples
+    r = BlendTemplate().detect(x, y, first, [2])
+    assert r.findings[0].suspicious
+    assert r.flags[poison].all() and r.flags[~poison].sum() <= 1
+    assert r.scores[poison].min() > r.scores[(y == 2) & ~poison].max()
+
+
+def test_blend_template_rejects_a_clean_subgroup_and_abstains_on_vectors() -> None:
+    from poisonguard.detect.blend_template import BlendTemplate
+
+    rng = np.random.default_rng(1)
+    x = _smooth_images(rng, 400)
+    y = np.repeat(np.arange(4), 100)
+    first = np.zeros(400, bool)
+    first[np.flatnonzero(y == 1)[:30]] = True  # clean samples flagged by mistake
+    r = BlendTemplate().detect(x, y, first, [1])
+    assert not r.flags.any() and not r.findings[0].suspicious
+    assert "additive pattern" in r.findings[0].evidence["reason"]
+    v = BlendTemplate().detect(rng.normal(size=(400, 12)), y, first, [1])
+    assert not v.flags.any() and v.findings[0].evidence["reason"] == "not images"
+    with pytest.raises(DataError, match="same length"):
+        BlendTemplate().detect(x[:10], y, first, [1])

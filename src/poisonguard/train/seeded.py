@@ -9,7 +9,10 @@ claimed by a shortcut; inside each claimed class the quarantine's detectors then
   separated, adds nothing; the cluster is accepted only when it holds most of the seed;
 * the trigger template formed from the seed and the accepted cluster (a stamped patch leaves pixel
   values they share and the rest of the class lacks), which also finds poisons the network has not
-  yet learned; used only in a class the clustering confirmed.
+  yet learned; used only in a class the clustering confirmed;
+* the blend template of the same set (a blended pattern leaves a shared high-frequency additive
+  component), which finds the blended poisons the clustering left with the clean samples; also
+  only in a confirmed class.
 
 Nothing here uses the poison rate or the target class: both come out of the seed.
 """
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from poisonguard.detect.activation_clustering import ActivationClustering
+from poisonguard.detect.blend_template import BlendTemplate
 from poisonguard.detect.trigger_template import TriggerTemplate
 
 
@@ -58,9 +62,12 @@ def expand_from_seed(x: np.ndarray, labels: np.ndarray, reps: np.ndarray, losses
             cls = np.zeros(len(labels), dtype=bool)
             cls[idx[group]] = True
             template = TriggerTemplate().detect(x, labels, seed | cls, [c])
-            cls |= template.flags & (labels == c)
+            blend = BlendTemplate().detect(x, labels, seed | cls, [c])
             entry["n_cluster"] = int(group.sum())
             entry["n_template"] = int((template.flags & (labels == c)).sum())
+            entry["n_blend_template"] = int((blend.flags & (labels == c)).sum())
+            entry["blend_template"] = blend.findings[0].evidence
+            cls |= (template.flags | blend.flags) & (labels == c)
             added |= cls & ~seed
         entry["n_added"] = int((added[idx]).sum())
         evidence["classes"][str(c)] = entry
