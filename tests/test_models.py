@@ -72,6 +72,23 @@ def test_per_sample_grad_norm_matches_autograd(small_digits: LabeledData, traine
         assert fast[i] == pytest.approx(float(ref), rel=1e-3)
 
 
+def test_closed_form_linear_grad_norms_match_torch_func(small_digits: LabeledData,
+                                                        trained) -> None:
+    clf = trained.classifier
+    x, y = small_digits.x[:40], small_digits.y[:40]
+    names = [n for n, _ in clf.model.named_parameters() if n.startswith(("embed", "head"))]
+    assert names
+    fast = clf.per_sample_grad_norm(x, y, params=names)  # closed form: all are Linear
+    named = {n: p.detach() for n, p in clf.model.named_parameters() if n in names}
+    slow = clf._func_grad_norms(x, y, named)
+    assert np.allclose(fast, slow, rtol=1e-4, atol=1e-6)
+    only_weight = [n for n in names if n.endswith("weight")]
+    assert not np.allclose(clf.per_sample_grad_norm(x, y, params=only_weight), fast)
+    assert np.allclose(clf.per_sample_grad_norm(x, y, params=only_weight),
+                       clf._func_grad_norms(x, y, {n: named[n] for n in only_weight}),
+                       rtol=1e-4, atol=1e-6)
+
+
 def test_save_load_roundtrip(tmp_path: Path, small_digits: LabeledData, trained) -> None:
     clf = trained.classifier
     save_model(tmp_path / "m", clf.model, trained.arch, trained.arch_kwargs, clf.input_spec,
