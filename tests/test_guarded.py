@@ -51,7 +51,8 @@ def test_unlearning_reverted_when_it_erases_a_class(digits) -> None:
                                                            abl_max_class_loss=0.05), CFG,
                     losses=losses)
     assert info["reverted"], info
-    assert info["attempts"][-1]["claimed_classes"][3]["held_accuracy_drop"] > 0.05
+    last = info["attempts"][-1]["claimed_classes"][3]  # stopped by the probe, or after the stop
+    assert last.get("probe_accuracy_drop", last.get("held_accuracy_drop")) > 0.05
     assert all(torch.equal(before[k], v) for k, v in clf.model.state_dict().items())
 
 

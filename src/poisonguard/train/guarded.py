@@ -399,8 +399,9 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
     # the erase rule is also watched while unlearning, on part of the held-out defenders
     probe = np.sort(un.rng.choice(len(held), size=min(len(held), 600), replace=False))
     probe_idx, probe_before = held[probe], held_before[probe]
-    probe_masks = [m for m in (data.y[probe_idx] == c for c in np.unique(data.y[isolated]))
-                   if m.sum() >= 5]
+    probe_classes = [int(c) for c in np.unique(data.y[isolated])
+                     if (data.y[probe_idx] == c).sum() >= 5]
+    probe_masks = [data.y[probe_idx] == c for c in probe_classes]
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
     un.retarget(iso_idx)
     attempts: list[dict[str, Any]] = []
@@ -413,6 +414,7 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
         start = un.steps
         accs: list[float] = []
         aborted = False
+        drops: list[float] = []
         while un.steps - start < guard.abl_unlearn_steps:
             un.step(iso_idx, trusted_idx, guard_idx)
             if (un.steps - start) % guard.abl_check_every == 0:
@@ -426,24 +428,31 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
                     aborted = True  # already erasing a claimed class: stop this attempt
                     break
         reached = bool(accs) and accs[-1] < guard.abl_unlearn_stop
-        held_after = un.predict(held) == data.y[held]
-        candidates = np.flatnonzero(claimed & ~isolated)
-        turned = candidates[un.predict(candidates) != data.y[candidates]]
-        per_class = {}
-        for c in np.unique(data.y[isolated]):
-            h = data.y[held] == c
-            members = data.y[candidates] == c
-            per_class[int(c)] = {
-                "held_accuracy_drop": float(held_before[h].mean() - held_after[h].mean())
-                if h.sum() >= 5 else 0.0,
-                "turned_fraction": float(np.isin(candidates[members], turned).mean())
-                if members.any() else 0.0}
-        worst_drop = max(v["held_accuracy_drop"] for v in per_class.values())
-        worst_turned = max(v["turned_fraction"] for v in per_class.values())
-        # accepted only when the isolated samples lost their labels (a separable shortcut was
-        # unlearned) without the claimed classes going with them
-        ok = (reached and not aborted and worst_drop <= guard.abl_max_class_loss
-              and worst_turned <= guard.abl_max_turned)
+        per_class: dict[int, dict[str, float]] = {}
+        ok = False
+        worst_drop: float | None = None
+        worst_turned: float | None = None
+        if aborted:  # the probe already saw a claimed class erased: no need to look further
+            per_class = {c: {"probe_accuracy_drop": float(d)}
+                         for c, d in zip(probe_classes, drops)}
+            worst_drop = float(max(drops))
+        elif reached:
+            held_after = un.predict(held) == data.y[held]
+            candidates = np.flatnonzero(claimed & ~isolated)
+            turned = candidates[un.predict(candidates) != data.y[candidates]]
+            for c in np.unique(data.y[isolated]):
+                h = data.y[held] == c
+                members = data.y[candidates] == c
+                per_class[int(c)] = {
+                    "held_accuracy_drop": float(held_before[h].mean() - held_after[h].mean())
+                    if h.sum() >= 5 else 0.0,
+                    "turned_fraction": float(np.isin(candidates[members], turned).mean())
+                    if members.any() else 0.0}
+            worst_drop = max(v["held_accuracy_drop"] for v in per_class.values())
+            worst_turned = max(v["turned_fraction"] for v in per_class.values())
+            # accepted only when the isolated samples lost their labels (a separable shortcut
+            # was unlearned) without the claimed classes going with them
+            ok = worst_drop <= guard.abl_max_class_loss and worst_turned <= guard.abl_max_turned
         attempts.append({"lr": lr, "steps": un.steps - start, "reached_stop": reached,
                          "aborted_erasing": aborted,
                          "isolated_accuracy_checks": accs, "claimed_classes": per_class})
@@ -456,11 +465,7 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
         # be unlearned on its own: undo the unlearning
         model.load_state_dict(before)
         return {**info, "reverted": True,
-                "reason": ("the isolated samples kept their labels within the step budget"
-                           if not (reached or aborted) else
-                           f"unlearning erased a claimed class (worst held-out accuracy drop "
-                           f"{worst_drop:.1%}, limit {guard.abl_max_class_loss:.0%}; worst share "
-                           f"turned {worst_turned:.1%}, limit {guard.abl_max_turned:.0%})")}
+                "reason": _revert_reason(reached, aborted, worst_drop, worst_turned, guard)}
     added = []
     for _ in range(guard.abl_expand_rounds if expand else 0):
         if len(turned) == 0:
@@ -480,3 +485,15 @@ def _unlearn(model: nn.Module, data: LabeledData, isolated: np.ndarray, like: To
             un.step(iso_idx, trusted_idx, guard_idx)
     return {**info, "reverted": False, "settle_steps": un.steps - unlearn_steps,
             "n_added_per_round": added, "n_isolated_final": int(isolated.sum())}
+
+
+def _revert_reason(reached: bool, aborted: bool, worst_drop: float | None,
+                   worst_turned: float | None, guard: GuardConfig) -> str:
+    if aborted:
+        return (f"unlearning erased a claimed class (held-out probe accuracy drop "
+                f"{worst_drop:.1%}, limit {guard.abl_max_class_loss:.0%})")
+    if not reached:
+        return "the isolated samples kept their labels within the step budget"
+    return (f"unlearning erased a claimed class (worst held-out accuracy drop {worst_drop:.1%}, "
+            f"limit {guard.abl_max_class_loss:.0%}; worst share turned {worst_turned:.1%}, "
+            f"limit {guard.abl_max_turned:.0%})")
