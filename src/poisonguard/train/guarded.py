@@ -59,7 +59,7 @@ class GuardConfig:
     abl_unlearn_weight: float = 1.0
     abl_unlearn_stop: float = 0.05
     abl_check_every: int = 5
-    abl_erase_check_every: int = 50
+    abl_erase_check_every: int = 25
     abl_unlearn_clip: float = 1.0
     abl_relabel: str = "soft"
     abl_settle_steps: int = 150
