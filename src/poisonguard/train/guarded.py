@@ -65,7 +65,7 @@ class GuardConfig:
     abl_settle_steps: int = 150
     abl_max_class_loss: float = 0.2
     abl_max_turned: float = 0.8
-    abl_unlearn_retries: int = 2
+    abl_unlearn_retries: int = 1
     abl_expand_rounds: int = 2
     abl_expand_seed: bool = True
     abl_relabel_in_training: bool = True
