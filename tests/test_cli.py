@@ -155,3 +155,12 @@ def test_scan_runs_provenance_first(tmp_path: Path, poisoned_npz: Path, capsys) 
     assert _exit_code(["scan", str(data), "--manifest", str(truncated), "--out",
                        str(tmp_path / "no"), "--quiet"]) == 2
     assert not (tmp_path / "no").exists()
+
+
+def test_train_refuses_a_dataset_too_small_for_the_batch(tmp_path: Path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    tiny = tmp_path / "tiny.npz"
+    np.savez(tiny, x=rng.integers(0, 255, (12, 8, 8), dtype=np.uint8), y=np.arange(12) % 3)
+    out = tmp_path / "t"
+    assert _exit_code(["train", str(tiny), "--out", str(out), "--quiet"]) == 2
+    assert "too few for batch size" in capsys.readouterr().err and not out.exists()

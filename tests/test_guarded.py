@@ -128,3 +128,18 @@ def test_abl_relabels_a_complete_isolated_set_during_training(digits, monkeypatc
     asr_abl = accuracy(r.classifier.predict(p.test_triggered.x), p.test_triggered.y)
     assert asr_plain > 0.9 and asr_abl < 0.1, (asr_plain, asr_abl)
     assert accuracy(r.classifier.predict(test.x), test.y) > 0.9
+
+
+@pytest.mark.parametrize("defense", ["none", "abl"])
+def test_user_model_is_trained_and_a_mismatched_one_refused(poisoned, defense: str) -> None:
+    from torch import nn
+
+    x = poisoned.data.x
+    flat = int(np.prod(x.shape[1:]))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(flat, 10))
+    r = train_guarded(poisoned.data, GuardConfig(defense=defense), CFG, model=model)
+    assert r.classifier.model is model
+    assert r.classifier.predict(x[:5]).shape == (5,)
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(flat, 3))  # 3 outputs for 10 classes
+    with pytest.raises(DataError, match="does not match 10 classes"):
+        train_guarded(poisoned.data, GuardConfig(defense=defense), CFG, model=wrong)

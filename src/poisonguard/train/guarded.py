@@ -126,8 +126,10 @@ def _monitor_callback(data: LabeledData, spec: Any, params: tuple[str, ...],
 
 def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
                   config: TrainConfig | None = None, n_classes: int | None = None,
-                  progress: bool = False) -> GuardedResult:
-    """Train on ``data`` under ``guard``; see :class:`GuardConfig`."""
+                  progress: bool = False, model: nn.Module | None = None) -> GuardedResult:
+    """Train on ``data`` under ``guard``; see :class:`GuardConfig`. ``model``: the network to
+    train (default: a built-in architecture sized to the data); ABL's seeded expansion needs
+    its ``embed`` layer and is skipped without one."""
     guard = guard or GuardConfig()
     config = config or TrainConfig()
     t0 = time.perf_counter()
@@ -140,7 +142,7 @@ def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
                                        history)
     result: GuardedResult
     if guard.defense == "abl":
-        result = _train_abl(data, guard, config, n_classes, progress, monitor_cb)
+        result = _train_abl(data, guard, config, n_classes, progress, monitor_cb, model)
     else:
         drop_counts = np.zeros(len(data), dtype=np.int32)
         state: dict[str, Any] = {"fraction": guard.trim_fraction}
@@ -157,8 +159,8 @@ def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
 
         if guard.defense == "trim" and guard.trim_warmup_epochs == 0 and state["fraction"] is None:
             raise ConfigError("an estimated trim fraction needs trim_warmup_epochs >= 1")
-        train = train_classifier(data, config, n_classes=n_classes, progress=progress,
-                                 batch_loss=batch_loss, epoch_end=epoch_end)
+        train = train_classifier(data, config, model=model, n_classes=n_classes,
+                                 progress=progress, batch_loss=batch_loss, epoch_end=epoch_end)
         result = GuardedResult(train.classifier, train, guard, 0.0,
                                drop_counts=drop_counts if guard.defense == "trim" else None,
                                trim_fraction=state["fraction"])
@@ -190,7 +192,8 @@ def _trim_loss(guard: GuardConfig, state: dict[str, Any], drop_counts: np.ndarra
 
 
 def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
-               n_classes: int | None, progress: bool, monitor_cb: Any) -> GuardedResult:
+               n_classes: int | None, progress: bool, monitor_cb: Any,
+               model: nn.Module | None = None) -> GuardedResult:
     """One training schedule: LGA for the isolation epochs, isolation of the lowest-loss share,
     training on the rest, then unlearning the isolated samples."""
     n_classes = n_classes or data.n_classes
@@ -251,8 +254,8 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
         t[torch.from_numpy(m)] = soft[idx[m]]
         return t
 
-    train = train_classifier(data, config, n_classes=n_classes, progress=progress,
-                             batch_loss=batch_loss, epoch_end=epoch_end,
+    train = train_classifier(data, config, model=model, n_classes=n_classes,
+                             progress=progress, batch_loss=batch_loss, epoch_end=epoch_end,
                              batch_targets=batch_targets)
     model = train.classifier.model
     initial = state.get("initial", isolated.copy())
