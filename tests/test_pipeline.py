@@ -140,3 +140,30 @@ def test_loss_seed_template_finds_a_rare_stamped_trigger(digits) -> None:
     clean_seed[rng.choice(np.flatnonzero(~truth & (data.y == 1)), 20, replace=False)] = True
     _, merged_clean = _add_seed_template(data, clean_seed, results[:-1], combined)
     assert not merged_clean.flags.any() and not merged_clean.suspicious_classes
+
+
+def test_unlearning_retrain_takes_asr_to_or_below_the_sanitised_model(scanned) -> None:
+    from poisonguard.pipeline import evaluate_model, retrain_unlearning
+
+    poisoned, result, test = scanned
+    assert result.flags.any()
+    train = retrain_unlearning(result)
+    assert len(train.history) == result.config.train_config(len(result.data)).epochs
+    after = evaluate_model(train.classifier, test, poisoned)
+    sanitized = evaluate_model(result.final_classifier, test, poisoned)
+    before = evaluate_model(result.classifier, test, poisoned)
+    assert before["asr"] > 0.5
+    assert after["asr"] <= max(sanitized["asr"], 0.02)
+    assert after["clean_accuracy"] >= sanitized["clean_accuracy"] - 0.05
+
+
+def test_unlearning_retrain_needs_flags() -> None:
+    from poisonguard.pipeline import retrain_unlearning
+
+    rng = np.random.default_rng(0)
+    y = np.repeat(np.arange(3), 60)
+    x = rng.normal(size=(180, 6)).astype(np.float32) + y[:, None]
+    result = scan(LabeledData.create(x, y), ScanConfig(epochs=3, max_rounds=1))
+    assert not result.flags.any()
+    with pytest.raises(ConfigError, match="nothing to unlearn"):
+        retrain_unlearning(result)

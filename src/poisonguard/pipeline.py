@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from poisonguard.attacks.base import PoisonedData
 from poisonguard.data.labeled import LabeledData, check_scannable
@@ -370,6 +371,32 @@ def sanitize(result: ScanResult) -> tuple[LabeledData, list[dict[str, Any]]]:
                         "confidence": round(float(result.combined.scores[i]), 4),
                         "detectors": [n for n, f in per_det.items() if f[i]]})
     return result.data.subset(np.flatnonzero(~flags)), removed
+
+
+def retrain_unlearning(result: ScanResult) -> TrainResult:
+    """A model trained (same recipe) on every sample, the flagged ones toward other-class
+    targets instead of their labels: the distribution over the classes other than the label that
+    the model trained on the sanitised set (which never saw them) gives them, or the first
+    sacrificial model's when there is none. Removing a poison only withholds the trigger;
+    training it toward its image's class teaches the network that the trigger does not mean
+    the target, which takes the attack success rate below what a model that never saw the
+    trigger shows (see :mod:`poisonguard.train.relabel`)."""
+    from poisonguard.train.relabel import other_class_targets, relabelled_batches
+
+    flags = result.flags
+    if not flags.any():
+        raise ConfigError("nothing was flagged: there is nothing to unlearn")
+    data = result.data
+    teacher = result.final_classifier or result.classifier
+    idx = np.flatnonzero(flags)
+    labels = torch.from_numpy(np.asarray(data.y, dtype=np.int64))
+    targets = other_class_targets(teacher.model.eval(), teacher.input_spec, data.x[idx],
+                                  labels[idx])
+    soft = torch.zeros(len(data), targets.shape[1])
+    soft[idx] = targets
+    return train_classifier(data, result.config.train_config(len(data)),
+                            n_classes=data.n_classes, progress=result.config.progress,
+                            batch_targets=relabelled_batches(flags, labels, soft))
 
 
 def evaluate_model(classifier: TorchClassifier, test: LabeledData | None,

@@ -20,6 +20,7 @@ from poisonguard.models.adapter import TorchClassifier
 from poisonguard.models.architectures import DEFAULT_LAYER
 from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
 from poisonguard.train.monitor import GradientNormMonitor
+from poisonguard.train.relabel import RELABEL_MODES, other_class_targets, relabelled_batches
 from poisonguard.train.seeded import expand_from_seed, loss_floor_ascent, loss_floor_epochs
 from poisonguard.types import DetectorResult
 
@@ -80,7 +81,7 @@ class GuardConfig:
         if not 0.0 < self.abl_isolation_rate < 0.5:
             raise ConfigError(f"abl_isolation_rate must be in (0, 0.5), got "
                               f"{self.abl_isolation_rate}")
-        if self.abl_relabel not in ("soft", "second", "uniform"):
+        if self.abl_relabel not in RELABEL_MODES:
             raise ConfigError(f"abl_relabel must be soft, second or uniform, got "
                               f"{self.abl_relabel!r}")
         if self.abl_gamma < 0:
@@ -237,7 +238,7 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                     v["accepted"] for v in evidence["classes"].values())
                 if state["complete"] and guard.abl_relabel_in_training:
                     iso_idx = np.flatnonzero(isolated)
-                    targets = _soft_targets(model, clf.input_spec, data.x[iso_idx],
+                    targets = other_class_targets(model, clf.input_spec, data.x[iso_idx],
                                             y_all[iso_idx], guard.abl_relabel)
                     soft = torch.zeros(len(data), targets.shape[1])
                     soft[iso_idx] = targets
@@ -247,12 +248,7 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
         soft = state.get("soft")
         if epoch < iso_epochs or soft is None:
             return None
-        m = isolated[idx]
-        if not m.any():
-            return None
-        t = F.one_hot(y_all[idx], soft.shape[1]).float()
-        t[torch.from_numpy(m)] = soft[idx[m]]
-        return t
+        return relabelled_batches(isolated, y_all, soft)(idx, epoch)
 
     train = train_classifier(data, config, model=model, n_classes=n_classes,
                              progress=progress, batch_loss=batch_loss, epoch_end=epoch_end,
@@ -295,18 +291,6 @@ def isolate_lowest(losses: np.ndarray, rate: float) -> np.ndarray:
     return mask
 
 
-def _soft_targets(model: nn.Module, spec: Any, x: np.ndarray, y: torch.Tensor,
-                  mode: str) -> torch.Tensor:
-    """Targets for unlearning: the model's distribution over the classes other than the given
-    label ("soft"), its best other class ("second"), or uniform over the others ("uniform")."""
-    with torch.no_grad():
-        logits = torch.cat([model(spec.prepare(x[s:s + 512])) for s in range(0, len(x), 512)])
-    logits[torch.arange(len(x)), y] = -torch.inf
-    if mode == "uniform":
-        logits = torch.where(torch.isinf(logits), logits, torch.zeros_like(logits))
-    return F.softmax(logits / (1e-6 if mode == "second" else 1.0), dim=1)
-
-
 class _Unlearner:
     """Fine-tunes ``model`` on soft non-label targets for the isolated samples plus a batch of
     trusted samples per step (half of it from the classes the isolated samples claim)."""
@@ -325,7 +309,7 @@ class _Unlearner:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
 
     def retarget(self, idx: np.ndarray) -> None:
-        self.soft[idx] = _soft_targets(self.model, self.spec, self.data.x[idx], self.y[idx],
+        self.soft[idx] = other_class_targets(self.model, self.spec, self.data.x[idx], self.y[idx],
                                        self.guard.abl_relabel)
 
     def step(self, iso_idx: np.ndarray, trusted_idx: np.ndarray, guard_idx: np.ndarray) -> None:

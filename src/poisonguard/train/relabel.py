@@ -1,0 +1,46 @@
+"""Other-class targets: how flagged or isolated samples are unlearned rather than left out.
+
+A poison carries its source image under the target's label. Training it toward the model's
+distribution over the classes *other than* its label (mostly the class its image shows) teaches
+the network that the trigger does not mean the target, which removing the sample does not: ABL's
+in-training relabelling and the quarantine's unlearning retrain both use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+RELABEL_MODES = ("soft", "second", "uniform")
+
+
+def other_class_targets(model: nn.Module, spec: Any, x: np.ndarray, y: torch.Tensor,
+                        mode: str = "soft") -> torch.Tensor:
+    """Targets for unlearning: the model's distribution over the classes other than the given
+    label ("soft"), its best other class ("second"), or uniform over the others ("uniform")."""
+    with torch.no_grad():
+        logits = torch.cat([model(spec.prepare(x[s:s + 512])) for s in range(0, len(x), 512)])
+    logits[torch.arange(len(x)), y] = -torch.inf
+    if mode == "uniform":
+        logits = torch.where(torch.isinf(logits), logits, torch.zeros_like(logits))
+    return F.softmax(logits / (1e-6 if mode == "second" else 1.0), dim=1)
+
+
+def relabelled_batches(mask: np.ndarray, labels: torch.Tensor,
+                       soft: torch.Tensor) -> Callable[[np.ndarray, int], torch.Tensor | None]:
+    """A ``batch_targets`` hook for :func:`~poisonguard.models.training.train_classifier`: the
+    one-hot labels, with the rows of samples in ``mask`` replaced by their row of ``soft``
+    (shape (n_samples, classes))."""
+    def batch_targets(idx: np.ndarray, _epoch: int) -> torch.Tensor | None:
+        m = mask[idx]
+        if not m.any():
+            return None
+        t = F.one_hot(labels[idx], soft.shape[1]).float()
+        t[torch.from_numpy(m)] = soft[idx[m]]
+        return t
+    return batch_targets
