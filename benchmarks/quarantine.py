@@ -31,6 +31,7 @@ from poisonguard.pipeline import (
     ScanConfig,
     compare_before_after,
     evaluate_model,
+    retrain_unlearning,
     scan,
     score_against_truth,
 )
@@ -94,6 +95,12 @@ def run_one(name: str, scenario: str, seed: int, train: LabeledData, test: Label
     record["first_round_model"] = evaluate_model(result.classifier, test, poisoned)
     if result.final_classifier is not None:
         record["before_after"] = compare_before_after(result, test, poisoned)
+    if result.flags.any() and result.final_classifier is not None:
+        # the flagged samples kept, trained toward other-class targets: unlearned, not withheld
+        t1 = time.perf_counter()
+        unlearned = retrain_unlearning(result)
+        record["unlearn_retrain"] = {**evaluate_model(unlearned.classifier, test, poisoned),
+                                     "train_s": round(time.perf_counter() - t1, 2)}
     if poisoned is None:
         clean_models[(name, seed)] = result.final_classifier
     elif (name, seed) in clean_models:
@@ -157,8 +164,8 @@ def summarise(records: list[dict]) -> str:
     runs = [r for r in records if r.get("kind", "run") == "run"]
     header = ("| dataset | scenario | seed | reported classes | target | recall (AC / SS / "
               "cross) | flagged clean % (cross) | ASR % before → after (clean model) | clean "
-              "acc % before → after | scan s |")
-    lines += [header, "|" + "---|" * 10]
+              "acc % before → after | unlearning retrain: ASR % / clean acc % | scan s |")
+    lines += [header, "|" + "---|" * 11]
     for r in sorted(runs, key=lambda r: (r["dataset"], r["scenario"], r["seed"])):
         m = r["metrics"]
 
@@ -172,6 +179,7 @@ def summarise(records: list[dict]) -> str:
         def pct(v: float | None) -> str:
             return "-" if v is None else f"{100 * v:.2f}"
 
+        u = r.get("unlearn_retrain", {})
         lines.append(
             f"| {r['dataset']} | {r['scenario']} | {r['seed']} | "
             f"{r['poisoned_classes_reported']} | {r['true_target']} | "
@@ -180,13 +188,15 @@ def summarise(records: list[dict]) -> str:
             f"{pct(b.get('asr'))} → {pct(a.get('asr'))} "
             f"({pct(r.get('clean_model_on_triggered', {}).get('asr'))}) | "
             f"{pct(b.get('clean_accuracy'))} → "
-            f"{pct(a.get('clean_accuracy'))} | {r['scan_wall_s']} |")
+            f"{pct(a.get('clean_accuracy'))} | {pct(u.get('asr'))} / "
+            f"{pct(u.get('clean_accuracy'))} | {r['scan_wall_s']} |")
     refs = {(r["dataset"], r["seed"]): r["first_round_model"]["clean_accuracy"]
             for r in runs if r["scenario"] == "clean"}
     lines += ["", "## Per dataset and scenario (over seeds)", "",
               "| dataset | scenario | seeds | classes right | recall min (mean) | flagged clean % "
               "max | ASR % after: max (clean-model floor max) | clean acc vs clean-data model, "
-              "points: worst (mean) |", "|" + "---|" * 8]
+              "points: worst (mean) | unlearning retrain: ASR % max, clean acc points worst |",
+              "|" + "---|" * 9]
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in runs:
         groups.setdefault((r["dataset"], r["scenario"]), []).append(r)
@@ -203,12 +213,18 @@ def summarise(records: list[dict]) -> str:
         deltas = [100 * (r["before_after"]["after"]["clean_accuracy"]
                          - refs[(r["dataset"], r["seed"])]) for r in rs
                   if "before_after" in r and (r["dataset"], r["seed"]) in refs]
+        unl = [r["unlearn_retrain"] for r in rs if "unlearn_retrain" in r]
+        u_asr = [u["asr"] for u in unl if u.get("asr") is not None]
+        u_d = [100 * (r["unlearn_retrain"]["clean_accuracy"] - refs[(r["dataset"], r["seed"])])
+               for r in rs if "unlearn_retrain" in r and (r["dataset"], r["seed"]) in refs]
+        u_s = ((f"{100 * max(u_asr):.2f}" if u_asr else "-") + ", "
+               + (f"{min(u_d):+.2f}" if u_d else "-")) if unl else "-"
         rec_s = f"{min(rec):.4f} ({sum(rec) / len(rec):.4f})" if rec else "-"
         asr_s = (f"{100 * max(asr):.2f} ({100 * max(floor):.2f})" if asr and floor
                  else (f"{100 * max(asr):.2f}" if asr else "-"))
         d_s = f"{min(deltas):+.2f} ({sum(deltas) / len(deltas):+.2f})" if deltas else "-"
         lines.append(f"| {ds} | {sc} | {len(rs)} | {right}/{len(rs)} | {rec_s} | "
-                     f"{100 * fpr:.2f} | {asr_s} | {d_s} |")
+                     f"{100 * fpr:.2f} | {asr_s} | {d_s} | {u_s} |")
     if refs:
         lines += ["", "Clean-data reference accuracy (same recipe, no attack): " + ", ".join(
             f"{d} seed {s}: {100 * v:.2f}%" for (d, s), v in sorted(refs.items()))]
