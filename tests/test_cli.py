@@ -25,7 +25,8 @@ def poisoned_npz(tmp_path_factory, digits) -> Path:
 def scan_out(tmp_path_factory, poisoned_npz: Path) -> tuple[int, Path]:
     out = tmp_path_factory.mktemp("scan") / "out"
     rc = main(["scan", str(poisoned_npz), "--out", str(out), "--epochs", "6",
-               "--max-rounds", "1", "--quiet", "--test", str(poisoned_npz)])
+               "--max-rounds", "1", "--quiet", "--test", str(poisoned_npz),
+               "--unlearn-flagged"])
     return rc, out
 
 
@@ -52,7 +53,12 @@ def test_scan_writes_all_outputs(scan_out: tuple[int, Path]) -> None:
     if rows:
         assert list(rows[0]) == ["index", "id", "label", "confidence", "detectors"]
     assert "metrics" in report["layers"]["quarantine"]  # is_poison present in the file
-    assert report["layers"]["quarantine"]["retrain"]["after"]["asr"] is not None
+    retrain = report["layers"]["quarantine"]["retrain"]
+    assert retrain["after"]["asr"] is not None
+    if rows:  # --unlearn-flagged: a second model, trained on every sample
+        assert (out / "model_unlearned" / "model.safetensors").exists()
+        assert retrain["n_train_unlearned"] == 500 and retrain["unlearned"]["asr"] is not None
+        assert "flagged unlearned" in (out / "report.html").read_text()
 
 
 def test_predict_and_report(scan_out: tuple[int, Path], poisoned_npz: Path,

@@ -26,6 +26,9 @@ def _add_common_scan(p: argparse.ArgumentParser) -> None:
                    help="sacrificial-model epochs (default: about 120k sample visits, 2..30)")
     p.add_argument("--max-rounds", type=int, default=3,
                    help="scan rounds: retrain without flagged samples and rescan (default 3)")
+    p.add_argument("--unlearn-flagged", action="store_true",
+                   help="also train a model on every sample with the flagged ones toward "
+                        "other-class targets (unlearns the trigger; written to model_unlearned/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console table")
 
 
@@ -173,8 +176,10 @@ def _read_optional(path: str, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
 
 
 def write_scan_outputs(out: Path, result: Any, report: dict[str, Any],
-                       removed: list[dict[str, Any]], sanitized: Any) -> None:
-    """Write report.json/html, sanitized.npz, flagged.csv and the final model into ``out``."""
+                       removed: list[dict[str, Any]], sanitized: Any,
+                       unlearned: Any = None) -> None:
+    """Write report.json/html, sanitized.npz, flagged.csv, the final model and (when trained)
+    the unlearning retrain's model into ``out``."""
     from poisonguard.io import (
         atomic_save_npz,
         atomic_write_csv,
@@ -194,6 +199,12 @@ def write_scan_outputs(out: Path, result: Any, report: dict[str, Any],
         save_model(out / "model", t.classifier.model, t.arch, t.arch_kwargs,
                    t.classifier.input_spec, result.data.n_classes, t.classifier.layer,
                    extra={"trained_on": "sanitized.npz", "train_config": t.config.to_dict()})
+    if unlearned is not None:
+        u = unlearned
+        save_model(out / "model_unlearned", u.classifier.model, u.arch, u.arch_kwargs,
+                   u.classifier.input_spec, result.data.n_classes, u.classifier.layer,
+                   extra={"trained_on": "the scanned data; flagged samples toward other-class "
+                                        "targets", "train_config": u.config.to_dict()})
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.html", render_html(report))
 
@@ -201,9 +212,17 @@ def write_scan_outputs(out: Path, result: Any, report: dict[str, Any],
 def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: Any = None,
              poisoned: Any = None, truth: np.ndarray | None = None,
              command: str = "scan", quiet: bool = False,
-             provenance: dict[str, Any] | None = None) -> int:
-    """Scan, sanitise, (optionally) compare before/after, write everything; return exit code."""
-    from poisonguard.pipeline import compare_before_after, sanitize, scan, score_against_truth
+             provenance: dict[str, Any] | None = None, unlearn: bool = False) -> int:
+    """Scan, sanitise, (optionally) compare before/after and train the unlearning retrain,
+    write everything; return exit code."""
+    from poisonguard.pipeline import (
+        compare_before_after,
+        evaluate_model,
+        retrain_unlearning,
+        sanitize,
+        scan,
+        score_against_truth,
+    )
     from poisonguard.report.builder import build_scan_report
     from poisonguard.report.console import render_console
 
@@ -213,6 +232,12 @@ def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: An
     retrain = None
     if result.final_classifier is not None and (test is not None or poisoned is not None):
         retrain = compare_before_after(result, test, poisoned)
+    unlearned = None
+    if unlearn and result.flags.any() and result.final_classifier is not None:
+        unlearned = retrain_unlearning(result)
+        if retrain is not None:
+            retrain["unlearned"] = evaluate_model(unlearned.classifier, test, poisoned)
+            retrain["n_train_unlearned"] = len(data)
     sanitize_info = {"n_removed": len(removed), "n_kept": len(sanitized),
                      "removed_file": "flagged.csv", "sanitized_file": "sanitized.npz"}
     report = build_scan_report(result, command, poisoned=poisoned, sanitize_info=sanitize_info,
@@ -221,11 +246,12 @@ def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: An
         report["samples"]["is_poison"] = truth.astype(int).tolist()
     if provenance is not None:
         report["layers"] = {"provenance": provenance, **report["layers"]}
-    write_scan_outputs(out, result, report, removed, sanitized)
+    write_scan_outputs(out, result, report, removed, sanitized, unlearned)
     if not quiet:
         print(render_console(report))
         print(f"\nwrote {out}/report.json, report.html, sanitized.npz, flagged.csv"
-              + (", model/" if result.final_train is not None else ""))
+              + (", model/" if result.final_train is not None else "")
+              + (", model_unlearned/" if unlearned is not None else ""))
     changed = provenance is not None and provenance.get("status") != "verified"
     return EXIT_FOUND if result.poisoned_classes or changed else EXIT_CLEAN
 
@@ -266,7 +292,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                                     attack={"name": "unknown (from test file)"}, target=None,
                                     test_triggered=triggered)
     return run_scan(data, Path(args.out), config, classifier, test, poisoned, truth,
-                    quiet=args.quiet, provenance=provenance)
+                    quiet=args.quiet, provenance=provenance, unlearn=args.unlearn_flagged)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -282,7 +308,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = ScanConfig(seed=args.seed, epochs=args.epochs, max_rounds=args.max_rounds,
                         progress=not args.quiet)
     run_scan(poisoned.data, Path(args.out), config, None, test, poisoned, poisoned.is_poison,
-             command="demo", quiet=args.quiet)
+             command="demo", quiet=args.quiet, unlearn=args.unlearn_flagged)
     return EXIT_CLEAN
 
 

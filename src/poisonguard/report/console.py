@@ -56,7 +56,10 @@ def render_console(report: dict[str, Any]) -> str:
                       _table(["model", "train size", "clean acc", "ASR"],
                              [["as given", rt["n_train_before"], b["clean_accuracy"], b["asr"]],
                               ["sanitised", rt["n_train_after"], a["clean_accuracy"],
-                               a["asr"]]]), ""]
+                               a["asr"]]]
+                             + ([["flagged unlearned", rt.get("n_train_unlearned"),
+                                  rt["unlearned"]["clean_accuracy"], rt["unlearned"]["asr"]]]
+                                if rt.get("unlearned") else [])), ""]
     t = report.get("timings", {})
     if t:
         lines.append("Timings: " + ", ".join(f"{k} {_fmt(val)}" for k, val in t.items()))

@@ -286,11 +286,15 @@ def _retrain_section(r: Mapping[str, Any]) -> str:
         rows = [[f"<td>{label}</td>", _td(n), *(f'<td class="num">{_e(_metric(m.get(k)))}</td>'
                                                for k in ("clean_accuracy", "asr"))]
                 for label, n, m in (("as given", rt.get("n_train_before"), b),
-                                    ("sanitised", rt.get("n_train_after"), a))]
+                                    ("sanitised", rt.get("n_train_after"), a),
+                                    ("flagged unlearned", rt.get("n_train_unlearned"),
+                                     rt.get("unlearned")))
+                if m is not None]
         out.append(_table(["model", "train size", "clean accuracy", "attack success rate"],
                           rows))
         rest = {k: x for k, x in rt.items()
-                if k not in {"before", "after", "n_train_before", "n_train_after"}}
+                if k not in {"before", "after", "n_train_before", "n_train_after", "unlearned",
+                             "n_train_unlearned"}}
         if rest:
             out.append(f"<details><summary>retraining details</summary>{_value(rest)}</details>")
     return "".join(out) + "</section>"
