@@ -251,10 +251,21 @@ def main() -> None:
     ap.add_argument("--out", default=str(RESULTS / "quarantine.json"))
     ap.add_argument("--summarise-only", action="store_true",
                     help="only rewrite the .md summary from the existing .json")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="fold the records of these files (e.g. one per dataset, run side by "
+                         "side with --out) into --out, later files winning, and summarise")
     args = ap.parse_args()
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.exists() else []
-    if args.summarise_only:
+    if args.merge:
+        def key(r: dict) -> tuple:
+            return (r.get("kind", "run"), r.get("dataset"), r.get("scenario"), r.get("seed"))
+        merged = {key(r): r for r in records}
+        for f in args.merge:
+            merged.update({key(r): r for r in json.loads(Path(f).read_text())})
+        records = list(merged.values())
+        atomic_write_json(out, records)
+    if args.summarise_only or args.merge:
         atomic_write_text(out.with_suffix(".md"), summarise(records))
         return
 
