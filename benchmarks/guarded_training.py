@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -150,7 +151,8 @@ def main() -> None:
     ap.add_argument("--modes", nargs="+", default=list(MODES))
     ap.add_argument("--summarise-only", action="store_true")
     ap.add_argument("--tag", default="", help="suffix of the records file; records of a later "
-                    "(tagged) file replace those of the same run in earlier ones")
+                    "(tagged) file, in name order with numbers compared as numbers, replace "
+                    "those of the same run in earlier ones")
     args = ap.parse_args()
     if args.summarise_only:
         write_summary()
@@ -176,9 +178,14 @@ def main() -> None:
                     write_summary()
 
 
+def _natural(path: Path) -> list:
+    """Sort key that orders tags by their numbers: _v9 before _v10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", path.name)]
+
+
 def write_summary() -> None:
     by_run = {(r["dataset"], r["scenario"], r["mode"], r["seed"]): r
-              for f in sorted(RESULTS.glob("guarded_training_*.json"))
+              for f in sorted(RESULTS.glob("guarded_training_*.json"), key=_natural)
               for r in json.loads(f.read_text())}
     records = list(by_run.values())
     atomic_write_text(RESULTS / "guarded_training.md", summarise(records))
