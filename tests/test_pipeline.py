@@ -33,7 +33,8 @@ def test_scan_structure_and_sanitise(scanned) -> None:
     assert result.flags.shape == (n,)
     assert [r.name for r in result.detectors] == ["activation_clustering",
                                                    "spectral_signatures", "loss_outliers",
-                                                   "trigger_template", "loss_seed_template"]
+                                                   "trigger_template", "blend_template",
+                                                   "loss_seed_template"]
     assert all(r.scores.shape == (n,) for r in result.detectors)
     kept, removed = sanitize(result)
     assert len(kept) + len(removed) == n

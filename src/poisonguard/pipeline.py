@@ -14,6 +14,7 @@ import torch
 from poisonguard.attacks.base import PoisonedData
 from poisonguard.data.labeled import LabeledData, check_scannable
 from poisonguard.detect import ActivationClustering, LossOutliers, SpectralSignatures
+from poisonguard.detect.blend_template import BlendTemplate
 from poisonguard.detect.crossref import CrossReference
 from poisonguard.detect.trigger_template import TriggerTemplate
 from poisonguard.errors import ConfigError, DataError
@@ -194,6 +195,7 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
                                       config.detectors, config.seed, config.min_class_votes)
     if config.trigger_template:
         results, combined = _add_trigger_template(subset, results, combined)
+        results, combined = _add_blend_template(subset, results, combined)
         if seed_mask is not None:
             results, combined = _add_seed_template(subset, seed_mask, results, combined)
     timings["detectors_s"] = round(time.perf_counter() - t0, 3)
@@ -222,6 +224,17 @@ def _add_trigger_template(data: LabeledData, results: list[DetectorResult],
         flags |= first & np.isin(data.y, list(confirmed))
     return _join_stage(data, results, combined, tt, flags, confirmed,
                        {"second_stage": tt.name, "second_stage_confirms_suspect_classes": True})
+
+
+def _add_blend_template(data: LabeledData, results: list[DetectorResult],
+                        combined: DetectorResult) -> tuple[list[DetectorResult], DetectorResult]:
+    """Second stage for blended triggers: in classes judged poisoned, the samples sharing the
+    flagged set's additive high-frequency pattern (:class:`BlendTemplate`) join the flags, so
+    the few blended poisons the representation detectors left with the clean samples (enough
+    to keep a blended backdoor alive) are removed too. Class verdicts are left as they are."""
+    bt = BlendTemplate().detect(data.x, data.y, combined.flags, combined.suspicious_classes)
+    return _join_stage(data, results, combined, bt, combined.flags | bt.flags, set(),
+                       {"blend_stage": bt.name})
 
 
 def _join_stage(data: LabeledData, results: list[DetectorResult], combined: DetectorResult,
