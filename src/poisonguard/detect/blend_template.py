@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import uniform_filter
 
-from poisonguard.detect.common import MAD_TO_SIGMA
+from poisonguard.detect.common import robust_location_scale
 from poisonguard.errors import DataError
 from poisonguard.types import ClassFinding, DetectorResult
 
@@ -75,7 +75,7 @@ class BlendTemplate:
             hp = high_pass(x[idx])
             template = hp[f].mean(0) - hp[~f].mean(0)
             proj = hp @ template
-            center, scale = _median_and_scale(proj[~f])  # z against the unflagged samples
+            center, scale = robust_location_scale(proj[~f])  # z against the unflagged
             z = (proj - center) / scale
             others = np.flatnonzero(labels != c)
             sample = others[:: max(1, len(others) // self.max_other_samples)]
@@ -104,9 +104,3 @@ class BlendTemplate:
         return DetectorResult(self.name, scores, out, self.min_z, rule, tuple(findings),
                               time.perf_counter() - t0)
 
-
-def _median_and_scale(values: np.ndarray) -> tuple[float, float]:
-    """Median and robust standard deviation (1.4826 MAD, floored so constant data gives 0)."""
-    med = float(np.median(values))
-    mad = MAD_TO_SIGMA * float(np.median(np.abs(values - med)))
-    return med, max(mad, 1e-12, 1e-6 * float(np.std(values)))

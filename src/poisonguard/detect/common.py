@@ -32,11 +32,18 @@ def check_inputs(features: np.ndarray | None, labels: np.ndarray, name: str,
             raise DataError(f"{name}: features contain NaN or inf")
 
 
-def robust_z(values: np.ndarray, center: float | None = None) -> np.ndarray:
-    """(v - median) / (1.4826 MAD), with a floor on the scale so constant data gives 0."""
+def robust_location_scale(values: np.ndarray,
+                          center: float | None = None) -> tuple[float, float]:
+    """Median (or ``center``) and 1.4826 MAD around it, the scale floored so constant data
+    gives z = 0 rather than a division by zero."""
     med = float(np.median(values)) if center is None else center
     mad = float(np.median(np.abs(values - med))) * MAD_TO_SIGMA
-    scale = max(mad, 1e-12, 1e-6 * float(np.std(values)))
+    return med, max(mad, 1e-12, 1e-6 * float(np.std(values)))
+
+
+def robust_z(values: np.ndarray, center: float | None = None) -> np.ndarray:
+    """(v - median) / (1.4826 MAD), with a floor on the scale so constant data gives 0."""
+    med, scale = robust_location_scale(values, center)
     return (values - med) / scale
 
 

@@ -208,10 +208,13 @@ class TorchClassifier:
             raise ModelError(f"no parameters selected for gradients (params={params})")
         linear = _linear_owners(self.model, list(named))
         if linear is not None:
-            norms = [self._linear_grad_norms(x[s], y[s], linear)
-                     for s in self._iter(len(x), "gradient norms")]
-            if all(n is not None for n in norms):
-                return np.concatenate(norms)
+            norms = []
+            for s in self._iter(len(x), "gradient norms"):
+                batch = self._linear_grad_norms(x[s], y[s], linear)
+                if batch is None:  # not a plain Linear-on-vectors model: no closed form
+                    return self._func_grad_norms(x, y, named)
+                norms.append(batch)
+            return np.concatenate(norms)
         return self._func_grad_norms(x, y, named)
 
     def _linear_grad_norms(self, x: np.ndarray, y: np.ndarray,
@@ -220,7 +223,6 @@ class TorchClassifier:
         input is not (batch, features)."""
         inputs: dict[nn.Linear, torch.Tensor] = {}
         outputs: dict[nn.Linear, torch.Tensor] = {}
-
         calls: list[nn.Module] = []
 
         def hook(m: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:

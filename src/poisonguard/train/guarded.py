@@ -239,16 +239,15 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                 if state["complete"] and guard.abl_relabel_in_training:
                     iso_idx = np.flatnonzero(isolated)
                     targets = other_class_targets(model, clf.input_spec, data.x[iso_idx],
-                                            y_all[iso_idx], guard.abl_relabel)
+                                                  y_all[iso_idx], guard.abl_relabel)
                     soft = torch.zeros(len(data), targets.shape[1])
                     soft[iso_idx] = targets
                     state["soft"] = soft
+                    state["targets"] = relabelled_batches(isolated, y_all, soft)
 
     def batch_targets(idx: np.ndarray, epoch: int) -> torch.Tensor | None:
-        soft = state.get("soft")
-        if epoch < iso_epochs or soft is None:
-            return None
-        return relabelled_batches(isolated, y_all, soft)(idx, epoch)
+        hook = state.get("targets")
+        return None if epoch < iso_epochs or hook is None else hook(idx, epoch)
 
     train = train_classifier(data, config, model=model, n_classes=n_classes,
                              progress=progress, batch_loss=batch_loss, epoch_end=epoch_end,
@@ -309,8 +308,8 @@ class _Unlearner:
         self.opt = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
 
     def retarget(self, idx: np.ndarray) -> None:
-        self.soft[idx] = other_class_targets(self.model, self.spec, self.data.x[idx], self.y[idx],
-                                       self.guard.abl_relabel)
+        self.soft[idx] = other_class_targets(self.model, self.spec, self.data.x[idx],
+                                             self.y[idx], self.guard.abl_relabel)
 
     def step(self, iso_idx: np.ndarray, trusted_idx: np.ndarray, guard_idx: np.ndarray) -> None:
         half_bs = max(1, self.bs // 2)  # one step costs one plain training step
