@@ -194,17 +194,15 @@ def write_scan_outputs(out: Path, result: Any, report: dict[str, Any],
     atomic_write_csv(out / "flagged.csv", ["index", "id", "label", "confidence", "detectors"],
                      [[r["index"], r["id"], r["label"], r["confidence"], ";".join(r["detectors"])]
                       for r in removed])
-    if result.final_train is not None:
-        t = result.final_train
-        save_model(out / "model", t.classifier.model, t.arch, t.arch_kwargs,
-                   t.classifier.input_spec, result.data.n_classes, t.classifier.layer,
-                   extra={"trained_on": "sanitized.npz", "train_config": t.config.to_dict()})
+    trained = ([("model", result.final_train, "sanitized.npz")]
+               if result.final_train is not None else [])
     if unlearned is not None:
-        u = unlearned
-        save_model(out / "model_unlearned", u.classifier.model, u.arch, u.arch_kwargs,
-                   u.classifier.input_spec, result.data.n_classes, u.classifier.layer,
-                   extra={"trained_on": "the scanned data; flagged samples toward other-class "
-                                        "targets", "train_config": u.config.to_dict()})
+        trained.append(("model_unlearned", unlearned,
+                        "the scanned data; flagged samples toward other-class targets"))
+    for name, t, source in trained:
+        save_model(out / name, t.classifier.model, t.arch, t.arch_kwargs,
+                   t.classifier.input_spec, result.data.n_classes, t.classifier.layer,
+                   extra={"trained_on": source, "train_config": t.config.to_dict()})
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.html", render_html(report))
 
