@@ -8,9 +8,15 @@ and the speed of all-class reverse-engineering on a CIFAR-10-sized model.
     python benchmarks/model_audit.py --repairs-only  # rerun only the repairs (reuses each
                                                      # model's cached triggers.npz and the
                                                      # detection fields already in the JSON)
+    python benchmarks/model_audit.py --detect-only   # rerun only the detection; the repair
+                                                     # fields already in the JSON are kept,
+                                                     # with the commit they ran on
+    python benchmarks/model_audit.py --out DIR ...   # read/write DIR/model_audit.json/.md and
+                                                     # DIR/triggers/ (experiments), not results/
 
 Zoo models are cached under benchmarks/cache/model_zoo/ (git-ignored), so reruns skip training.
-Results: benchmarks/results/model_audit.json and .md (written atomically).
+Results: benchmarks/results/model_audit.json and .md (written atomically). Each record notes
+the code version its detection (``detect_code``) and its repairs (``repair_code``) ran on.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent.parent / "shared" / "datasets"
 RESULTS = ROOT / "results"
 ZOO = ROOT / "cache" / "model_zoo"
+TRIGGERS = ZOO  # reversed triggers: TRIGGERS/<name>/triggers.npz
 N_AUDIT = 500
 
 # dataset -> (train subset size, epochs)
@@ -129,9 +136,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repairs-only", action="store_true",
                    help="rerun only the repairs, with each model's cached reversed triggers "
                         "(cache/model_zoo/<name>/triggers.npz; computed once if absent)")
+    p.add_argument("--detect-only", action="store_true",
+                   help="rerun only the detection (the repair fields already in the JSON are "
+                        "kept, with the code version they ran on)")
+    p.add_argument("--out", default=None,
+                   help="results folder (default benchmarks/results); with it the reversed "
+                        "triggers are cached under OUT/triggers/ instead of the model zoo")
     p.add_argument("--summarise-only", action="store_true",
                    help="recompute the clean-model ASR floors, summary and .md from the JSON")
     args = p.parse_args(argv)
+    if args.repairs_only and args.detect_only:
+        p.error("--repairs-only and --detect-only exclude each other")
+    if args.out:
+        global RESULTS, TRIGGERS
+        RESULTS = Path(args.out)
+        TRIGGERS = RESULTS / "triggers"
     if args.summarise_only:
         path = RESULTS / "model_audit.json"
         results = json.loads(path.read_text())
@@ -147,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         train_zoo(specs)
     if args.train_only:
         return 0
-    return run_audits(specs, speed_only=args.speed_only, repairs_only=args.repairs_only)
+    return run_audits(specs, speed_only=args.speed_only, repairs_only=args.repairs_only,
+                      detect_only=args.detect_only)
 
 
 N_EVAL = 5000
@@ -182,9 +202,13 @@ def _eval(model: Any, evaluation: Any, triggered: Any) -> dict[str, float | None
     return out
 
 
-def audit_one(spec: dict[str, Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Audit and repair one zoo model; with ``previous`` (its record from an earlier run) only
-    the repairs are rerun, with the reversed triggers cached from that run."""
+def audit_one(spec: dict[str, Any], previous: dict[str, Any] | None = None,
+              repairs_only: bool = False, detect_only: bool = False,
+              previous_code: str | None = None) -> dict[str, Any]:
+    """Audit and repair one zoo model. With ``repairs_only`` and ``previous`` (its record from
+    an earlier run) only the repairs are rerun, with the reversed triggers cached from that run;
+    with ``detect_only`` only the detection, keeping ``previous``'s repair fields (and the code
+    version they ran on: theirs, else ``previous_code``)."""
     from poisonguard.audit import audit_model, load_audit_model
     from poisonguard.audit.core import load_triggers, save_triggers
 
@@ -192,13 +216,15 @@ def audit_one(spec: dict[str, Any], previous: dict[str, Any] | None = None) -> d
     _, clean, evaluation = dataset(spec["dataset"])
     _, triggered = poisoned_for(spec)
     model = load_audit_model(ZOO / spec["name"])
-    cached = ZOO / spec["name"] / "triggers.npz"
-    if previous is not None and cached.exists():
+    cached = TRIGGERS / spec["name"] / "triggers.npz"
+    if repairs_only and previous is not None and cached.exists():
         nc = load_triggers(cached)
         rec = {k: v for k, v in previous.items() if k not in ("before", *METHODS)}
+        rec.setdefault("detect_code", previous_code)
         return repair_one(spec, rec, nc, clean, evaluation, triggered)
     result = audit_model(model, clean)
     nc = result.cleanse
+    cached.parent.mkdir(parents=True, exist_ok=True)
     save_triggers(cached, nc)
     v = result.verdict
     target = spec["attack"]["target"] if spec["attack"] else None
@@ -213,9 +239,29 @@ def audit_one(spec: dict[str, Any], previous: dict[str, Any] | None = None) -> d
         "anomaly_index_target": (round(float(nc.anomaly[target]), 3) if target is not None
                                  else None),
         "mask_l1": [round(float(x), 2) for x in nc.norms],
+        "flagged": list(nc.flagged), "mask_flagged": list(nc.mask_flagged),
         "nc_s": round(nc.runtime_s, 2), "dormant_units": len(result.dormant.units)
-        if result.dormant else None, "n_clean": len(clean),
+        if result.dormant else None, "n_clean": len(clean), "detect_code": code_version(),
     }
+    if nc.add_norms is not None and nc.add_anomaly is not None:
+        rec.update({
+            "additive_flagged": list(nc.add_flagged),
+            "additive_anomaly_max": round(float(nc.add_anomaly.max()), 3),
+            "additive_anomaly_target": (round(float(nc.add_anomaly[target]), 3)
+                                        if target is not None else None),
+            "additive_l2": [round(float(x), 3) for x in nc.add_norms],
+            "score": [round(float(x), 3) for x in nc.score]})
+    if detect_only:
+        kept = {k: previous[k] for k in ("before", *METHODS, "repair_code")
+                if previous is not None and k in previous}
+        if kept and "repair_code" not in kept:
+            kept["repair_code"] = previous_code
+        rec.update(kept)
+        print(f"{spec['name']}: verdict {rec['verdict']} correct {rec['correct']} flagged "
+              f"{rec['flagged']} (mask {rec['mask_flagged']}, additive "
+              f"{rec.get('additive_flagged')}) AI {rec['anomaly_index_max']} additive AI "
+              f"{rec.get('additive_anomaly_max')} nc {rec['nc_s']} s", flush=True)
+        return rec
     return repair_one(spec, rec, nc, clean, evaluation, triggered)
 
 
@@ -225,6 +271,7 @@ def repair_one(spec: dict[str, Any], rec: dict[str, Any], nc: Any, clean: Any, e
 
     model = load_audit_model(ZOO / spec["name"])
     rec["before"] = _eval(model, evaluation, triggered)
+    rec["repair_code"] = code_version()
     classes = list(nc.flagged) or [nc.most_anomalous()]
     for method in METHODS:
         m = load_audit_model(ZOO / spec["name"])
@@ -373,10 +420,22 @@ def write_results(results: dict[str, Any]) -> None:
              f"{s.get('n_clean')} clean), each audited with {N_AUDIT} clean test samples; "
              "accuracy and ASR on the held-out rest of the test set (at most "
              f"{N_EVAL} samples each). Generated by `benchmarks/model_audit.py`.", ""]
+    models = results.get("models", [])
+    parts = []
+    for key, what in (("detect_code", "detection"), ("repair_code", "repairs")):
+        codes = sorted({str(r.get(key)) for r in models if key in r})
+        if codes:
+            parts.append(f"{what} on {', '.join(codes)}")
+    if parts:
+        lines += ["Code version per part: " + "; ".join(parts) + " (a `--detect-only` rerun "
+                  "keeps the repair columns of the run before it).", ""]
     if s:
         lines += [f"- Detection: **{s['backdoored_flagged_right_target']} of "
                   f"{s['n_backdoored']}** backdoored models flagged with the right target; "
-                  f"**{s['clean_flagged']} of {s['n_clean']}** clean models flagged.",
+                  f"**{s['clean_flagged']} of {s['n_clean']}** clean models flagged "
+                  "(a class is flagged by the mask search or by the additive search: anomaly "
+                  "index > 2 on log norms and a norm at most a given share of the median; the "
+                  "target is the flagged class with the largest summed anomaly index).",
                   f"- Neural Cleanse mean time per model: {s['nc_s_mean']} s (1 torch thread, "
                   "shared machine)."]
         for method in METHODS:
@@ -428,23 +487,38 @@ def write_results(results: dict[str, Any]) -> None:
                               f"{r['loadavg_after'][0]} after)" for r in sp["runs"]) + "."]
     lines += ["", "ASR floor = share of the triggered test inputs that the clean models of the "
               "same dataset (no poison) already send to the target.", "",
-              "| model | train ASR | ASR floor | verdict | target (true) | AI max | NC s "
+              "AI = anomaly index of the mask search (max over classes / of the true target), "
+              "add. AI = the additive search's; flagged = classes flagged by mask / additive.",
+              "",
+              "| model | train ASR | ASR floor | verdict | target (true) | AI max | AI target "
+              "| add. AI max | add. AI target | flagged (mask / add.) | NC s "
               "| acc before | ASR before | FP acc | FP ASR | FP pruned | UL acc | UL ASR "
               "| ANP acc | ANP ASR | ANP pruned |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in results.get("models", []):
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+              "---|---|"]
+    missing = {"clean_acc": None, "asr": None, "n_pruned": "—", "n_channels": "—"}
+
+    def _v(x: Any) -> str:
+        return "—" if x is None else str(x)
+
+    for r in models:
         v = r["verdict"]
-        fp, ul = r["fine-prune"], r["unlearn"]
-        an = r.get("anp") or {"clean_acc": None, "asr": None, "n_pruned": "—",
-                              "n_channels": "—"}
+        fp = r.get("fine-prune") or missing
+        ul = r.get("unlearn") or {**missing, "skipped": "not run"}
+        an = r.get("anp") or missing
+        before = r.get("before") or missing
+        flags = (f"{r.get('mask_flagged', r.get('flagged', '—'))} / "
+                 f"{r.get('additive_flagged', '—')}")
         lines.append(
             f"| {r['name']} | {_pct(r['train']['asr'])} | "
             f"{_pct(r.get('clean_model_asr_floor'))} | "
             f"{'backdoored' if v['backdoored'] else 'clean'}{'' if r['correct'] else ' ✗'} | "
             f"{v['target_class'] if v['target_class'] is not None else '—'} "
             f"({r['true_target'] if r['true_target'] is not None else '—'}) | "
-            f"{r['anomaly_index_max']} | {r['nc_s']} | {_pct(r['before']['clean_acc'])} | "
-            f"{_pct(r['before']['asr'])} | {_pct(fp['clean_acc'])} | {_pct(fp['asr'])} | "
+            f"{r['anomaly_index_max']} | {_v(r.get('anomaly_index_target'))} | "
+            f"{_v(r.get('additive_anomaly_max'))} | {_v(r.get('additive_anomaly_target'))} | "
+            f"{flags} | {r['nc_s']} | {_pct(before['clean_acc'])} | "
+            f"{_pct(before['asr'])} | {_pct(fp['clean_acc'])} | {_pct(fp['asr'])} | "
             f"{fp['n_pruned']}/{fp['n_channels']} | "
             f"{'skipped' if ul.get('skipped') else _pct(ul['clean_acc'])} | "
             f"{'—' if ul.get('skipped') else _pct(ul['asr'])} | {_pct(an['clean_acc'])} | "
@@ -453,7 +527,7 @@ def write_results(results: dict[str, Any]) -> None:
 
 
 def run_audits(specs: list[dict[str, Any]], speed_only: bool = False,
-               repairs_only: bool = False) -> int:
+               repairs_only: bool = False, detect_only: bool = False) -> int:
     import torch
 
     path = RESULTS / "model_audit.json"
@@ -463,19 +537,24 @@ def run_audits(specs: list[dict[str, Any]], speed_only: bool = False,
         write_results(results)
         return 0
     torch.set_num_threads(1)
+    previous_code = results.get("code_version")
     done = {r["name"]: r for r in results.get("models", [])}
     for spec in specs:
-        done[spec["name"]] = audit_one(spec, done.get(spec["name"]) if repairs_only else None)
+        done[spec["name"]] = audit_one(spec, done.get(spec["name"]), repairs_only=repairs_only,
+                                       detect_only=detect_only, previous_code=previous_code)
         order = [s["name"] for s in zoo_specs()]
         results["models"] = sorted(done.values(), key=lambda r: order.index(r["name"]))
         results["code_version"] = code_version()
         from dataclasses import asdict
 
         from poisonguard.audit.anp import ANPConfig
+        from poisonguard.audit.neural_cleanse import CleanseConfig
         from poisonguard.audit.repair import RepairConfig
 
-        results["repair_config"] = asdict(RepairConfig())
-        results["anp_config"] = asdict(ANPConfig())
+        results["cleanse_config"] = asdict(CleanseConfig())
+        if not detect_only or "repair_config" not in results:
+            results["repair_config"] = asdict(RepairConfig())
+            results["anp_config"] = asdict(ANPConfig())
         results["created"] = time.strftime("%Y-%m-%d %H:%M:%S")
         results["summary"] = summarise(results["models"])
         write_results(results)

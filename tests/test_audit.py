@@ -236,3 +236,57 @@ def test_verdict_and_triggers_roundtrip(tmp_path: Path) -> None:
     nc.flagged = []
     v = make_verdict(nc)
     assert v["backdoored"] is False and v["target_class"] is None
+
+
+def test_additive_search_finds_blended_target(digits: tuple[LabeledData, LabeledData],
+                                              tmp_path: Path) -> None:
+    """A full-image blended trigger is the smallest universal additive perturbation by far."""
+    train, test = digits
+    poisoned = make_attack("blended", train, rate=0.1, target=TARGET, seed=0, test=test,
+                           alpha=0.15)
+    model = load_audit_model(_train(poisoned.data, tmp_path / "blended"))
+    nc = neural_cleanse(model, test.subset(np.arange(300)), 10, FAST)
+    assert nc.add_norms is not None and nc.add_anomaly is not None and nc.deltas is not None
+    assert nc.deltas.shape == (10, 8, 8)
+    assert int(np.argmax(nc.add_anomaly)) == TARGET and TARGET in nc.add_flagged
+    assert nc.add_asr is not None and nc.add_asr[TARGET] > 0.8
+    assert nc.flagged[0] == TARGET and nc.most_anomalous() == TARGET
+    # the perturbation is applied by stamp_additive and stays in the data range
+    stamped = nc.stamp_additive(test.x[:5], TARGET)
+    assert float(stamped.min()) >= 0 and float(stamped.max()) <= 255
+
+
+def test_verdict_combines_mask_and_additive_searches(tmp_path: Path) -> None:
+    from poisonguard.audit.core import load_triggers, make_verdict, save_triggers
+    from poisonguard.audit.neural_cleanse import CleanseResult, _flag
+
+    mask = np.array([40.0, 42, 13, 45, 41, 38, 39, 44, 12, 40])   # 8 and 2 both small
+    add = np.array([5.0, 5.5, 1.6, 5.2, 4.8, 5.1, 4.6, 6.0, 4.4, 5.3])  # only 2 small
+    asr = np.ones(10)
+    ai, add_ai = anomaly_index(mask), anomaly_index(add)
+    mask_flagged = _flag(mask, ai, asr, 2.0, 0.33)
+    add_flagged = _flag(add, add_ai, asr, 2.0, 0.4)
+    assert set(mask_flagged) == {2, 8} and add_flagged == [2]
+    nc = CleanseResult(masks=np.zeros((10, 4, 4), np.float32),
+                       patterns=np.zeros((10, 4, 4), np.float32), norms=mask, anomaly=ai,
+                       reversed_asr=asr, reached=np.ones(10, bool), steps=np.ones(10, int),
+                       flagged=[2, 8], runtime_s=0.0, config=CleanseConfig(),
+                       value_range=(0.0, 255.0), deltas=np.zeros((10, 4, 4), np.float32),
+                       add_norms=add, add_anomaly=add_ai, add_asr=asr,
+                       mask_flagged=mask_flagged, add_flagged=add_flagged)
+    v = make_verdict(nc)
+    assert v["backdoored"] and v["target_class"] == 2  # the additive search decides
+    assert v["evidence"]["additive_flagged_classes"] == [2]
+    save_triggers(tmp_path / "t.npz", nc)
+    back = load_triggers(tmp_path / "t.npz")
+    assert back.add_flagged == [2] and sorted(back.mask_flagged) == [2, 8]
+    np.testing.assert_allclose(back.add_norms, add)
+    assert make_verdict(back)["target_class"] == 2
+    # flagged by the additive search alone (a blended trigger NC's mask norm misses)
+    nc.mask_flagged, nc.flagged = [], [2]
+    v = make_verdict(nc)
+    assert v["backdoored"] and v["target_class"] == 2 and "additive" in v["summary"]
+    # an additive outlier that is not small enough against the median is not flagged
+    near = add.copy()
+    near[2] = 0.45 * np.median(add)
+    assert _flag(near, anomaly_index(near), asr, 2.0, 0.4) == []

@@ -37,31 +37,62 @@ def _sigmoid(v: float) -> float:
 
 
 def make_verdict(nc: CleanseResult, dormant: DormantResult | None = None) -> dict[str, Any]:
-    """Backdoored when Neural Cleanse flags a class; the target is the most anomalous flagged
-    class. Confidence grows with the distance of the deciding anomaly index from the threshold."""
+    """Backdoored when a class is flagged by the mask search or by the additive search; the
+    target is the flagged class with the highest score (the sum of its two anomaly indices).
+    Confidence grows with the distance of the target's larger anomaly index from the
+    threshold."""
     thr = nc.config.threshold
     top = nc.most_anomalous()
     med = float(np.median(nc.norms))
-    evidence = {"anomaly_index": round(float(nc.anomaly[top]), 3),
-                "mask_l1": round(float(nc.norms[top]), 3), "median_mask_l1": round(med, 3),
-                "mask_ratio_to_median": round(float(nc.norms[top]) / max(med, 1e-9), 4),
-                "reversed_trigger_asr": round(float(nc.reversed_asr[top]), 4),
-                "flagged_classes": list(nc.flagged), "most_anomalous_class": top}
+    evidence: dict[str, Any] = {
+        "anomaly_index": round(float(nc.anomaly[top]), 3),
+        "mask_l1": round(float(nc.norms[top]), 3), "median_mask_l1": round(med, 3),
+        "mask_ratio_to_median": round(float(nc.norms[top]) / max(med, 1e-9), 4),
+        "reversed_trigger_asr": round(float(nc.reversed_asr[top]), 4),
+        "flagged_classes": list(nc.flagged), "most_anomalous_class": top}
+    add = nc.add_norms is not None and nc.add_anomaly is not None
+    if add:
+        add_med = float(np.median(nc.add_norms))
+        evidence.update({
+            "additive_anomaly_index": round(float(nc.add_anomaly[top]), 3),
+            "additive_l2": round(float(nc.add_norms[top]), 4),
+            "additive_ratio_to_median": round(float(nc.add_norms[top]) / max(add_med, 1e-12),
+                                              4),
+            "score": round(float(nc.score[top]), 3),
+            "mask_flagged_classes": list(nc.mask_flagged),
+            "additive_flagged_classes": list(nc.add_flagged)})
     if dormant is not None:
         evidence["dormant_units_woken_by_trigger"] = len(dormant.units)
+
+    def deciding(k: int) -> float:
+        ais = [float(nc.anomaly[k])] if k in nc.mask_flagged or not add else []
+        if add and (k in nc.add_flagged or not ais):
+            ais.append(float(nc.add_anomaly[k]))
+        return max(ais)
+
     if nc.flagged:
         target = nc.flagged[0]
-        conf = _sigmoid(1.5 * (float(nc.anomaly[target]) - thr))
-        share = float(nc.norms[target]) / max(med, 1e-9)
-        summary = (f"BACKDOOR FOUND: class {target} is reached by a trigger covering "
-                   f"{nc.norms[target]:.1f} pixels, {share:.0%} of the median class's "
-                   f"(anomaly index {nc.anomaly[target]:.2f} > {thr:g})")
+        ai = deciding(target)
+        conf = _sigmoid(1.5 * (ai - thr))
+        if target in nc.mask_flagged or not add:
+            share = float(nc.norms[target]) / max(med, 1e-9)
+            how = (f"a trigger covering {nc.norms[target]:.1f} pixels, {share:.0%} of the median "
+                   f"class's (anomaly index {nc.anomaly[target]:.2f} > {thr:g})")
+        else:
+            share = float(nc.add_norms[target]) / max(float(np.median(nc.add_norms)), 1e-12)
+            how = (f"an additive perturbation of L2 norm {nc.add_norms[target]:.3f} (data range "
+                   f"= 1), {share:.0%} of the median class's (anomaly index "
+                   f"{nc.add_anomaly[target]:.2f} > {thr:g})")
+        summary = f"BACKDOOR FOUND: class {target} is reached by {how}"
         return {"backdoored": True, "target_class": int(target), "confidence": round(conf, 4),
                 "summary": summary, "evidence": evidence}
-    conf = _sigmoid(1.5 * (thr - float(nc.anomaly[top])))
+    ai = float(nc.anomaly[top]) if not add else max(float(nc.anomaly[top]),
+                                                      float(nc.add_anomaly[top]))
+    conf = _sigmoid(1.5 * (thr - ai))
     summary = (f"no backdoor found: the smallest reversed trigger (class {top}, "
-               f"{nc.norms[top]:.1f} pixels) has anomaly index {nc.anomaly[top]:.2f} "
-               f"(threshold {thr:g})")
+               f"{nc.norms[top]:.1f} pixels) has anomaly index {nc.anomaly[top]:.2f}"
+               + (f", its additive perturbation {nc.add_anomaly[top]:.2f}" if add else "")
+               + f" (threshold {thr:g}, each with a norm-ratio guard)")
     return {"backdoored": False, "target_class": None, "confidence": round(conf, 4),
             "summary": summary, "evidence": evidence}
 
@@ -92,10 +123,17 @@ def audit_model(model: AuditModel, clean: LabeledData, config: CleanseConfig | N
 
 def save_triggers(path: str | Path, nc: CleanseResult) -> Path:
     """Write every class's reversed mask/pattern with its statistics (reused by ``repair``)."""
+    extra: dict[str, np.ndarray] = {}
+    if nc.deltas is not None and nc.add_norms is not None and nc.add_anomaly is not None:
+        extra = {"deltas": nc.deltas, "add_norms": nc.add_norms, "add_anomaly": nc.add_anomaly,
+                 "add_asr": (nc.add_asr if nc.add_asr is not None
+                             else np.zeros(nc.n_classes)),
+                 "mask_flagged": np.asarray(nc.mask_flagged, dtype=np.int64),
+                 "add_flagged": np.asarray(nc.add_flagged, dtype=np.int64)}
     return atomic_save_npz(path, masks=nc.masks, patterns=nc.patterns, norms=nc.norms,
                            anomaly=nc.anomaly, reversed_asr=nc.reversed_asr,
                            flagged=np.asarray(nc.flagged, dtype=np.int64),
-                           value_range=np.asarray(nc.value_range, dtype=np.float64))
+                           value_range=np.asarray(nc.value_range, dtype=np.float64), **extra)
 
 
 def load_triggers(path: str | Path) -> CleanseResult:
@@ -110,13 +148,23 @@ def load_triggers(path: str | Path) -> CleanseResult:
         raise DataError(f"{path}: triggers file lacks {sorted(missing)}")
     k = len(arrays["norms"])
     vr = arrays.get("value_range", np.array([0.0, 1.0]))
-    return CleanseResult(masks=arrays["masks"].astype(np.float32),
-                         patterns=arrays["patterns"].astype(np.float32), norms=arrays["norms"],
-                         anomaly=arrays["anomaly"],
-                         reversed_asr=arrays.get("reversed_asr", np.zeros(k)),
-                         reached=np.ones(k, dtype=bool), steps=np.zeros(k, dtype=int),
-                         flagged=[int(v) for v in arrays["flagged"]], runtime_s=0.0,
-                         config=CleanseConfig(), value_range=(float(vr[0]), float(vr[1])))
+    flagged = [int(v) for v in arrays["flagged"]]
+    nc = CleanseResult(masks=arrays["masks"].astype(np.float32),
+                       patterns=arrays["patterns"].astype(np.float32), norms=arrays["norms"],
+                       anomaly=arrays["anomaly"],
+                       reversed_asr=arrays.get("reversed_asr", np.zeros(k)),
+                       reached=np.ones(k, dtype=bool), steps=np.zeros(k, dtype=int),
+                       flagged=flagged, runtime_s=0.0, config=CleanseConfig(additive=False),
+                       value_range=(float(vr[0]), float(vr[1])),
+                       mask_flagged=[int(v) for v in arrays.get("mask_flagged", flagged)])
+    if "deltas" in arrays and "add_norms" in arrays and "add_anomaly" in arrays:
+        nc.deltas = arrays["deltas"].astype(np.float32)
+        nc.add_norms = arrays["add_norms"]
+        nc.add_anomaly = arrays["add_anomaly"]
+        nc.add_asr = arrays.get("add_asr")
+        nc.add_flagged = [int(v) for v in arrays.get("add_flagged", [])]
+        nc.config = CleanseConfig()
+    return nc
 
 
 def trigger_images(nc: CleanseResult, classes: list[int]) -> list[dict[str, Any]]:

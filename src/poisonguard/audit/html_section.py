@@ -60,6 +60,7 @@ def model_audit_section(r: Mapping[str, Any]) -> str:
             ev = c.get("evidence") or {}
             rows.append([_td(c.get("label")), _td(ev.get("mask_l1")),
                          _td(ev.get("anomaly_index")), _td(ev.get("reversed_asr")),
+                         _td(ev.get("additive_l2")), _td(ev.get("additive_anomaly_index")),
                          _td(ev.get("steps")), _td("flagged" if c.get("suspicious") else "")])
             row_classes.append("poisoned" if c.get("suspicious") else "")
         out.append("<h3>Neural Cleanse: reversed trigger per class</h3>")
@@ -68,8 +69,15 @@ def model_audit_section(r: Mapping[str, Any]) -> str:
                    f'{_e(_fmt(nc.get("max_ratio")))} of the median '
                    f'({_e(_fmt(nc.get("median_mask_l1")))} px); '
                    f'{_e(_fmt(nc.get("runtime_s")))} s</p>')
+        add = nc.get("additive") or {}
+        if add:
+            out.append(f'<p class="muted">additive search: smallest universal additive '
+                       f'perturbation per class (L2, data range = 1), flagged above the same '
+                       f'threshold with a norm at most {_e(_fmt(add.get("max_ratio")))} of the '
+                       f'median ({_e(_fmt(add.get("median_l2")))})</p>')
         out.append(_table(["class", "mask L1 (px)", "anomaly index", "reversed-trigger ASR",
-                           "steps", ""], rows, row_classes))
+                           "additive L2", "additive anomaly index", "steps", ""], rows,
+                          row_classes))
     triggers = layer.get("triggers") or []
     if triggers:
         out.append("<h3>Recovered trigger(s)</h3>")

@@ -11,6 +11,16 @@ The K problems are solved in one batched optimisation: parameters ``mask_logit``
 clean samples (a K*B forward/backward pass), with a per-class adaptive weight on the mask norm
 (raised while the class's attack succeeds, lowered when it fails) and per-class early stopping
 once the smallest successful mask stops shrinking.
+
+A second search, run the same batched way, looks for every class's smallest *universal additive
+perturbation* ``x' = clip(x + delta_k)`` (L2 norm, in units of the data range). Neural Cleanse's
+L1 mask cost is built for small opaque patches: a full-image low-amplitude trigger (a blended
+pattern) needs a mask covering every pixel at its blend weight, which costs more than a natural
+class's shortcut, so the target does not stand out. The same trigger is a small L2 perturbation,
+far below the natural classes'. Each statistic flags its own outliers (anomaly index above the
+threshold and a norm at most a given share of the median), and the flagged classes are ranked by
+the sum of the two anomaly indices, so that when one search sees two candidates (a natural
+shortcut and a backdoor), the other decides between them.
 """
 
 from __future__ import annotations
@@ -41,6 +51,11 @@ class CleanseConfig:
     the anomaly index above which a class is flagged; ``max_ratio`` a second guard: a flagged
     mask must also be at most this share of the median norm (the index alone flags a clean class
     whenever the natural classes' norms happen to cluster tightly).
+
+    ``additive`` runs the second search (smallest universal additive perturbation per class,
+    L2 norm in units of the data range) with its own learning rate, initial norm weight and
+    ratio guard ``additive_max_ratio`` (the L2 norms of natural classes spread less than the
+    L1 mask norms, so a perturbation is flagged up to a larger share of the median).
     """
 
     batch_size: int = 16
@@ -56,6 +71,10 @@ class CleanseConfig:
     max_ratio: float = 0.33
     eval_samples: int = 300
     seed: int = 0
+    additive: bool = True
+    additive_lr: float = 0.02
+    additive_init_cost: float = 0.05
+    additive_max_ratio: float = 0.4
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_steps < 1:
@@ -85,24 +104,48 @@ class CleanseResult:
     config: CleanseConfig
     value_range: tuple[float, float] = (0.0, 1.0)
     extras: dict[str, Any] = field(default_factory=dict)
+    # the additive search (None when it did not run): per-class perturbations in data units,
+    # their L2 norms in units of the data range, anomaly indices and reversed ASR
+    deltas: np.ndarray | None = None
+    add_norms: np.ndarray | None = None
+    add_anomaly: np.ndarray | None = None
+    add_asr: np.ndarray | None = None
+    mask_flagged: list[int] = field(default_factory=list)
+    add_flagged: list[int] = field(default_factory=list)
 
     @property
     def n_classes(self) -> int:
         return len(self.norms)
 
+    @property
+    def score(self) -> np.ndarray:
+        """Per-class evidence: the mask anomaly index plus the additive one when it ran."""
+        if self.add_anomaly is None:
+            return np.asarray(self.anomaly, dtype=np.float64)
+        return np.asarray(self.anomaly, dtype=np.float64) + self.add_anomaly
+
     def most_anomalous(self) -> int:
-        return int(np.argmax(self.anomaly))
+        return int(np.argmax(self.score))
 
     def findings(self, clean_y: np.ndarray) -> tuple[ClassFinding, ...]:
         counts = np.bincount(clean_y, minlength=self.n_classes)
-        return tuple(ClassFinding(
-            label=k, suspicious=k in self.flagged, n_samples=int(counts[k]), n_flagged=0,
-            evidence={"mask_l1": round(float(self.norms[k]), 3),
-                      "anomaly_index": round(float(self.anomaly[k]), 3),
-                      "score": round(float(self.anomaly[k]), 3),
-                      "reversed_asr": round(float(self.reversed_asr[k]), 4),
-                      "reached_success": bool(self.reached[k]), "steps": int(self.steps[k])})
-            for k in range(self.n_classes))
+        score = self.score
+        out = []
+        for k in range(self.n_classes):
+            ev: dict[str, Any] = {"mask_l1": round(float(self.norms[k]), 3),
+                                  "anomaly_index": round(float(self.anomaly[k]), 3),
+                                  "score": round(float(score[k]), 3),
+                                  "reversed_asr": round(float(self.reversed_asr[k]), 4),
+                                  "reached_success": bool(self.reached[k]),
+                                  "steps": int(self.steps[k])}
+            if self.add_norms is not None and self.add_anomaly is not None:
+                ev["additive_l2"] = round(float(self.add_norms[k]), 4)
+                ev["additive_anomaly_index"] = round(float(self.add_anomaly[k]), 3)
+                if self.add_asr is not None:
+                    ev["additive_asr"] = round(float(self.add_asr[k]), 4)
+            out.append(ClassFinding(label=k, suspicious=k in self.flagged,
+                                    n_samples=int(counts[k]), n_flagged=0, evidence=ev))
+        return tuple(out)
 
     def stamp(self, x: np.ndarray, k: int) -> torch.Tensor:
         """Clean samples ``x`` with class k's reversed trigger, as a float data-space tensor."""
@@ -111,16 +154,34 @@ class CleanseResult:
         p = torch.from_numpy(self.patterns[k]).float()
         return (1 - m) * xd + m * p
 
+    def stamp_additive(self, x: np.ndarray, k: int) -> torch.Tensor:
+        """Clean samples ``x`` plus class k's additive perturbation, clipped to the range."""
+        if self.deltas is None:
+            raise ValueError("the additive search did not run (config.additive=False)")
+        lo, hi = self.value_range
+        return (to_data_tensor(x) + torch.from_numpy(self.deltas[k]).float()).clamp(lo, hi)
+
     def summary(self) -> dict[str, Any]:
-        return {"flagged": self.flagged, "threshold": self.config.threshold,
-                "max_ratio": self.config.max_ratio,
-                "median_mask_l1": round(float(np.median(self.norms)), 3),
-                "mask_l1": [round(float(v), 3) for v in self.norms],
-                "anomaly_index": [round(float(v), 3) for v in self.anomaly],
-                "reversed_asr": [round(float(v), 4) for v in self.reversed_asr],
-                "reached_success": [bool(v) for v in self.reached],
-                "steps": [int(v) for v in self.steps], "runtime_s": round(self.runtime_s, 3),
-                "value_range": list(self.value_range), "config": self.config.to_dict()}
+        out: dict[str, Any] = {
+            "flagged": self.flagged, "mask_flagged": self.mask_flagged,
+            "threshold": self.config.threshold, "max_ratio": self.config.max_ratio,
+            "median_mask_l1": round(float(np.median(self.norms)), 3),
+            "mask_l1": [round(float(v), 3) for v in self.norms],
+            "anomaly_index": [round(float(v), 3) for v in self.anomaly],
+            "reversed_asr": [round(float(v), 4) for v in self.reversed_asr],
+            "reached_success": [bool(v) for v in self.reached],
+            "steps": [int(v) for v in self.steps], "runtime_s": round(self.runtime_s, 3),
+            "value_range": list(self.value_range), "config": self.config.to_dict()}
+        if self.add_norms is not None and self.add_anomaly is not None:
+            out["additive"] = {
+                "flagged": self.add_flagged, "max_ratio": self.config.additive_max_ratio,
+                "median_l2": round(float(np.median(self.add_norms)), 4),
+                "l2": [round(float(v), 4) for v in self.add_norms],
+                "anomaly_index": [round(float(v), 3) for v in self.add_anomaly],
+                "reversed_asr": ([round(float(v), 4) for v in self.add_asr]
+                                 if self.add_asr is not None else None)}
+            out["score"] = [round(float(v), 3) for v in self.score]
+        return out
 
 
 def anomaly_index(norms: np.ndarray, log: bool = True) -> np.ndarray:
@@ -145,9 +206,96 @@ def mask_shape(sample_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sample_shape)
 
 
+def _search(model: AuditModel, x_all: torch.Tensor, y_all: torch.Tensor, k_all: int,
+            params: list[torch.Tensor], build: Any, penalty: Any, lr: float,
+            init_cost: float, cfg: CleanseConfig, gen: torch.Generator
+            ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """The batched per-class search shared by both objectives. ``build(act, xb)`` returns, for
+    the active classes ``act``, the stamped batches (A, B, *sample), the norms (A,) and the
+    tensors to keep when a norm is the smallest successful one; ``penalty(norms)`` is the norm
+    term of the loss, before its per-class weight. The weight starts at 0,
+    becomes ``init_cost`` once a class succeeds, then is raised while the attack succeeds and
+    lowered when it fails; a class stops once its smallest successful norm stops shrinking.
+    Returns the best norms (inf where never successful), the kept tensors and the steps run."""
+    sample = tuple(x_all.shape[1:])
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.9))
+    cost = torch.zeros(k_all)          # 0 until a class first succeeds, then init_cost
+    best_norm = np.full(k_all, np.inf)
+    best: list[np.ndarray] = []
+    since_best = np.zeros(k_all, dtype=int)
+    steps = np.zeros(k_all, dtype=int)
+    up_count = np.zeros(k_all, dtype=int)
+    down_count = np.zeros(k_all, dtype=int)
+    active = np.ones(k_all, dtype=bool)
+    targets_all = torch.arange(k_all)
+    n = len(x_all)
+    bsz = min(cfg.batch_size, n)
+    for step in range(cfg.max_steps):
+        act = np.flatnonzero(active)
+        if len(act) == 0:
+            break
+        idx = torch.randperm(n, generator=gen)[:bsz]
+        xb, yb = x_all[idx], y_all[idx]
+        act_t = torch.from_numpy(act)
+        stamped, norms, keep = build(act_t, xb)
+        if not best:
+            best = [np.zeros((k_all, *t.shape[1:]), dtype=np.float32) for t in keep]
+        logits = model.logits(stamped.reshape(len(act) * bsz, *sample))
+        tgt = targets_all[act_t].repeat_interleave(bsz)
+        ce = F.cross_entropy(logits, tgt, reduction="none").view(len(act), bsz)
+        loss = (ce.mean(1) + cost[act_t] * penalty(norms)).sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            hit = (logits.argmax(1) == tgt).view(len(act), bsz)
+            other = (yb[None, :] != targets_all[act_t][:, None])
+            succ = ((hit & other).sum(1).float() / other.sum(1).clamp_min(1)).numpy()
+            norms_np = norms.detach().numpy()
+        for j, k in enumerate(act):
+            steps[k] += 1
+            ok = succ[j] >= cfg.success
+            if ok and norms_np[j] < best_norm[k] * 0.99:
+                best_norm[k] = norms_np[j]
+                for b, t in zip(best, keep):
+                    b[k] = t[j].detach().numpy()
+                since_best[k] = 0
+            else:
+                since_best[k] += 1
+            if ok and cost[k] == 0:
+                cost[k] = init_cost
+                since_best[k] = 0
+            elif ok:
+                up_count[k] += 1
+                down_count[k] = 0
+            else:
+                down_count[k] += 1
+                up_count[k] = 0
+            if up_count[k] >= 3:
+                cost[k] *= cfg.cost_up
+                up_count[k] = 0
+            elif down_count[k] >= 3 and cost[k] > 0:
+                cost[k] /= cfg.cost_down
+                down_count[k] = 0
+            if (step + 1 >= cfg.min_steps and np.isfinite(best_norm[k])
+                    and since_best[k] >= cfg.patience):
+                active[k] = False
+    return best_norm, best, steps
+
+
+def _flag(norms: np.ndarray, anomaly: np.ndarray, asr: np.ndarray, threshold: float,
+          max_ratio: float) -> list[int]:
+    """Classes above the anomaly threshold, at most ``max_ratio`` of the median norm, whose
+    reversed trigger sends at least half of the clean samples to them."""
+    med = float(np.median(norms))
+    return [int(k) for k in np.argsort(-anomaly)
+            if anomaly[k] > threshold and norms[k] <= max_ratio * med and asr[k] >= 0.5]
+
+
 def neural_cleanse(model: AuditModel, clean: LabeledData, n_classes: int,
                    config: CleanseConfig | None = None) -> CleanseResult:
-    """Reverse-engineer a minimal trigger for every class at once; flag small-norm outliers."""
+    """Reverse-engineer a minimal trigger for every class at once (a mask and pattern, and with
+    ``config.additive`` a universal additive perturbation); flag small-norm outliers."""
     cfg = config or CleanseConfig()
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -168,72 +316,32 @@ def neural_cleanse(model: AuditModel, clean: LabeledData, n_classes: int,
     pattern_logit = 0.5 * torch.randn((k_all, *sample), generator=gen)
     mask_logit.requires_grad_(True)
     pattern_logit.requires_grad_(True)
-    opt = torch.optim.Adam([mask_logit, pattern_logit], lr=cfg.lr, betas=(0.5, 0.9))
-    cost = torch.zeros(k_all)          # 0 until a class first succeeds, then init_cost
-    best_norm = np.full(k_all, np.inf)
-    best_mask = np.zeros((k_all, *mshape), dtype=np.float32)
-    best_pattern = np.zeros((k_all, *sample), dtype=np.float32)
-    since_best = np.zeros(k_all, dtype=int)
-    steps = np.zeros(k_all, dtype=int)
-    up_count = np.zeros(k_all, dtype=int)
-    down_count = np.zeros(k_all, dtype=int)
-    active = np.ones(k_all, dtype=bool)
     n_pix = float(np.prod(mshape))
-    targets_all = torch.arange(k_all)
-    n = len(x_all)
-    bsz = min(cfg.batch_size, n)
+
+    def build_mask(act_t: torch.Tensor, xb: torch.Tensor) -> tuple[Any, Any, Any]:
+        m = torch.sigmoid(mask_logit[act_t])                       # (A, *mshape)
+        p = lo + (hi - lo) * torch.sigmoid(pattern_logit[act_t])   # (A, *sample)
+        stamped = (1 - m[:, None]) * xb[None] + (m * p)[:, None]   # (A, B, *sample)
+        return stamped, m.reshape(len(act_t), -1).sum(1), (m, p)
+
+    # its own generator: the mask search sees the same batches with or without it
+    gen_add = torch.Generator().manual_seed(cfg.seed + 1)
+    delta = (1e-3 * torch.randn((k_all, *sample), generator=gen_add)).requires_grad_(True)
+
+    def build_add(act_t: torch.Tensor, xb: torch.Tensor) -> tuple[Any, Any, Any]:
+        d = delta[act_t]                                            # range units
+        stamped = (xb[None] + (hi - lo) * d[:, None]).clamp(lo, hi)
+        return stamped, d.reshape(len(act_t), -1).norm(dim=1), ((hi - lo) * d,)
+
+    add_norms = add_deltas = None
     try:
-        for step in range(cfg.max_steps):
-            act = np.flatnonzero(active)
-            if len(act) == 0:
-                break
-            idx = torch.randperm(n, generator=gen)[:bsz]
-            xb, yb = x_all[idx], y_all[idx]
-            act_t = torch.from_numpy(act)
-            m = torch.sigmoid(mask_logit[act_t])                       # (A, *mshape)
-            p = lo + (hi - lo) * torch.sigmoid(pattern_logit[act_t])   # (A, *sample)
-            stamped = (1 - m[:, None]) * xb[None] + (m * p)[:, None]   # (A, B, *sample)
-            logits = model.logits(stamped.reshape(len(act) * bsz, *sample))
-            tgt = targets_all[act_t].repeat_interleave(bsz)
-            ce = F.cross_entropy(logits, tgt, reduction="none").view(len(act), bsz)
-            norms = m.reshape(len(act), -1).sum(1)
-            loss = (ce.mean(1) + cost[act_t] * norms / n_pix * 100.0).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                hit = (logits.argmax(1) == tgt).view(len(act), bsz)
-                other = (yb[None, :] != targets_all[act_t][:, None])
-                succ = ((hit & other).sum(1).float() / other.sum(1).clamp_min(1)).numpy()
-                norms_np = norms.detach().numpy()
-            for j, k in enumerate(act):
-                steps[k] += 1
-                ok = succ[j] >= cfg.success
-                if ok and norms_np[j] < best_norm[k] * 0.99:
-                    best_norm[k] = norms_np[j]
-                    best_mask[k] = m[j].detach().numpy()
-                    best_pattern[k] = p[j].detach().numpy()
-                    since_best[k] = 0
-                else:
-                    since_best[k] += 1
-                if ok and cost[k] == 0:
-                    cost[k] = cfg.init_cost
-                    since_best[k] = 0
-                elif ok:
-                    up_count[k] += 1
-                    down_count[k] = 0
-                else:
-                    down_count[k] += 1
-                    up_count[k] = 0
-                if up_count[k] >= 3:
-                    cost[k] *= cfg.cost_up
-                    up_count[k] = 0
-                elif down_count[k] >= 3 and cost[k] > 0:
-                    cost[k] /= cfg.cost_down
-                    down_count[k] = 0
-                if (step + 1 >= cfg.min_steps and np.isfinite(best_norm[k])
-                        and since_best[k] >= cfg.patience):
-                    active[k] = False
+        best_norm, (best_mask, best_pattern), steps = _search(
+            model, x_all, y_all, k_all, [mask_logit, pattern_logit], build_mask,
+            lambda v: v / n_pix * 100.0, cfg.lr, cfg.init_cost, cfg, gen)
+        if cfg.additive:
+            add_norms, (add_deltas,), _ = _search(
+                model, x_all, y_all, k_all, [delta], build_add, lambda v: v, cfg.additive_lr,
+                cfg.additive_init_cost, cfg, gen_add)
     finally:
         for p_, r in zip(module.parameters(), req):
             p_.requires_grad_(r)
@@ -250,17 +358,33 @@ def neural_cleanse(model: AuditModel, clean: LabeledData, n_classes: int,
                            steps=steps, flagged=[], runtime_s=0.0, config=cfg,
                            value_range=(lo, hi))
     result.reversed_asr = reversed_asr(model, result, clean, cfg.eval_samples, cfg.seed)
-    med = float(np.median(norms_final))
-    result.flagged = [int(k) for k in np.argsort(-anomaly)
-                      if anomaly[k] > cfg.threshold and norms_final[k] <= cfg.max_ratio * med
-                      and result.reversed_asr[k] >= 0.5]
+    result.mask_flagged = _flag(norms_final, anomaly, result.reversed_asr, cfg.threshold,
+                                cfg.max_ratio)
+    if add_norms is not None and add_deltas is not None:
+        with torch.no_grad():
+            d_last = ((hi - lo) * delta).numpy()
+        unreached = ~np.isfinite(add_norms)
+        add_deltas[unreached] = d_last[unreached]
+        add_norms = np.linalg.norm(add_deltas.reshape(k_all, -1).astype(np.float64)
+                                   / (hi - lo), axis=1)
+        result.deltas = add_deltas
+        result.add_norms = add_norms
+        result.add_anomaly = anomaly_index(add_norms)
+        result.add_asr = reversed_asr(model, result, clean, cfg.eval_samples, cfg.seed,
+                                      additive=True)
+        result.add_flagged = _flag(add_norms, result.add_anomaly, result.add_asr,
+                                   cfg.threshold, cfg.additive_max_ratio)
+    score = result.score
+    result.flagged = sorted(set(result.mask_flagged) | set(result.add_flagged),
+                            key=lambda k: -score[k])
     result.runtime_s = time.perf_counter() - t0
     return result
 
 
 def reversed_asr(model: AuditModel, result: CleanseResult, clean: LabeledData,
-                 max_samples: int = 300, seed: int = 0) -> np.ndarray:
-    """Share of clean samples (not of class k) that class k's reversed trigger sends to k."""
+                 max_samples: int = 300, seed: int = 0, additive: bool = False) -> np.ndarray:
+    """Share of clean samples (not of class k) that class k's reversed trigger (with
+    ``additive``, its additive perturbation) sends to k."""
     rng = np.random.default_rng(seed)
     idx = np.arange(len(clean))
     if len(idx) > max_samples:
@@ -271,7 +395,9 @@ def reversed_asr(model: AuditModel, result: CleanseResult, clean: LabeledData,
         keep = y != k
         if not keep.any():
             continue
-        pred = model.predict_data(result.stamp(x[keep], k))
+        stamped = (result.stamp_additive(x[keep], k) if additive
+                   else result.stamp(x[keep], k))
+        pred = model.predict_data(stamped)
         out[k] = float(np.mean(pred == k))
     return out
 
