@@ -285,8 +285,17 @@ def test_verdict_combines_mask_and_additive_searches(tmp_path: Path) -> None:
     # flagged by the additive search alone (a blended trigger NC's mask norm misses)
     nc.mask_flagged, nc.flagged = [], [2]
     v = make_verdict(nc)
-    assert v["backdoored"] and v["target_class"] == 2 and "additive" in v["summary"]
+    assert v["backdoored"] and v["target_class"] == 2 and v["evidence"]["score"] > 4
     # an additive outlier that is not small enough against the median is not flagged
     near = add.copy()
     near[2] = 0.45 * np.median(add)
-    assert _flag(near, anomaly_index(near), asr, 2.0, 0.4) == []
+    near_ai = anomaly_index(near)
+    assert near_ai[2] > 2 and _flag(near, near_ai, asr, 2.0, 0.4) == []
+    # ... but once the mask search flags a model (class 8), the target is the class with the
+    # largest summed anomaly index above the threshold in either search (class 2)
+    from poisonguard.audit.neural_cleanse import combine_flags
+
+    nc.add_norms, nc.add_anomaly, nc.add_flagged, nc.mask_flagged = near, near_ai, [], [8]
+    assert combine_flags(nc)[0] == 2 and set(combine_flags(nc)) == {2, 8}
+    nc.mask_flagged = []
+    assert combine_flags(nc) == []

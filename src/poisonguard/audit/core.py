@@ -38,9 +38,9 @@ def _sigmoid(v: float) -> float:
 
 def make_verdict(nc: CleanseResult, dormant: DormantResult | None = None) -> dict[str, Any]:
     """Backdoored when a class is flagged by the mask search or by the additive search; the
-    target is the flagged class with the highest score (the sum of its two anomaly indices).
-    Confidence grows with the distance of the target's larger anomaly index from the
-    threshold."""
+    target leads ``nc.flagged``: the class with the highest score (the sum of its two anomaly
+    indices) among those above the threshold in either search (``combine_flags``). Confidence
+    grows with the distance of the target's larger anomaly index from the threshold."""
     thr = nc.config.threshold
     top = nc.most_anomalous()
     med = float(np.median(nc.norms))
@@ -65,16 +65,15 @@ def make_verdict(nc: CleanseResult, dormant: DormantResult | None = None) -> dic
         evidence["dormant_units_woken_by_trigger"] = len(dormant.units)
 
     def deciding(k: int) -> float:
-        ais = [float(nc.anomaly[k])] if k in nc.mask_flagged or not add else []
-        if add and (k in nc.add_flagged or not ais):
-            ais.append(float(nc.add_anomaly[k]))
-        return max(ais)
+        if not add:
+            return float(nc.anomaly[k])
+        return max(float(nc.anomaly[k]), float(nc.add_anomaly[k]))
 
     if nc.flagged:
         target = nc.flagged[0]
         ai = deciding(target)
         conf = _sigmoid(1.5 * (ai - thr))
-        if target in nc.mask_flagged or not add:
+        if not add or nc.anomaly[target] >= nc.add_anomaly[target]:
             share = float(nc.norms[target]) / max(med, 1e-9)
             how = (f"a trigger covering {nc.norms[target]:.1f} pixels, {share:.0%} of the median "
                    f"class's (anomaly index {nc.anomaly[target]:.2f} > {thr:g})")

@@ -18,9 +18,10 @@ L1 mask cost is built for small opaque patches: a full-image low-amplitude trigg
 pattern) needs a mask covering every pixel at its blend weight, which costs more than a natural
 class's shortcut, so the target does not stand out. The same trigger is a small L2 perturbation,
 far below the natural classes'. Each statistic flags its own outliers (anomaly index above the
-threshold and a norm at most a given share of the median), and the flagged classes are ranked by
-the sum of the two anomaly indices, so that when one search sees two candidates (a natural
-shortcut and a backdoor), the other decides between them.
+threshold and a norm at most a given share of the median); once a class is flagged, the target
+is the class with the largest sum of the two anomaly indices among those above the threshold in
+either search, so that when one search sees two candidates (a natural shortcut and a backdoor),
+the other decides between them.
 """
 
 from __future__ import annotations
@@ -374,11 +375,29 @@ def neural_cleanse(model: AuditModel, clean: LabeledData, n_classes: int,
                                       additive=True)
         result.add_flagged = _flag(add_norms, result.add_anomaly, result.add_asr,
                                    cfg.threshold, cfg.additive_max_ratio)
-    score = result.score
-    result.flagged = sorted(set(result.mask_flagged) | set(result.add_flagged),
-                            key=lambda k: -score[k])
+    result.flagged = combine_flags(result)
     result.runtime_s = time.perf_counter() - t0
     return result
+
+
+def combine_flags(nc: CleanseResult) -> list[int]:
+    """The classes flagged by either search, ordered by score (summed anomaly indices). Once
+    a class is flagged, the class with the highest score among those above the threshold in
+    either search is flagged too (it leads the list): which class is the target is decided by
+    both searches together, not by the guard of one (a natural shortcut can pass the mask
+    search's guards while the backdoor target just misses them, and the additive search sees
+    the backdoor far more clearly)."""
+    flagged = set(nc.mask_flagged) | set(nc.add_flagged)
+    if not flagged:
+        return []
+    score = nc.score
+    above = nc.anomaly > nc.config.threshold
+    if nc.add_anomaly is not None:
+        above = above | (nc.add_anomaly > nc.config.threshold)
+    cand = np.flatnonzero(above)
+    if len(cand):
+        flagged.add(int(cand[np.argmax(score[cand])]))
+    return sorted(flagged, key=lambda k: -score[k])
 
 
 def reversed_asr(model: AuditModel, result: CleanseResult, clean: LabeledData,
