@@ -262,7 +262,15 @@ def main() -> None:
             return (r.get("kind", "run"), r.get("dataset"), r.get("scenario"), r.get("seed"))
         merged = {key(r): r for r in records}
         for f in args.merge:
-            merged.update({key(r): r for r in json.loads(Path(f).read_text())})
+            for r in json.loads(Path(f).read_text()):
+                old = merged.get(key(r), {})
+                if "clean_model_on_triggered" in old and "clean_model_on_triggered" not in r:
+                    # a poisoned row re-run without its seed's clean row keeps the floor the
+                    # clean-data model measured (that model's code is named)
+                    r["clean_model_on_triggered"] = old["clean_model_on_triggered"]
+                    r["clean_model_on_triggered_code"] = old.get(
+                        "clean_model_on_triggered_code", old.get("code"))
+                merged[key(r)] = r
         records = list(merged.values())
         atomic_write_json(out, records)
     if args.summarise_only or args.merge:

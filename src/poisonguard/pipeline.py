@@ -386,6 +386,13 @@ def sanitize(result: ScanResult) -> tuple[LabeledData, list[dict[str, Any]]]:
     return result.data.subset(np.flatnonzero(~flags)), removed
 
 
+# The teacher never saw a trigger, and a triggered image is off its distribution: on CIFAR-10
+# blended poisons its best other class was the image's true class for only 52% of them (74% for
+# BadNets). Softened targets (T = 2) cost less clean accuracy than its raw distribution (T = 1)
+# and keep the attack unlearned; see benchmarks/results/quarantine.md.
+UNLEARN_TEMPERATURE = 2.0
+
+
 def retrain_unlearning(result: ScanResult) -> TrainResult:
     """A model trained (same recipe) on every sample, the flagged ones toward other-class
     targets instead of their labels: the distribution over the classes other than the label that
@@ -404,7 +411,7 @@ def retrain_unlearning(result: ScanResult) -> TrainResult:
     idx = np.flatnonzero(flags)
     labels = torch.from_numpy(np.asarray(data.y, dtype=np.int64))
     targets = other_class_targets(teacher.model.eval(), teacher.input_spec, data.x[idx],
-                                  labels[idx])
+                                  labels[idx], temperature=UNLEARN_TEMPERATURE)
     soft = torch.zeros(len(data), targets.shape[1])
     soft[idx] = targets
     return train_classifier(data, result.config.train_config(len(data)),

@@ -16,19 +16,24 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from poisonguard.errors import ConfigError
+
 RELABEL_MODES = ("soft", "second", "uniform")
 
 
 def other_class_targets(model: nn.Module, spec: Any, x: np.ndarray, y: torch.Tensor,
-                        mode: str = "soft") -> torch.Tensor:
+                        mode: str = "soft", temperature: float = 1.0) -> torch.Tensor:
     """Targets for unlearning: the model's distribution over the classes other than the given
-    label ("soft"), its best other class ("second"), or uniform over the others ("uniform")."""
+    label ("soft", its logits divided by ``temperature``), its best other class ("second"), or
+    uniform over the others ("uniform")."""
+    if not temperature > 0:
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     with torch.no_grad():
         logits = torch.cat([model(spec.prepare(x[s:s + 512])) for s in range(0, len(x), 512)])
     logits[torch.arange(len(x)), y] = -torch.inf
     if mode == "uniform":
         logits = torch.where(torch.isinf(logits), logits, torch.zeros_like(logits))
-    return F.softmax(logits / (1e-6 if mode == "second" else 1.0), dim=1)
+    return F.softmax(logits / (1e-6 if mode == "second" else temperature), dim=1)
 
 
 def relabelled_batches(mask: np.ndarray, labels: torch.Tensor,

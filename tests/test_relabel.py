@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from poisonguard.errors import ConfigError
+from poisonguard.models.adapter import InputSpec
+from poisonguard.train.relabel import other_class_targets, relabelled_batches
+
+
+def _setup() -> tuple[nn.Module, InputSpec, np.ndarray, torch.Tensor]:
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+    return nn.Linear(5, 4), InputSpec.for_data(x), x, torch.tensor([0, 1, 2, 3, 0, 1])
+
+
+def test_other_class_targets_exclude_the_label_and_soften_with_temperature() -> None:
+    model, spec, x, y = _setup()
+    cold = other_class_targets(model, spec, x, y)
+    warm = other_class_targets(model, spec, x, y, temperature=4.0)
+    for t in (cold, warm):
+        assert torch.allclose(t.sum(1), torch.ones(len(x)))
+        assert torch.all(t[torch.arange(len(x)), y] == 0)
+    entropy = [-(t.clamp_min(1e-12).log() * t).sum(1) for t in (cold, warm)]
+    assert torch.all(entropy[1] > entropy[0])
+    # the ranking of the other classes is the model's at any temperature
+    assert torch.equal(cold.argmax(1), warm.argmax(1))
+    second = other_class_targets(model, spec, x, y, mode="second")
+    assert torch.equal(second.argmax(1), cold.argmax(1)) and torch.allclose(second.max(1).values,
+                                                                            torch.ones(len(x)))
+
+
+def test_other_class_targets_reject_a_bad_temperature() -> None:
+    model, spec, x, y = _setup()
+    with pytest.raises(ConfigError, match="temperature"):
+        other_class_targets(model, spec, x, y, temperature=0.0)
+
+
+def test_relabelled_batches_replace_only_masked_rows() -> None:
+    labels = torch.tensor([0, 1, 2, 3])
+    soft = torch.full((4, 4), 0.25)
+    hook = relabelled_batches(np.array([False, True, False, False]), labels, soft)
+    assert hook(np.array([0, 2]), 0) is None
+    t = hook(np.array([1, 2]), 0)
+    assert torch.equal(t[0], soft[1]) and torch.equal(t[1], torch.tensor([0.0, 0, 1, 0]))
