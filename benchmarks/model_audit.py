@@ -476,7 +476,11 @@ def write_results(results: dict[str, Any]) -> None:
                          f"{rc['epochs']} epochs, learning rate "
                          f"{rc['trigger_lr']} with a reversed trigger stamped (retried at a third"
                          f" of it while no epoch keeps accuracy in budget), {rc['lr']} without "
-                         "(after fine-pruning); cosine decay; fine-pruning: the reversed "
+                         "(after fine-pruning); cosine decay; the reversed trigger is that of the "
+                         "search(es) that flagged the class (mask and pattern; additive "
+                         "perturbation at a random strength "
+                         f"{'-'.join(str(v) for v in rc.get('add_strengths', (1.0, 1.0)))}x; "
+                         "half each when both did); fine-pruning: the reversed "
                          "trigger's units first (mean-filled) until it stops responding, else "
                          f"the least active units within {100 * rc['prune_budget']:.1f} points.")
         ac = results.get("anp_config")

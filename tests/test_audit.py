@@ -254,6 +254,62 @@ def test_additive_search_finds_blended_target(digits: tuple[LabeledData, Labeled
     # the perturbation is applied by stamp_additive and stays in the data range
     stamped = nc.stamp_additive(test.x[:5], TARGET)
     assert float(stamped.min()) >= 0 and float(stamped.max()) <= 255
+    # the repairs stamp the additive perturbation of the class the additive search flagged
+    trig = poisoned.test_triggered
+    asr0 = accuracy(model.classifier.predict(trig.x), trig.y)
+    clean = test.subset(np.arange(300))
+    cfg = RepairConfig(epochs=6)
+    info = unlearn(model, clean, nc, [TARGET], cfg)
+    assert "additive" in info["trigger_kinds"][TARGET]
+    assert accuracy(model.classifier.predict(trig.x), trig.y) < 0.5 * asr0
+    pruned = load_audit_model(tmp_path / "blended")
+    info = fine_prune(pruned, clean, cfg, nc=nc, trigger_classes=[TARGET])
+    assert "additive" in info["trigger_kinds"][TARGET] and info["trigger_channels_first"]
+
+
+def test_trigger_kinds_and_stamper() -> None:
+    """Each class is stamped with the trigger of the search(es) that flagged it; an additive
+    perturbation at a random strength in ``add_strengths``, clipped to the data range."""
+    from poisonguard.audit.neural_cleanse import CleanseResult
+    from poisonguard.audit.repair import _Stamper, _trigger_asr, stamp_kind, trigger_kinds
+
+    k_all = 4
+    masks = np.zeros((k_all, 4, 4), np.float32)
+    masks[:, :2, :2] = 1.0
+    patterns = np.full((k_all, 4, 4), 200.0, np.float32)
+    deltas = np.full((k_all, 4, 4), 10.0, np.float32)
+    nc = CleanseResult(masks=masks, patterns=patterns, norms=np.ones(k_all),
+                       anomaly=np.array([3.0, 3.0, 0.0, 0.5]), reversed_asr=np.ones(k_all),
+                       reached=np.ones(k_all, bool), steps=np.ones(k_all, int), flagged=[],
+                       runtime_s=0.0, config=CleanseConfig(), value_range=(0.0, 255.0),
+                       deltas=deltas, add_norms=np.ones(k_all),
+                       add_anomaly=np.array([0.0, 3.0, 3.0, 2.5]), add_asr=np.ones(k_all),
+                       mask_flagged=[0, 1], add_flagged=[1, 2])
+    assert trigger_kinds(nc, 0) == ("mask",) and trigger_kinds(nc, 2) == ("additive",)
+    assert trigger_kinds(nc, 1) == ("mask", "additive")
+    assert trigger_kinds(nc, 3) == ("additive",)  # neither flagged it: the higher index
+    x = torch.full((400, 4, 4), 250.0)
+    assert float(stamp_kind(nc, x, 2, "additive").max()) == 255.0  # clipped
+    stamper = _Stamper(nc, [1], strengths=(1.0, 2.0))
+    assert len(stamper.deltas) == 1 and stamper.masks
+    out = stamper(torch.full((400, 4, 4), 100.0), torch.Generator().manual_seed(0))
+    # additive samples: the whole image moved by 10..20; mask samples: the patch at 200
+    add = (out[:, 3, 3] > 100).numpy()
+    assert 0.35 < add.mean() < 0.65
+    shift = out[add, 3, 3] - 100
+    assert float(shift.min()) >= 10 - 1e-4 and float(shift.max()) <= 20 + 1e-4
+    assert float(shift.std()) > 1  # random strengths
+    assert bool((out[~add, 0, 0] == 200).all())
+    only_add = _Stamper(nc, [2])
+    assert not only_add.masks and only_add(x[:8], torch.Generator()).shape == (8, 4, 4)
+
+    class Fixed:  # a model sending every input whose corner pixel exceeds 105 to class 2
+        def predict_data(self, xd: torch.Tensor) -> np.ndarray:
+            return np.where(xd[:, 3, 3].numpy() > 105, 2, 0)
+
+    xd, y = torch.full((10, 4, 4), 100.0), np.zeros(10, dtype=int)
+    assert _trigger_asr(Fixed(), nc, [2], xd, y) == 1.0  # the additive trigger is tested
+    assert stamper.worst_asr(Fixed(), xd, y) == 0.0     # class 1's triggers do not send to 2
 
 
 def test_verdict_combines_mask_and_additive_searches(tmp_path: Path) -> None:

@@ -9,6 +9,10 @@
 * Unlearning (Neural Cleanse's mitigation): fine-tune with the reversed trigger stamped on part
   of the clean inputs under their true labels, so the shortcut is unlearned.
 
+Both use the reversed trigger of whichever search flagged the class (:func:`trigger_kinds`):
+the mask and pattern of the mask search, the universal additive perturbation of the additive
+search (stamped at random strengths), or both (each stamped sample gets one of them).
+
 Both fine-tune in the data space through :class:`AuditModel`, with batch-norm statistics frozen
 (a few hundred samples would corrupt them), and keep the epoch with the best held-out result.
 """
@@ -55,7 +59,10 @@ class RepairConfig:
     has not dropped by a point in ``trigger_patience`` steps (after falling below 50%; those
     steps are kept), or
     this share of the units is gone; ``prune_stamp``: fine-pruning's fine-tuning also stamps
-    the trigger (off: plain fine-tuning)."""
+    the trigger (off: plain fine-tuning); ``add_strengths``: a class flagged by the additive
+    search is stamped as ``clip(x + s * delta)`` with ``s`` drawn uniformly from this range
+    (the reversed perturbation is the smallest that works; the real trigger is usually
+    stronger, so the network must unlearn the direction, not one amplitude)."""
 
     prune_budget: float = 0.005
     prune_step: int = 0          # channels per pruning step (0: about 1/32 of the layer)
@@ -81,6 +88,7 @@ class RepairConfig:
     trigger_patience: int = 4
     prune_stamp: bool = False
     max_trigger_units: float = 0.25
+    add_strengths: tuple[float, float] = (1.0, 2.0)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +98,8 @@ class RepairConfig:
             raise ConfigError(f"stamp_fraction must be in (0, 1), got {self.stamp_fraction}")
         if self.epochs < 0:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
+        if not 0 < self.add_strengths[0] <= self.add_strengths[1]:
+            raise ConfigError(f"add_strengths must be 0 < low <= high, got {self.add_strengths}")
         if self.tune not in ("all", "linear"):
             raise ConfigError(f"tune must be 'all' or 'linear', got {self.tune!r}")
 
@@ -123,17 +133,60 @@ def _split(clean: LabeledData, frac: float, seed: int) -> tuple[np.ndarray, np.n
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-class _Stamper:
-    """A pool of (mask, pattern) variants per class: the reversed trigger, the same mask grown
-    by one pixel, and triggers re-reversed between epochs."""
+def trigger_kinds(nc: CleanseResult, k: int) -> tuple[str, ...]:
+    """Which reversed trigger(s) of class k the repairs stamp: ``"mask"`` when the mask search
+    flagged k, ``"additive"`` when the additive search did, both when both did; a class that
+    neither flagged on its own (the target chosen by the summed score, or one asked for by
+    hand) gets the trigger of the search that ranks it higher."""
+    has_add = nc.deltas is not None
+    kinds = [kind for kind, hit in (("mask", k in nc.mask_flagged),
+                                    ("additive", has_add and k in nc.add_flagged)) if hit]
+    if not kinds:
+        add_ai = (float(nc.add_anomaly[k]) if has_add and nc.add_anomaly is not None
+                  else -np.inf)
+        kinds = ["additive" if add_ai > float(nc.anomaly[k]) else "mask"]
+    return tuple(kinds)
 
-    def __init__(self, nc: CleanseResult, classes: list[int]) -> None:
+
+def stamp_kind(nc: CleanseResult, xd: torch.Tensor, k: int, kind: str,
+               strength: float = 1.0) -> torch.Tensor:
+    """Data-space batch ``xd`` with class k's reversed trigger of ``kind`` (the additive one
+    scaled by ``strength``, clipped to the data range)."""
+    if kind == "additive":
+        lo, hi = nc.value_range
+        d = torch.from_numpy(np.asarray(nc.deltas[k])).float()
+        return (xd + strength * d).clamp(lo, hi)
+    m = torch.from_numpy(np.asarray(nc.masks[k])).float()
+    p = torch.from_numpy(np.asarray(nc.patterns[k])).float()
+    return (1 - m) * xd + m * p
+
+
+class _Stamper:
+    """A pool of trigger variants per class. Mask triggers (the mask search flagged the class):
+    the reversed (mask, pattern), the same mask hardened, grown by one pixel and box-filled,
+    and triggers re-reversed between epochs. Additive triggers (the additive search flagged
+    it): the perturbation ``x + s * delta`` (clipped) at a random strength ``s`` in
+    ``strengths``, so the network unlearns the trigger's direction rather than one exact
+    amplitude. When both kinds exist, each stamped sample gets one of them at random (half
+    each)."""
+
+    def __init__(self, nc: CleanseResult, classes: list[int],
+                 strengths: tuple[float, float] = (1.0, 2.0)) -> None:
         self.nc, self.classes = nc, classes
+        self.strengths = strengths
         self.masks: list[torch.Tensor] = []
         self.patterns: list[torch.Tensor] = []
         self.regions: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self.owners: list[int] = []
+        self.deltas: list[torch.Tensor] = []
+        self.delta_owners: list[int] = []
         for k in classes:
+            kinds = trigger_kinds(nc, k)
+            if "additive" in kinds:
+                self.deltas.append(torch.from_numpy(np.asarray(nc.deltas[k])).float())
+                self.delta_owners.append(k)
+            if "mask" not in kinds:
+                continue
             self.add(nc.masks[k], nc.patterns[k], k)
             m = torch.from_numpy(np.asarray(nc.masks[k])).float()
             if m.ndim >= 2:  # the region around the trigger: its hard mask grown by 2 pixels
@@ -190,30 +243,52 @@ class _Stamper:
     def worst_asr(self, model: AuditModel, xd: torch.Tensor, y: np.ndarray) -> float | None:
         """The highest share of samples (not of the class) that any variant sends to its
         class: a stricter test than the reversed trigger alone, whose mask is often only part
-        of the real trigger."""
+        of the real trigger (additive triggers at strength 1)."""
         rates = []
-        for m, p, k in zip(self.masks, self.patterns, self.owners):
+        variants = [((lambda x, m=m, p=p: (1 - m) * x + m * p), k)
+                    for m, p, k in zip(self.masks, self.patterns, self.owners)]
+        lo, hi = self.nc.value_range
+        variants += [((lambda x, d=d: (x + d).clamp(lo, hi)), k)
+                     for d, k in zip(self.deltas, self.delta_owners)]
+        for fn, k in variants:
             keep = torch.from_numpy(y != k)
             if k >= 0 and bool(keep.any()):
-                rates.append(float(np.mean(model.predict_data((1 - m) * xd[keep] + m * p)
-                                           == k)))
+                rates.append(float(np.mean(model.predict_data(fn(xd[keep])) == k)))
         return max(rates) if rates else None
 
     def __call__(self, xb: torch.Tensor, gen: torch.Generator, jitter: int = 0
                  ) -> torch.Tensor:
-        which = torch.randint(0, len(self.masks), (len(xb),), generator=gen)
-        m = torch.stack(self.masks)[which]
-        p = torch.stack(self.patterns)[which]
-        if jitter > 0 and m.ndim >= 3:  # move the trigger a little relative to the image
-            dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,), generator=gen))
-            m = torch.roll(m, shifts=(dy, dx), dims=(1, 2))
-            p = torch.roll(p, shifts=(dy, dx), dims=(1, 2))
-        return (1 - m) * xb + m * p
+        out = xb.clone()
+        add = torch.zeros(len(xb), dtype=torch.bool)
+        if self.deltas:
+            add = (torch.rand(len(xb), generator=gen) < 0.5 if self.masks
+                   else torch.ones(len(xb), dtype=torch.bool))
+        if bool(add.any()):
+            n = int(add.sum())
+            which = torch.randint(0, len(self.deltas), (n,), generator=gen)
+            lo_s, hi_s = self.strengths
+            s = lo_s + (hi_s - lo_s) * torch.rand(n, generator=gen)
+            d = torch.stack(self.deltas)[which] * s.reshape(-1, *([1] * (xb.ndim - 1)))
+            lo, hi = self.nc.value_range
+            out[add] = (xb[add] + d).clamp(lo, hi)
+        rest = ~add
+        if bool(rest.any()) and self.masks:
+            which = torch.randint(0, len(self.masks), (int(rest.sum()),), generator=gen)
+            m = torch.stack(self.masks)[which]
+            p = torch.stack(self.patterns)[which]
+            if jitter > 0 and m.ndim >= 3:  # move the trigger a little relative to the image
+                dy, dx = (int(v) for v in torch.randint(-jitter, jitter + 1, (2,),
+                                                        generator=gen))
+                m = torch.roll(m, shifts=(dy, dx), dims=(1, 2))
+                p = torch.roll(p, shifts=(dy, dx), dims=(1, 2))
+            out[rest] = (1 - m) * xb[rest] + m * p
+        return out
 
 
 def _trigger_asr(model: AuditModel, nc: CleanseResult | None, classes: list[int],
                  xd: torch.Tensor, y: np.ndarray) -> float | None:
-    """Share of held-out clean samples (not of the class) the reversed trigger still flips."""
+    """Share of held-out clean samples (not of the class) the reversed trigger still flips
+    (per class the worse of its stamped kinds, then the mean over classes)."""
     if nc is None or not classes:
         return None
     rates = []
@@ -221,9 +296,8 @@ def _trigger_asr(model: AuditModel, nc: CleanseResult | None, classes: list[int]
         keep = torch.from_numpy(y != k)
         if not bool(keep.any()):
             continue
-        m = torch.from_numpy(nc.masks[k]).float()
-        p = torch.from_numpy(nc.patterns[k]).float()
-        rates.append(float(np.mean(model.predict_data((1 - m) * xd[keep] + m * p) == k)))
+        rates.append(max(float(np.mean(model.predict_data(stamp_kind(nc, xd[keep], k, kind))
+                                       == k)) for kind in trigger_kinds(nc, k)))
     return float(np.mean(rates)) if rates else None
 
 
@@ -266,7 +340,8 @@ def _finetune_once(model: AuditModel, clean: LabeledData, config: RepairConfig, 
                    after_step: Callable[[], None] | None, ref_pred: np.ndarray | None
                    ) -> dict[str, Any]:
     classes = list(stamp_classes or [])
-    stamp = _Stamper(nc, classes) if nc is not None and classes else None
+    stamp = (_Stamper(nc, classes, config.add_strengths) if nc is not None and classes
+             else None)
     tr, va = _split(clean, config.val_fraction, config.seed)
     x_all = to_data_tensor(clean.x)
     y_all = torch.from_numpy(clean.y)
@@ -515,7 +590,9 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     cell; pruning whole channels there misses them). Units are pruned by increasing mean clean
     activation while the clean accuracy stays within ``prune_budget``; with a reversed trigger,
     the units it excites far more than clean inputs do (robust z > 3) go first, regardless of
-    the budget (the fine-tuning then recovers the accuracy)."""
+    the budget (the fine-tuning then recovers the accuracy); for a class flagged by the
+    additive search, the units its perturbation excites count too (the largest robust z over
+    the flagged triggers)."""
     cfg = config or RepairConfig()
     t0 = time.perf_counter()
     module = model.module.eval()
@@ -536,12 +613,15 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     classes = list(trigger_classes or [])
     if nc is not None and classes and ranking.startswith("mean"):
         others = tr[np.isin(clean.y[tr], classes, invert=True)][:256]
-        stamped = torch.cat([nc.stamp(clean.x[others], k) for k in classes])
-        act_t = units.activation(model, stamped)
+        # the units each flagged trigger (mask or additive, as the search that flagged the
+        # class found it) excites far more than clean inputs do, across the triggers
         act_o = units.activation(model, x_all[others])
-        excess = act_t - act_o
-        spread = np.median(np.abs(excess - np.median(excess))) * 1.4826 + 1e-8
-        z = (excess - np.median(excess)) / spread
+        z = np.full(n_ch, -np.inf)
+        for k in classes:
+            for kind in trigger_kinds(nc, k):
+                excess = units.activation(model, stamp_kind(nc, x_all[others], k, kind)) - act_o
+                spread = np.median(np.abs(excess - np.median(excess))) * 1.4826 + 1e-8
+                z = np.maximum(z, (excess - np.median(excess)) / spread)
         trig_first = [int(c) for c in np.argsort(-z) if z[c] > 3.0]
     base_pred = model.predict_data(xv)
     base_acc = float(np.mean(base_pred == yv)) if len(yv) else 0.0
@@ -552,7 +632,7 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     if trig_first:
         # the trigger's units, most excited first, until no variant of the reversed trigger
         # (as stamped when unlearning: also its hardened, grown and box-filled masks) works
-        variants = _Stamper(nc, classes)
+        variants = _Stamper(nc, classes, cfg.add_strengths)
         t_step = max(1, n_ch // 128)
         limit = max(1, int(cfg.max_trigger_units * n_ch))
         best, best_n, since, saved_after = np.inf, 0, 0, []
@@ -606,6 +686,8 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     return {"method": "fine-prune", "layer": units.layer, "units": units.kind,
             "batchnorm": units.bn_name, "n_channels": n_ch, "n_pruned": len(pruned),
             "pruned": sorted(pruned), "trigger_channels_first": trig_first, "ranking": ranking,
+            "trigger_kinds": ({int(k): list(trigger_kinds(nc, k)) for k in classes}
+                              if nc is not None else {}),
             "val_acc_before": base_acc, "prune_curve": curve, "finetune": ft,
             "config": cfg.to_dict(), "runtime_s": round(time.perf_counter() - t0, 3)}
 
@@ -619,7 +701,9 @@ def unlearn(model: AuditModel, clean: LabeledData, nc: CleanseResult,
         raise ConfigError("unlearning needs at least one reversed trigger (class)")
     t0 = time.perf_counter()
     ft = finetune(model, clean, cfg, stamp_classes=classes, nc=nc)
-    return {"method": "unlearn", "classes": [int(k) for k in classes], "finetune": ft,
+    return {"method": "unlearn", "classes": [int(k) for k in classes],
+            "trigger_kinds": {int(k): list(trigger_kinds(nc, k)) for k in classes},
+            "finetune": ft,
             "config": cfg.to_dict(), "runtime_s": round(time.perf_counter() - t0, 3)}
 
 
