@@ -225,6 +225,17 @@ def summarise(records: list[dict]) -> str:
         d_s = f"{min(deltas):+.2f} ({sum(deltas) / len(deltas):+.2f})" if deltas else "-"
         lines.append(f"| {ds} | {sc} | {len(rs)} | {right}/{len(rs)} | {rec_s} | "
                      f"{100 * fpr:.2f} | {asr_s} | {d_s} | {u_s} |")
+    by_code: dict[str, list[str]] = {}
+    for r in sorted(runs, key=lambda r: (r["dataset"], r["scenario"], r["seed"])):
+        by_code.setdefault(r.get("code", "?"), []).append(
+            f"{r['dataset']} {r['scenario']} {r['seed']}")
+    lines += ["", "Code each row ran on: " + "; ".join(
+        f"{c}: {len(v)} rows ({', '.join(v)})" for c, v in sorted(by_code.items()))]
+    floor_codes = sorted({r["clean_model_on_triggered_code"] for r in runs
+                          if "clean_model_on_triggered_code" in r})
+    if floor_codes:
+        lines += ["", "Clean-model floors of re-run poisoned rows come from their seed's clean "
+                  "row (code " + ", ".join(floor_codes) + ")."]
     if refs:
         lines += ["", "Clean-data reference accuracy (same recipe, no attack): " + ", ".join(
             f"{d} seed {s}: {100 * v:.2f}%" for (d, s), v in sorted(refs.items()))]

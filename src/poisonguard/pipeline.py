@@ -389,7 +389,7 @@ def sanitize(result: ScanResult) -> tuple[LabeledData, list[dict[str, Any]]]:
 # The teacher never saw a trigger, and a triggered image is off its distribution: on CIFAR-10
 # blended poisons its best other class was the image's true class for only 52% of them (74% for
 # BadNets). Softened targets (T = 2) cost less clean accuracy than its raw distribution (T = 1)
-# and keep the attack unlearned; see benchmarks/results/quarantine.md.
+# and keep the attack unlearned; see benchmarks/unlearn_temperature.py and its results.
 UNLEARN_TEMPERATURE = 2.0
 
 
