@@ -158,7 +158,7 @@ class CleanseResult:
     def stamp_additive(self, x: np.ndarray, k: int) -> torch.Tensor:
         """Clean samples ``x`` plus class k's additive perturbation, clipped to the range."""
         if self.deltas is None:
-            raise ValueError("the additive search did not run (config.additive=False)")
+            raise ConfigError("the additive search did not run (config.additive=False)")
         lo, hi = self.value_range
         return (to_data_tensor(x) + torch.from_numpy(self.deltas[k]).float()).clamp(lo, hi)
 
