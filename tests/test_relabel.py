@@ -5,7 +5,12 @@ from torch import nn
 
 from poisonguard.errors import ConfigError
 from poisonguard.models.adapter import InputSpec
-from poisonguard.train.relabel import other_class_targets, relabelled_batches
+from poisonguard.train.relabel import (
+    minimum_share_weight,
+    other_class_targets,
+    relabelled_batches,
+    weighted_mean_loss,
+)
 
 
 def _setup() -> tuple[nn.Module, InputSpec, np.ndarray, torch.Tensor]:
@@ -43,3 +48,19 @@ def test_relabelled_batches_replace_only_masked_rows() -> None:
     assert hook(np.array([0, 2]), 0) is None
     t = hook(np.array([1, 2]), 0)
     assert torch.equal(t[0], soft[1]) and torch.equal(t[1], torch.tensor([0.0, 0, 1, 0]))
+
+
+def test_minimum_share_weight_lifts_only_a_small_flagged_set() -> None:
+    w = minimum_share_weight(100, 10_000, 0.05)
+    assert w > 1 and abs(100 * w / (100 * w + 9_900) - 0.05) < 1e-9
+    assert minimum_share_weight(1_000, 10_000, 0.05) == 1.0
+    assert minimum_share_weight(0, 10_000) == 1.0
+    with pytest.raises(ConfigError, match="min_share"):
+        minimum_share_weight(10, 100, 1.5)
+
+
+def test_weighted_mean_loss_weights_masked_samples() -> None:
+    loss = weighted_mean_loss(np.array([True, False, False]), 3.0)
+    per = torch.tensor([1.0, 2.0, 4.0])
+    assert torch.isclose(loss(per, np.array([0, 1, 2]), 0), torch.tensor((3 + 2 + 4) / 5))
+    assert torch.isclose(loss(per[1:], np.array([1, 2]), 0), torch.tensor(3.0))

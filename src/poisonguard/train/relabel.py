@@ -49,3 +49,24 @@ def relabelled_batches(mask: np.ndarray, labels: torch.Tensor,
         t[torch.from_numpy(m)] = soft[idx[m]]
         return t
     return batch_targets
+
+
+def minimum_share_weight(n_flagged: int, n_total: int, min_share: float = 0.05) -> float:
+    """The loss weight that gives ``n_flagged`` of ``n_total`` samples at least ``min_share``
+    of the summed weight (1 when they already have it): a few hundred flagged samples are too
+    few to unlearn a trigger at their natural share."""
+    if not 0 < min_share < 1:
+        raise ConfigError(f"min_share must be in (0, 1), got {min_share}")
+    if n_flagged <= 0 or n_flagged >= n_total:
+        return 1.0
+    return max(1.0, min_share * (n_total - n_flagged) / ((1 - min_share) * n_flagged))
+
+
+def weighted_mean_loss(mask: np.ndarray,
+                       weight: float) -> Callable[[torch.Tensor, np.ndarray, int], torch.Tensor]:
+    """A ``batch_loss`` hook: the batch's weighted mean loss, samples in ``mask`` weighted
+    ``weight`` and the rest 1."""
+    def batch_loss(per_sample: torch.Tensor, idx: np.ndarray, _epoch: int) -> torch.Tensor:
+        w = torch.where(torch.from_numpy(mask[idx]), weight, 1.0).to(per_sample.dtype)
+        return (per_sample * w).sum() / w.sum()
+    return batch_loss
