@@ -271,7 +271,7 @@ def test_trigger_kinds_and_stamper() -> None:
     """Each class is stamped with the trigger of the search(es) that flagged it; an additive
     perturbation at a random strength in ``add_strengths``, clipped to the data range."""
     from poisonguard.audit.neural_cleanse import CleanseResult
-    from poisonguard.audit.repair import _Stamper, _trigger_asr, stamp_kind, trigger_kinds
+    from poisonguard.audit.repair import _Stamper, _trigger_asr, trigger_kinds
 
     k_all = 4
     masks = np.zeros((k_all, 4, 4), np.float32)
@@ -289,7 +289,7 @@ def test_trigger_kinds_and_stamper() -> None:
     assert trigger_kinds(nc, 1) == ("mask", "additive")
     assert trigger_kinds(nc, 3) == ("additive",)  # neither flagged it: the higher index
     x = torch.full((400, 4, 4), 250.0)
-    assert float(stamp_kind(nc, x, 2, "additive").max()) == 255.0  # clipped
+    assert float(nc.stamp_tensor(x, 2, "additive").max()) == 255.0  # clipped
     stamper = _Stamper(nc, [1], strengths=(1.0, 2.0))
     assert len(stamper.deltas) == 1 and stamper.masks
     out = stamper(torch.full((400, 4, 4), 100.0), torch.Generator().manual_seed(0))

@@ -71,8 +71,7 @@ def make_verdict(nc: CleanseResult, dormant: DormantResult | None = None) -> dic
 
     if nc.flagged:
         target = nc.flagged[0]
-        ai = deciding(target)
-        conf = _sigmoid(1.5 * (ai - thr))
+        conf = _sigmoid(1.5 * (deciding(target) - thr))
         if not add or nc.anomaly[target] >= nc.add_anomaly[target]:
             share = float(nc.norms[target]) / max(med, 1e-9)
             how = (f"a trigger covering {nc.norms[target]:.1f} pixels, {share:.0%} of the median "
@@ -85,9 +84,7 @@ def make_verdict(nc: CleanseResult, dormant: DormantResult | None = None) -> dic
         summary = f"BACKDOOR FOUND: class {target} is reached by {how}"
         return {"backdoored": True, "target_class": int(target), "confidence": round(conf, 4),
                 "summary": summary, "evidence": evidence}
-    ai = float(nc.anomaly[top]) if not add else max(float(nc.anomaly[top]),
-                                                      float(nc.add_anomaly[top]))
-    conf = _sigmoid(1.5 * (thr - ai))
+    conf = _sigmoid(1.5 * (thr - deciding(top)))
     summary = (f"no backdoor found: the smallest reversed trigger (class {top}, "
                f"{nc.norms[top]:.1f} pixels) has anomaly index {nc.anomaly[top]:.2f}"
                + (f", its additive perturbation {nc.add_anomaly[top]:.2f}" if add else "")

@@ -150,17 +150,26 @@ class CleanseResult:
 
     def stamp(self, x: np.ndarray, k: int) -> torch.Tensor:
         """Clean samples ``x`` with class k's reversed trigger, as a float data-space tensor."""
-        xd = to_data_tensor(x)
-        m = torch.from_numpy(self.masks[k]).float()
-        p = torch.from_numpy(self.patterns[k]).float()
-        return (1 - m) * xd + m * p
+        return self.stamp_tensor(to_data_tensor(x), k)
 
     def stamp_additive(self, x: np.ndarray, k: int) -> torch.Tensor:
         """Clean samples ``x`` plus class k's additive perturbation, clipped to the range."""
-        if self.deltas is None:
-            raise ConfigError("the additive search did not run (config.additive=False)")
-        lo, hi = self.value_range
-        return (to_data_tensor(x) + torch.from_numpy(self.deltas[k]).float()).clamp(lo, hi)
+        return self.stamp_tensor(to_data_tensor(x), k, "additive")
+
+    def stamp_tensor(self, xd: torch.Tensor, k: int, kind: str = "mask",
+                     strength: float = 1.0) -> torch.Tensor:
+        """Data-space batch ``xd`` with class k's reversed trigger of ``kind``: the mask and
+        pattern (``"mask"``), or the additive perturbation scaled by ``strength`` and clipped to
+        the data range (``"additive"``)."""
+        if kind == "additive":
+            if self.deltas is None:
+                raise ConfigError("the additive search did not run (config.additive=False)")
+            lo, hi = self.value_range
+            d = torch.from_numpy(np.asarray(self.deltas[k])).float()
+            return (xd + strength * d).clamp(lo, hi)
+        m = torch.from_numpy(np.asarray(self.masks[k])).float()
+        p = torch.from_numpy(np.asarray(self.patterns[k])).float()
+        return (1 - m) * xd + m * p
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {

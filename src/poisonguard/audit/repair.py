@@ -148,19 +148,6 @@ def trigger_kinds(nc: CleanseResult, k: int) -> tuple[str, ...]:
     return tuple(kinds)
 
 
-def stamp_kind(nc: CleanseResult, xd: torch.Tensor, k: int, kind: str,
-               strength: float = 1.0) -> torch.Tensor:
-    """Data-space batch ``xd`` with class k's reversed trigger of ``kind`` (the additive one
-    scaled by ``strength``, clipped to the data range)."""
-    if kind == "additive":
-        lo, hi = nc.value_range
-        d = torch.from_numpy(np.asarray(nc.deltas[k])).float()
-        return (xd + strength * d).clamp(lo, hi)
-    m = torch.from_numpy(np.asarray(nc.masks[k])).float()
-    p = torch.from_numpy(np.asarray(nc.patterns[k])).float()
-    return (1 - m) * xd + m * p
-
-
 class _Stamper:
     """A pool of trigger variants per class. Mask triggers (the mask search flagged the class):
     the reversed (mask, pattern), the same mask hardened, grown by one pixel and box-filled,
@@ -296,7 +283,7 @@ def _trigger_asr(model: AuditModel, nc: CleanseResult | None, classes: list[int]
         keep = torch.from_numpy(y != k)
         if not bool(keep.any()):
             continue
-        rates.append(max(float(np.mean(model.predict_data(stamp_kind(nc, xd[keep], k, kind))
+        rates.append(max(float(np.mean(model.predict_data(nc.stamp_tensor(xd[keep], k, kind))
                                        == k)) for kind in trigger_kinds(nc, k)))
     return float(np.mean(rates)) if rates else None
 
@@ -619,7 +606,7 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
         z = np.full(n_ch, -np.inf)
         for k in classes:
             for kind in trigger_kinds(nc, k):
-                excess = units.activation(model, stamp_kind(nc, x_all[others], k, kind)) - act_o
+                excess = units.activation(model, nc.stamp_tensor(x_all[others], k, kind)) - act_o
                 spread = np.median(np.abs(excess - np.median(excess))) * 1.4826 + 1e-8
                 z = np.maximum(z, (excess - np.median(excess)) / spread)
         trig_first = [int(c) for c in np.argsort(-z) if z[c] > 3.0]

@@ -8,7 +8,6 @@ in-training relabelling and the quarantine's unlearning retrain both use it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from poisonguard.errors import ConfigError
+from poisonguard.models.training import BatchLoss, BatchTargets
 
 RELABEL_MODES = ("soft", "second", "uniform")
 
@@ -37,7 +37,7 @@ def other_class_targets(model: nn.Module, spec: Any, x: np.ndarray, y: torch.Ten
 
 
 def relabelled_batches(mask: np.ndarray, labels: torch.Tensor,
-                       soft: torch.Tensor) -> Callable[[np.ndarray, int], torch.Tensor | None]:
+                       soft: torch.Tensor) -> BatchTargets:
     """A ``batch_targets`` hook for :func:`~poisonguard.models.training.train_classifier`: the
     one-hot labels, with the rows of samples in ``mask`` replaced by their row of ``soft``
     (shape (n_samples, classes))."""
@@ -62,8 +62,7 @@ def minimum_share_weight(n_flagged: int, n_total: int, min_share: float = 0.05) 
     return max(1.0, min_share * (n_total - n_flagged) / ((1 - min_share) * n_flagged))
 
 
-def weighted_mean_loss(mask: np.ndarray,
-                       weight: float) -> Callable[[torch.Tensor, np.ndarray, int], torch.Tensor]:
+def weighted_mean_loss(mask: np.ndarray, weight: float) -> BatchLoss:
     """A ``batch_loss`` hook: the batch's weighted mean loss, samples in ``mask`` weighted
     ``weight`` and the rest 1."""
     def batch_loss(per_sample: torch.Tensor, idx: np.ndarray, _epoch: int) -> torch.Tensor:
