@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from poisonguard.attacks import badnets, blended
+from poisonguard.attacks import PoisonedData, badnets, blended
 from poisonguard.data import LabeledData, load_shared
 from poisonguard.detect import ActivationClustering, LossOutliers, SpectralSignatures
 from poisonguard.detect.crossref import cross_reference
@@ -67,17 +67,23 @@ def target_for(seed: int) -> int:
     return (3 * seed + 1) % 10
 
 
+def poison_for(scenario: str, seed: int, train: LabeledData,
+               test: LabeledData) -> PoisonedData | None:
+    """The scenario's attack on ``train`` (None for "clean"): BadNets 3x3 or blended alpha 0.2,
+    target :func:`target_for` (seed)."""
+    spec = SCENARIOS[scenario]
+    if spec is None:
+        return None
+    attack, rate = spec
+    kwargs = {"size": 3} if attack == "badnets" else {"alpha": 0.2}
+    fn = badnets if attack == "badnets" else blended
+    return fn(train, rate=rate, target=target_for(seed), seed=seed, test=test, **kwargs)
+
+
 def run_one(name: str, scenario: str, seed: int, train: LabeledData, test: LabeledData,
             clean_models: dict) -> dict:
-    spec = SCENARIOS[scenario]
-    poisoned = None
-    data = train
-    if spec is not None:
-        attack, rate = spec
-        kwargs = {"size": 3} if attack == "badnets" else {"alpha": 0.2}
-        fn = badnets if attack == "badnets" else blended
-        poisoned = fn(train, rate=rate, target=target_for(seed), seed=seed, test=test, **kwargs)
-        data = poisoned.data
+    poisoned = poison_for(scenario, seed, train, test)
+    data = train if poisoned is None else poisoned.data
     t0 = time.perf_counter()
     result = scan(data, ScanConfig(seed=seed))
     wall = time.perf_counter() - t0
