@@ -26,8 +26,8 @@ from poisonguard.models.architectures import (
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters. ``augment`` adds random crops (pad 2) and, for colour images,
-    horizontal flips."""
+    """Training hyper-parameters. ``augment`` adds random crops (pad 2) and, for colour images
+    when ``flip`` is on, horizontal flips."""
 
     epochs: int = 4
     batch_size: int = 128
@@ -36,6 +36,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = False
     label_smoothing: float = 0.0
+    flip: bool = True
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -123,7 +124,7 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _step: 1.0)
     rng = np.random.default_rng(config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    flip = data.x.ndim == 4 and data.x.shape[-1] == 3
+    flip = config.flip and data.x.ndim == 4 and data.x.shape[-1] == 3
     y_all = torch.from_numpy(data.y)
     history = []
     t0 = time.perf_counter()
