@@ -22,10 +22,10 @@ from poisonguard.audit import (
     neural_cleanse,
     unlearn,
 )
-from poisonguard.audit.model import check_clean_data
+from poisonguard.audit.model import check_clean_data, to_data_tensor
 from poisonguard.cli import main
 from poisonguard.data import LabeledData
-from poisonguard.errors import DataError, UnsafeModelFileError
+from poisonguard.errors import ConfigError, DataError, UnsafeModelFileError
 from poisonguard.metrics import accuracy
 from poisonguard.models.io import save_model
 from poisonguard.models.training import TrainConfig, train_classifier
@@ -355,3 +355,21 @@ def test_verdict_combines_mask_and_additive_searches(tmp_path: Path) -> None:
     assert combine_flags(nc)[0] == 2 and set(combine_flags(nc)) == {2, 8}
     nc.mask_flagged = []
     assert combine_flags(nc) == []
+
+
+def test_unlearning_suppresses_the_target_on_triggered_inputs(zoo: dict) -> None:
+    """The suppression term lowers the target's probability on really triggered inputs below
+    what training the stamped samples to their true labels alone leaves."""
+    base = load_audit_model(zoo["backdoored"])
+    nc = neural_cleanse(base, zoo["clean"], 10, FAST)
+    trig = to_data_tensor(zoo["triggered"].x)
+    p_target = {}
+    for weight in (0.0, 3.0):
+        model = load_audit_model(zoo["backdoored"])
+        unlearn(model, zoo["clean"], nc, [TARGET], RepairConfig(epochs=6, suppress=weight))
+        with torch.no_grad():
+            p = torch.softmax(model.logits(trig), dim=1)[:, TARGET]
+        p_target[weight] = float(p.mean())
+    assert p_target[3.0] < p_target[0.0], p_target
+    with pytest.raises(ConfigError):
+        RepairConfig(suppress=-1.0)

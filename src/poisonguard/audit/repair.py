@@ -63,7 +63,10 @@ class RepairConfig:
     the trigger (off: plain fine-tuning); ``add_strengths``: a class flagged by the additive
     search is stamped as ``clip(x + s * delta)`` with ``s`` drawn uniformly from this range
     (the reversed perturbation is the smallest that works; the real trigger is usually
-    stronger, so the network must unlearn the direction, not one amplitude)."""
+    stronger, so the network must unlearn the direction, not one amplitude); ``suppress``: weight
+    of a term ``-log(1 - p_k)`` on stamped samples of other classes, which pushes the flagged
+    class k's probability down wherever its trigger appears (the true label alone left
+    2-6% ASR on small CIFAR-10 and Fashion-MNIST models)."""
 
     prune_budget: float = 0.005
     prune_step: int = 0          # channels per pruning step (0: about 1/32 of the layer)
@@ -91,6 +94,7 @@ class RepairConfig:
     prune_stamp: bool = False
     max_trigger_units: float = 0.25
     add_strengths: tuple[float, float] = (1.0, 2.0)
+    suppress: float = 3.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -102,6 +106,8 @@ class RepairConfig:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
         if not 0 < self.add_strengths[0] <= self.add_strengths[1]:
             raise ConfigError(f"add_strengths must be 0 < low <= high, got {self.add_strengths}")
+        if not self.suppress >= 0:
+            raise ConfigError(f"suppress must be >= 0, got {self.suppress}")
         if self.tune not in ("all", "linear"):
             raise ConfigError(f"tune must be 'all' or 'linear', got {self.tune!r}")
 
@@ -403,6 +409,13 @@ def _finetune_once(model: AuditModel, clean: LabeledData, config: RepairConfig, 
                 x_clean = torch.roll(x_clean, shifts=(dy, dx), dims=(1, 2))
             logits = model.logits(xb)
             loss = F.cross_entropy(logits, yb)
+            if config.suppress > 0 and stamp is not None:
+                # stamped samples of other classes: push the flagged classes' probability
+                # down (-log(1 - p_k)), so the trigger's features come to speak against them
+                sel = pick & ~torch.isin(yb, torch.tensor(classes))
+                if bool(sel.any()):
+                    p_k = F.softmax(logits[sel], dim=1)[:, classes].clamp(max=1 - 1e-6)
+                    loss = loss + config.suppress * (-torch.log1p(-p_k)).sum(1).mean()
             if teacher is not None:
                 # every output, stamped or not, should match the original model's output on
                 # the *unstamped* input: keeps clean behaviour, removes the trigger's effect
