@@ -53,13 +53,12 @@ def main() -> None:
                                    n_classes=data.n_classes)
             best_other = None
         else:
-            soft = torch.zeros(len(data), data.n_classes)
-            soft[idx] = other_class_targets(teacher.model.eval(), teacher.input_spec,
-                                            data.x[idx], labels[idx],
-                                            temperature=float(variant[1:]))
+            targets = other_class_targets(teacher.model.eval(), teacher.input_spec,
+                                          data.x[idx], labels[idx],
+                                          temperature=float(variant[1:]))
             res = train_classifier(data, cfg, n_classes=data.n_classes,
-                                   batch_targets=relabelled_batches(flags, labels, soft))
-            best_other = float((soft[idx].argmax(1).numpy() == source).mean())
+                                   batch_targets=relabelled_batches(flags, labels, targets))
+            best_other = float((targets.argmax(1).numpy() == source).mean())
         clf = res.classifier
         rec = {"code": code, "scenario": args.scenario, "seed": args.seed, "variant": variant,
                "clean_accuracy": accuracy(clf.predict(test.x), test.y),

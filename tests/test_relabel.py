@@ -43,11 +43,13 @@ def test_other_class_targets_reject_a_bad_temperature() -> None:
 
 def test_relabelled_batches_replace_only_masked_rows() -> None:
     labels = torch.tensor([0, 1, 2, 3])
-    soft = torch.full((4, 4), 0.25)
+    soft = torch.full((1, 4), 0.25)
     hook = relabelled_batches(np.array([False, True, False, False]), labels, soft)
     assert hook(np.array([0, 2]), 0) is None
     t = hook(np.array([1, 2]), 0)
-    assert torch.equal(t[0], soft[1]) and torch.equal(t[1], torch.tensor([0.0, 0, 1, 0]))
+    assert torch.equal(t[0], soft[0]) and torch.equal(t[1], torch.tensor([0.0, 0, 1, 0]))
+    with pytest.raises(ConfigError, match="one row per masked sample"):
+        relabelled_batches(np.array([False, True, True, False]), labels, soft)
 
 
 def test_minimum_share_weight_lifts_only_a_small_flagged_set() -> None:

@@ -420,12 +420,10 @@ def retrain_unlearning(result: ScanResult) -> TrainResult:
     labels = torch.from_numpy(np.asarray(data.y, dtype=np.int64))
     targets = other_class_targets(teacher.model.eval(), teacher.input_spec, data.x[idx],
                                   labels[idx], temperature=UNLEARN_TEMPERATURE)
-    soft = torch.zeros(len(data), targets.shape[1])
-    soft[idx] = targets
     weight = minimum_share_weight(len(idx), len(data), UNLEARN_MIN_SHARE)
     return train_classifier(data, result.config.train_config(len(data)),
                             n_classes=data.n_classes, progress=result.config.progress,
-                            batch_targets=relabelled_batches(flags, labels, soft),
+                            batch_targets=relabelled_batches(flags, labels, targets),
                             batch_loss=None if weight == 1.0 else weighted_mean_loss(flags,
                                                                                     weight))
 

@@ -240,10 +240,8 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                     iso_idx = np.flatnonzero(isolated)
                     targets = other_class_targets(model, clf.input_spec, data.x[iso_idx],
                                                   y_all[iso_idx], guard.abl_relabel)
-                    soft = torch.zeros(len(data), targets.shape[1])
-                    soft[iso_idx] = targets
-                    state["soft"] = soft
-                    state["targets"] = relabelled_batches(isolated, y_all, soft)
+                    state["soft"] = targets
+                    state["targets"] = relabelled_batches(isolated, y_all, targets)
 
     def batch_targets(idx: np.ndarray, epoch: int) -> torch.Tensor | None:
         hook = state.get("targets")

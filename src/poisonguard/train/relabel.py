@@ -37,10 +37,18 @@ def other_class_targets(model: nn.Module, spec: Any, x: np.ndarray, y: torch.Ten
 
 
 def relabelled_batches(mask: np.ndarray, labels: torch.Tensor,
-                       soft: torch.Tensor) -> BatchTargets:
+                       targets: torch.Tensor) -> BatchTargets:
     """A ``batch_targets`` hook for :func:`~poisonguard.models.training.train_classifier`: the
-    one-hot labels, with the rows of samples in ``mask`` replaced by their row of ``soft``
-    (shape (n_samples, classes))."""
+    one-hot labels, with the rows of the samples in ``mask`` replaced by their targets
+    (``targets``: one row per masked sample, in sample order, as :func:`other_class_targets`
+    returns them for ``x[mask]``)."""
+    mask = np.asarray(mask, dtype=bool)
+    if targets.ndim != 2 or len(targets) != int(mask.sum()):
+        raise ConfigError(f"targets of shape {tuple(targets.shape)} for {int(mask.sum())} masked "
+                          "samples: expected one row per masked sample")
+    soft = torch.zeros(len(mask), targets.shape[1])
+    soft[torch.from_numpy(mask)] = targets
+
     def batch_targets(idx: np.ndarray, _epoch: int) -> torch.Tensor | None:
         m = mask[idx]
         if not m.any():
