@@ -126,6 +126,14 @@ def test_finetune_lowers_rate_when_accuracy_collapses(zoo: dict) -> None:
     runs = info["finetune"]["lr_runs"]
     assert runs[0]["lr"] == 30.0 and runs[0]["chosen_epoch"] == 0
     assert len(runs) > 1 and runs[-1]["lr"] >= 1e-3 * 0.999
+    assert info["unchanged"] is (runs[-1]["chosen_epoch"] == 0)
+    # at a rate that wrecks every epoch the weights are reset and the result says so
+    model = load_audit_model(zoo["backdoored"])
+    ref = {k: v.clone() for k, v in model.module.state_dict().items()}
+    info = unlearn(model, zoo["clean"], nc, [TARGET],
+                   RepairConfig(epochs=1, trigger_lr=30.0, lr=30.0))
+    assert info["unchanged"] is True
+    assert all(torch.equal(v, ref[k]) for k, v in model.module.state_dict().items())
 
 
 def test_bad_clean_data(zoo: dict) -> None:

@@ -7,6 +7,7 @@ repaired model is written. Bad input raises ``PoisonguardError`` (exit 2).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
     repair = {"method": args.method, "trigger_classes": classes,
               "flagged": list(nc.flagged), "before": before, "after": after,
               "details": info, "runtime_s": round(time.perf_counter() - t0, 3)}
+    if info.get("unchanged"):
+        repair["warning"] = ("no fine-tuning epoch kept the held-out clean accuracy within the "
+                             "budget at any learning rate; the model is written unchanged and "
+                             "still carries the backdoor (try more clean samples, or "
+                             "--method fine-prune)")
     written = save_repaired(model, out, repair)
     repair["model"] = str(written)
     report = build_audit_report(result, clean, model, command=f"repair --method {args.method}",
@@ -216,5 +222,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
         print(result.verdict["summary"])
         print(f"{args.method}: before {fmt(before)}; after {fmt(after)}")
+        if "warning" in repair:
+            print(f"warning: {repair['warning']}", file=sys.stderr)
         print(f"wrote {written} and {out / 'report.json'}")
     return EXIT_CLEAN

@@ -708,7 +708,9 @@ def unlearn(model: AuditModel, clean: LabeledData, nc: CleanseResult,
         raise ConfigError("unlearning needs at least one reversed trigger (class)")
     t0 = time.perf_counter()
     ft = finetune(model, clean, cfg, stamp_classes=classes, nc=nc)
-    return {"method": "unlearn", "classes": [int(k) for k in classes],
+    # no epoch of any learning rate stayed within the accuracy budget: the weights were reset
+    unchanged = cfg.epochs > 0 and ft["chosen_epoch"] == 0
+    return {"method": "unlearn", "classes": [int(k) for k in classes], "unchanged": unchanged,
             "trigger_kinds": {int(k): list(trigger_kinds(nc, k)) for k in classes},
             "finetune": ft,
             "config": cfg.to_dict(), "runtime_s": round(time.perf_counter() - t0, 3)}
