@@ -7,7 +7,8 @@
   the fine-tuning also stamps it (as unlearning does): plain fine-pruning leaves most BadNets
   backdoors of small networks in place.
 * Unlearning (Neural Cleanse's mitigation): fine-tune with the reversed trigger stamped on part
-  of the clean inputs under their true labels, so the shortcut is unlearned.
+  of the clean inputs under their true labels, so the shortcut is unlearned; the stamped inputs
+  of other classes are also pushed away from the flagged class (``RepairConfig.suppress``).
 
 Both use the reversed trigger of whichever search flagged the class (:func:`trigger_kinds`):
 the mask and pattern of the mask search, the universal additive perturbation of the additive
@@ -106,6 +107,8 @@ class RepairConfig:
             raise ConfigError(f"epochs must be >= 0, got {self.epochs}")
         if not 0 < self.add_strengths[0] <= self.add_strengths[1]:
             raise ConfigError(f"add_strengths must be 0 < low <= high, got {self.add_strengths}")
+        if not self.prune_z >= 0:
+            raise ConfigError(f"prune_z must be >= 0, got {self.prune_z}")
         if not self.suppress >= 0:
             raise ConfigError(f"suppress must be >= 0, got {self.suppress}")
         if self.tune not in ("all", "linear"):
@@ -702,7 +705,9 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
 def unlearn(model: AuditModel, clean: LabeledData, nc: CleanseResult,
             classes: list[int], config: RepairConfig | None = None) -> dict[str, Any]:
     """Neural Cleanse unlearning in place: fine-tune with the reversed trigger(s) of
-    ``classes`` stamped on clean inputs under their true labels."""
+    ``classes`` stamped on clean inputs under their true labels (and away from ``classes``).
+    ``unchanged`` in the result: no epoch stayed within the accuracy budget at any learning
+    rate, so the weights were reset and the backdoor remains."""
     cfg = config or RepairConfig()
     if not classes:
         raise ConfigError("unlearning needs at least one reversed trigger (class)")
