@@ -381,3 +381,23 @@ def test_unlearning_suppresses_the_target_on_triggered_inputs(zoo: dict) -> None
     assert p_target[3.0] < p_target[0.0], p_target
     with pytest.raises(ConfigError):
         RepairConfig(suppress=-1.0)
+
+
+def test_unlearning_soup_averages_the_runs(zoo: dict) -> None:
+    """``soup = 2`` is the element-wise mean of the ``soup = 1`` runs with seeds 0 and 1."""
+    base = load_audit_model(zoo["backdoored"])
+    nc = neural_cleanse(base, zoo["clean"], 10, FAST)
+    states, infos = [], []
+    for seed, soup in ((0, 1), (1, 1), (0, 2)):
+        model = load_audit_model(zoo["backdoored"])
+        infos.append(unlearn(model, zoo["clean"], nc, [TARGET],
+                             RepairConfig(epochs=2, seed=seed, soup=soup)))
+        states.append(model.module.state_dict())
+    if infos[0]["unchanged"] or infos[1]["unchanged"]:
+        pytest.skip("a single run kept no epoch; nothing to average")
+    assert infos[2]["soup_kept"] == 2 and len(infos[2]["soup_runs"]) == 2
+    for k, v in states[2].items():
+        if v.is_floating_point():
+            assert torch.allclose(v, (states[0][k] + states[1][k]) / 2, atol=1e-6), k
+    with pytest.raises(ConfigError):
+        RepairConfig(soup=0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -67,7 +67,8 @@ class RepairConfig:
     stronger, so the network must unlearn the direction, not one amplitude); ``suppress``: weight
     of a term ``-log(1 - p_k)`` on stamped samples of other classes, which pushes the flagged
     class k's probability down wherever its trigger appears (the true label alone left
-    2-6% ASR on small CIFAR-10 and Fashion-MNIST models)."""
+    2-6% ASR on small CIFAR-10 and Fashion-MNIST models); ``soup``: unlearning runs (seeds
+    ``seed``, ``seed + 1``, ...) whose weights are averaged."""
 
     prune_budget: float = 0.005
     prune_step: int = 0          # channels per pruning step (0: about 1/32 of the layer)
@@ -96,6 +97,7 @@ class RepairConfig:
     max_trigger_units: float = 0.25
     add_strengths: tuple[float, float] = (1.0, 2.0)
     suppress: float = 3.0
+    soup: int = 3
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -109,6 +111,8 @@ class RepairConfig:
             raise ConfigError(f"add_strengths must be 0 < low <= high, got {self.add_strengths}")
         if not self.prune_z >= 0:
             raise ConfigError(f"prune_z must be >= 0, got {self.prune_z}")
+        if self.soup < 1:
+            raise ConfigError(f"soup must be >= 1, got {self.soup}")
         if not self.suppress >= 0:
             raise ConfigError(f"suppress must be >= 0, got {self.suppress}")
         if self.tune not in ("all", "linear"):
@@ -706,19 +710,44 @@ def unlearn(model: AuditModel, clean: LabeledData, nc: CleanseResult,
             classes: list[int], config: RepairConfig | None = None) -> dict[str, Any]:
     """Neural Cleanse unlearning in place: fine-tune with the reversed trigger(s) of
     ``classes`` stamped on clean inputs under their true labels (and away from ``classes``).
-    ``unchanged`` in the result: no epoch stayed within the accuracy budget at any learning
-    rate, so the weights were reset and the backdoor remains."""
+
+    ``config.soup`` runs are made from the same start with seeds ``seed``, ``seed + 1``, ...
+    (sample order, held-out split, stamps) and their weights averaged (a "model soup",
+    Wortsman et al. 2022): each run picks its epoch on a hundred or so held-out samples, and
+    the average of several is less at the mercy of that choice. Runs that kept no epoch are
+    left out; ``unchanged`` in the result: none kept one (no epoch stayed within the accuracy
+    budget at any learning rate), so the weights are the original ones and the backdoor
+    remains."""
     cfg = config or RepairConfig()
     if not classes:
         raise ConfigError("unlearning needs at least one reversed trigger (class)")
     t0 = time.perf_counter()
-    ft = finetune(model, clean, cfg, stamp_classes=classes, nc=nc)
-    # no epoch of any learning rate stayed within the accuracy budget: the weights were reset
-    unchanged = cfg.epochs > 0 and ft["chosen_epoch"] == 0
-    return {"method": "unlearn", "classes": [int(k) for k in classes], "unchanged": unchanged,
+    module = model.module
+    start = copy.deepcopy(module.state_dict())
+    runs, kept = [], []
+    for i in range(cfg.soup):
+        if i:
+            module.load_state_dict(start)
+        ft = finetune(model, clean, replace(cfg, seed=cfg.seed + i), stamp_classes=classes,
+                      nc=nc)
+        runs.append(ft)
+        if cfg.epochs == 0 or ft["chosen_epoch"] > 0:
+            kept.append(copy.deepcopy(module.state_dict()))
+    module.load_state_dict(_average_states(kept) if kept else start)
+    module.eval()
+    return {"method": "unlearn", "classes": [int(k) for k in classes],
+            "unchanged": not kept and cfg.epochs > 0, "soup_kept": len(kept),
             "trigger_kinds": {int(k): list(trigger_kinds(nc, k)) for k in classes},
-            "finetune": ft,
+            "finetune": runs[0], "soup_runs": [{"chosen_epoch": r["chosen_epoch"],
+                                                 "lr": r["lr"]} for r in runs],
             "config": cfg.to_dict(), "runtime_s": round(time.perf_counter() - t0, 3)}
+
+
+def _average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of floating-point entries (others, e.g. batch-norm counters, from
+    the first state)."""
+    return {k: (torch.stack([s[k] for s in states]).mean(0) if v.is_floating_point() else v)
+            for k, v in states[0].items()}
 
 
 def reversed_trigger_asr(model: AuditModel, nc: CleanseResult, classes: list[int],
