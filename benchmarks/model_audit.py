@@ -563,7 +563,11 @@ def write_results(results: dict[str, Any]) -> None:
                          f"{'-'.join(str(v) for v in rc.get('add_strengths', (1.0, 1.0)))}x; "
                          "half each when both did); fine-pruning: the reversed "
                          "trigger's units first (mean-filled) until it stops responding, else "
-                         f"the least active units within {100 * rc['prune_budget']:.1f} points.")
+                         f"the least active units within {100 * rc['prune_budget']:.1f} points "
+                         f"(drop plus {rc.get('prune_z', 0)} standard error(s)); unlearning: "
+                         "stamped samples of other classes also pushed from the flagged class, "
+                         f"-log(1 - p) with weight {rc.get('suppress', 0)}; the weights of "
+                         f"{rc.get('soup', 1)} run(s) with consecutive seeds averaged.")
         ac = results.get("anp_config")
         if ac:
             lines.append(f"- ANP settings: eps {ac['eps']}, alpha {ac['alpha']}, "
