@@ -56,7 +56,22 @@ BACKDOORS = {
 }
 
 
+# a held-out set (other targets, positions, seeds; --holdout) for checking settings chosen on
+# the zoo above: one clean model per dataset (for the ASR floors) and backdoored ones
+HOLDOUT_BACKDOORS = {
+    "mnist": [("badnets", 9, {"size": 4, "position": "bottom-left"}),
+              ("blended", 2, {"alpha": 0.2})],
+    "fashion_mnist": [("badnets", 1, {"size": 4, "position": "top-left"}),
+                      ("blended", 8, {"alpha": 0.15})],
+    "cifar10": [("badnets", 6, {"size": 4, "position": "top-right"})],
+}
+SPEC_SET = "zoo"
+
+
 def zoo_specs() -> list[dict[str, Any]]:
+    """The models of the current set: the zoo, or with ``--holdout`` the held-out set."""
+    if SPEC_SET == "holdout":
+        return holdout_specs()
     specs = []
     for ds in TRAINING:
         for seed in range(4):
@@ -66,6 +81,19 @@ def zoo_specs() -> list[dict[str, Any]]:
             tag = f"{attack}-t{target}" + (f"-{kw['size']}px" if "size" in kw else
                                            f"-a{kw['alpha']}")
             specs.append({"name": f"{ds}-{tag}", "dataset": ds, "seed": 10 + i,
+                          "attack": {"name": attack, "target": target, "rate": 0.1, **kw}})
+    return specs
+
+
+def holdout_specs() -> list[dict[str, Any]]:
+    specs = []
+    for ds, backdoors in HOLDOUT_BACKDOORS.items():
+        specs.append({"name": f"holdout-{ds}-clean-s4", "dataset": ds, "seed": 4,
+                      "attack": None})
+        for i, (attack, target, kw) in enumerate(backdoors):
+            tag = f"{attack}-t{target}" + (f"-{kw['size']}px" if "size" in kw else
+                                           f"-a{kw['alpha']}")
+            specs.append({"name": f"holdout-{ds}-{tag}", "dataset": ds, "seed": 20 + i,
                           "attack": {"name": attack, "target": target, "rate": 0.1, **kw}})
     return specs
 
@@ -149,13 +177,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated repair seeds: rerun fine-pruning and unlearning of "
                         "every model with each (cached triggers) into "
                         "model_audit_repair_seeds.{json,md}")
+    p.add_argument("--holdout", action="store_true",
+                   help="the held-out set of models instead of the zoo (results in "
+                        "results/model_audit_holdout/ unless --out is given)")
     p.add_argument("--summarise-only", action="store_true",
                    help="recompute the clean-model ASR floors, summary and .md from the JSON")
     args = p.parse_args(argv)
     if args.repairs_only and args.detect_only:
         p.error("--repairs-only and --detect-only exclude each other")
+    global RESULTS, TRIGGERS, SPEC_SET
+    if args.holdout:
+        SPEC_SET = "holdout"
+        if not args.out:
+            RESULTS = RESULTS / "model_audit_holdout"
+            TRIGGERS = ZOO
     if args.out:
-        global RESULTS, TRIGGERS
         RESULTS = Path(args.out)
         TRIGGERS = RESULTS / "triggers"
     if args.summarise_only:
