@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from quarantine import poison_for
 
-from poisonguard.attacks import badnets, blended
+from poisonguard.attacks import PoisonedData
 from poisonguard.data import LabeledData, load_shared
 from poisonguard.io import atomic_write_json, atomic_write_text
 from poisonguard.metrics import accuracy
@@ -63,10 +64,6 @@ def code_version() -> str:
         return "unknown"
 
 
-def target_for(seed: int) -> int:
-    return (3 * seed + 1) % 10
-
-
 @functools.cache
 def datasets(name: str) -> tuple[LabeledData, LabeledData]:
     train = load_shared(name, SHARED, "train")
@@ -77,11 +74,11 @@ def datasets(name: str) -> tuple[LabeledData, LabeledData]:
     return train, test
 
 
-def poison(name: str, attack: str, seed: int):  # noqa: ANN201
+def poison(name: str, attack: str, seed: int) -> PoisonedData:
+    """The quarantine benchmark's 10% attack (BadNets 3x3 or blended alpha 0.2, target
+    (3 * seed + 1) mod 10) on the training subset."""
     train, test = datasets(name)
-    fn = badnets if attack == "badnets" else blended
-    kwargs = {"size": 3} if attack == "badnets" else {"alpha": 0.2}
-    return fn(train, rate=0.1, target=target_for(seed), seed=seed, test=test, **kwargs)
+    return poison_for(f"{attack}10", seed, train, test)
 
 
 # victim training recipes for CIFAR-10 (MNIST models train without augmentation): random crops
