@@ -249,9 +249,8 @@ class _Stamper:
         rates = []
         variants = [((lambda x, m=m, p=p: (1 - m) * x + m * p), k)
                     for m, p, k in zip(self.masks, self.patterns, self.owners)]
-        lo, hi = self.nc.value_range
-        variants += [((lambda x, d=d: (x + d).clamp(lo, hi)), k)
-                     for d, k in zip(self.deltas, self.delta_owners)]
+        variants += [((lambda x, k=k: self.nc.stamp_tensor(x, k, "additive")), k)
+                     for k in self.delta_owners]
         for fn, k in variants:
             keep = torch.from_numpy(y != k)
             if k >= 0 and bool(keep.any()):
@@ -635,7 +634,8 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     base_pred = model.predict_data(xv)
     base_acc = float(np.mean(base_pred == yv)) if len(yv) else 0.0
     y_all = clean.y
-    base_all = _accuracy(model, x_all, y_all)
+    base_correct = model.predict_data(x_all) == y_all
+    base_all = float(np.mean(base_correct)) if len(y_all) else 0.0
     pruned: list[int] = []
     curve: list[dict[str, Any]] = [{"n_pruned": 0, "clean_acc": base_all}]
     if trig_first:
@@ -674,7 +674,6 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     # a bare threshold drifts past the budget on new data)
     rest = [] if trig_first else [int(c) for c in order]
     step = cfg.prune_step or max(1, n_ch // 32)
-    base_correct = model.predict_data(x_all) == y_all if rest else np.zeros(0, dtype=bool)
     for start in range(0, len(rest), step):
         batch = rest[start:start + step]
         if len(pruned) + len(batch) >= n_ch:
