@@ -72,28 +72,27 @@ def zoo_specs() -> list[dict[str, Any]]:
     """The models of the current set: the zoo, or with ``--holdout`` the held-out set."""
     if SPEC_SET == "holdout":
         return holdout_specs()
-    specs = []
-    for ds in TRAINING:
-        for seed in range(4):
-            specs.append({"name": f"{ds}-clean-s{seed}", "dataset": ds, "seed": seed,
-                          "attack": None})
-        for i, (attack, target, kw) in enumerate(BACKDOORS[ds]):
-            tag = f"{attack}-t{target}" + (f"-{kw['size']}px" if "size" in kw else
-                                           f"-a{kw['alpha']}")
-            specs.append({"name": f"{ds}-{tag}", "dataset": ds, "seed": 10 + i,
-                          "attack": {"name": attack, "target": target, "rate": 0.1, **kw}})
-    return specs
+    return _model_specs("", range(4), BACKDOORS, first_seed=10)
 
 
 def holdout_specs() -> list[dict[str, Any]]:
+    return _model_specs("holdout-", [4], HOLDOUT_BACKDOORS, first_seed=20)
+
+
+def _model_specs(prefix: str, clean_seeds: Any, backdoors: dict[str, list[Any]],
+                 first_seed: int) -> list[dict[str, Any]]:
+    """Per dataset: clean models with ``clean_seeds``, then one backdoored model per entry of
+    ``backdoors`` (seeds ``first_seed``, ``first_seed + 1``, ...), 10% poisoned."""
     specs = []
-    for ds, backdoors in HOLDOUT_BACKDOORS.items():
-        specs.append({"name": f"holdout-{ds}-clean-s4", "dataset": ds, "seed": 4,
-                      "attack": None})
-        for i, (attack, target, kw) in enumerate(backdoors):
+    for ds, entries in backdoors.items():
+        for seed in clean_seeds:
+            specs.append({"name": f"{prefix}{ds}-clean-s{seed}", "dataset": ds, "seed": seed,
+                          "attack": None})
+        for i, (attack, target, kw) in enumerate(entries):
             tag = f"{attack}-t{target}" + (f"-{kw['size']}px" if "size" in kw else
                                            f"-a{kw['alpha']}")
-            specs.append({"name": f"holdout-{ds}-{tag}", "dataset": ds, "seed": 20 + i,
+            specs.append({"name": f"{prefix}{ds}-{tag}", "dataset": ds,
+                          "seed": first_seed + i,
                           "attack": {"name": attack, "target": target, "rate": 0.1, **kw}})
     return specs
 
@@ -190,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         SPEC_SET = "holdout"
         if not args.out:
             RESULTS = RESULTS / "model_audit_holdout"
-            TRIGGERS = ZOO
     if args.out:
         RESULTS = Path(args.out)
         TRIGGERS = RESULTS / "triggers"
@@ -312,32 +310,45 @@ def audit_one(spec: dict[str, Any], previous: dict[str, Any] | None = None,
     return repair_one(spec, rec, nc, clean, evaluation, triggered)
 
 
+def _repair(method: str, model: Any, nc: Any, clean: Any, config: Any = None
+            ) -> dict[str, Any] | None:
+    """Repair ``model`` in place with ``method`` as the benchmark runs it: ANP on every model,
+    fine-pruning with the flagged classes' triggers (plain when none), unlearning of the
+    flagged classes (None when there are none: the model stays as it is)."""
+    from poisonguard.audit import anp_prune, fine_prune, unlearn
+
+    if method == "anp":  # needs no trigger
+        return anp_prune(model, clean)
+    if method == "fine-prune":
+        return fine_prune(model, clean, config, nc=nc if nc.flagged else None,
+                          trigger_classes=list(nc.flagged))
+    if not nc.flagged:
+        return None
+    return unlearn(model, clean, nc, list(nc.flagged), config)
+
+
 def repair_one(spec: dict[str, Any], rec: dict[str, Any], nc: Any, clean: Any, evaluation: Any,
                triggered: Any) -> dict[str, Any]:
-    from poisonguard.audit import anp_prune, fine_prune, load_audit_model, unlearn
+    from poisonguard.audit import load_audit_model
 
     model = load_audit_model(ZOO / spec["name"])
     rec["before"] = _eval(model, evaluation, triggered)
     rec["repair_code"] = code_version()
-    classes = list(nc.flagged) or [nc.most_anomalous()]
     for method in METHODS:
         m = load_audit_model(ZOO / spec["name"])
         t0 = time.perf_counter()
-        if method == "anp":  # needs no trigger: runs on every model
-            det = anp_prune(m, clean)
+        det = _repair(method, m, nc, clean)
+        if det is None:
+            rec[method] = {**rec["before"], "skipped": "no class flagged"}
+            continue
+        if method == "anp":
             extra = {"n_pruned": det["n_pruned"], "n_channels": det["n_neurons"],
                      "mask_quantiles": det["mask_quantiles"]}
         elif method == "fine-prune":
-            det = fine_prune(m, clean, nc=nc if nc.flagged else None,
-                             trigger_classes=list(nc.flagged))
             extra = {"n_pruned": det["n_pruned"], "n_channels": det["n_channels"],
                      "units": det["units"]}
-        elif not nc.flagged:  # nothing to unlearn: the model stays as it is
-            rec[method] = {**rec["before"], "skipped": "no class flagged"}
-            continue
         else:
-            det = unlearn(m, clean, nc, classes)
-            extra = {"classes": classes}
+            extra = {"classes": det["classes"]}
         rec[method] = {**_eval(m, evaluation, triggered), **extra,
                        "chosen_epoch": det["finetune"]["chosen_epoch"] if "finetune" in det
                        else None, "skipped": None,
@@ -354,7 +365,7 @@ def repair_seeds(specs: list[dict[str, Any]], seeds: list[int]) -> int:
     ``model_audit_repair_seeds.{json,md}``. The main table uses seed 0 only."""
     import torch
 
-    from poisonguard.audit import fine_prune, load_audit_model, unlearn
+    from poisonguard.audit import load_audit_model
     from poisonguard.audit.core import load_triggers
     from poisonguard.audit.repair import RepairConfig
     from poisonguard.io import atomic_write_json, atomic_write_text
@@ -374,16 +385,12 @@ def repair_seeds(specs: list[dict[str, Any]], seeds: list[int]) -> int:
             row: dict[str, Any] = {"name": spec["name"], "seed": seed,
                                    "backdoored": spec["attack"] is not None, "before": before}
             m = load_audit_model(ZOO / spec["name"])
-            fine_prune(m, clean, cfg, nc=nc if nc.flagged else None,
-                       trigger_classes=list(nc.flagged))
+            _repair("fine-prune", m, nc, clean, cfg)
             row["fine-prune"] = _eval(m, evaluation, triggered)
-            if nc.flagged:
-                m = load_audit_model(ZOO / spec["name"])
-                det = unlearn(m, clean, nc, list(nc.flagged), cfg)
-                row["unlearn"] = {**_eval(m, evaluation, triggered),
-                                  "unchanged": det["unchanged"]}
-            else:
-                row["unlearn"] = {**before, "unchanged": True}
+            m = load_audit_model(ZOO / spec["name"])
+            det = _repair("unlearn", m, nc, clean, cfg)
+            row["unlearn"] = ({**before, "unchanged": True} if det is None else
+                              {**_eval(m, evaluation, triggered), "unchanged": det["unchanged"]})
             rows.append(row)
             print(json.dumps(row), flush=True)
     out = {"code_version": code_version(), "created": time.strftime("%Y-%m-%d %H:%M:%S"),
