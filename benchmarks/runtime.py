@@ -1,7 +1,8 @@
 """Runtime-filter benchmark: STRIP detection (FAR at calibrated FRR), screening throughput and
 HTTP latency through ``poisonguard serve``.
 
-Detection: BadNets 3x3 (10%) and blended (alpha 0.2, 10%) models on MNIST (20k training subset)
+Detection: BadNets 3x3 (10%; a solid white patch, or checkered with --attacks badnets-checker)
+and blended (alpha 0.2, 10%) models on MNIST (20k training subset)
 and the CIFAR-10 20k subset from ../shared/datasets, trained with the built-in architecture.
 STRIP is calibrated on 2,000 held-out clean test images (never on poisons; the blend pool is drawn
 from them) at 1% target FRR and evaluated on the other 8,000 test images: FRR on their clean
@@ -22,6 +23,8 @@ Results are merged into benchmarks/results/runtime.json and summarised in runtim
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import json
 import os
@@ -29,14 +32,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from quarantine import poison_for
+from quarantine import poison_for, target_for
 
-from poisonguard.attacks import PoisonedData
+from poisonguard.attacks import PoisonedData, badnets
 from poisonguard.data import LabeledData, load_shared
 from poisonguard.io import atomic_write_json, atomic_write_text
 from poisonguard.metrics import accuracy
@@ -74,17 +78,25 @@ def datasets(name: str) -> tuple[LabeledData, LabeledData]:
     return train, test
 
 
+# attacks: the quarantine benchmark's BadNets (a solid white 3x3 patch) and blended (alpha 0.2),
+# and BadNets with a black-and-white checkered 3x3 patch (as ART's pattern backdoor): a white patch
+# is invisible on images whose corner is already white (about 4% of CIFAR-10's test images)
+ATTACKS = ("badnets", "badnets-checker", "blended")
+
+
 def poison(name: str, attack: str, seed: int) -> PoisonedData:
-    """The quarantine benchmark's 10% attack (BadNets 3x3 or blended alpha 0.2, target
-    (3 * seed + 1) mod 10) on the training subset."""
+    """The 10% attack on the training subset, target (3 * seed + 1) mod 10."""
     train, test = datasets(name)
+    if attack == "badnets-checker":
+        return badnets(train, rate=0.1, target=target_for(seed), seed=seed, test=test, size=3,
+                       pattern="checker")
     return poison_for(f"{attack}10", seed, train, test)
 
 
 # victim training recipes for CIFAR-10 (MNIST models train without augmentation): random crops
 # and horizontal flips (the usual recipe; a flip moves a corner trigger to the other corner, so
-# the backdoor is learnt less reliably: ASR about 92%), or random crops only
-AUGMENT = ("crop+flip", "crop")
+# the backdoor is learnt less reliably: ASR about 92%), random crops only, or none (as MNIST)
+AUGMENT = ("crop+flip", "crop", "none")
 
 
 def augment_for(name: str, augment: str) -> str:
@@ -95,7 +107,8 @@ def trained_model(name: str, attack: str, seed: int, augment: str = "crop+flip"
                   ) -> dict[str, Any]:
     """Train (or load from the cache) a model on the poisoned set; its path, accuracy and ASR."""
     augment = augment_for(name, augment)
-    folder = CACHE / (f"{name}_{attack}10_s{seed}" + ("_crop" if augment == "crop" else ""))
+    suffix = {"crop": "_crop", "none": "_noaug"}.get(augment, "") if name == "cifar10" else ""
+    folder = CACHE / f"{name}_{attack}10_s{seed}{suffix}"
     _, test = datasets(name)
     poisoned = poison(name, attack, seed)
     if not (folder / "model.json").exists():
@@ -127,6 +140,20 @@ BLENDS = {"add": {"blend": "add", "statistic": "entropy"},
                          "statistic": "log-odds", "cut_blends": 20}}
 
 
+# bins of the stamp's mean absolute change (fraction of the value range) over the values the
+# attack alters: a white patch on a corner that is already white changes next to nothing
+STAMP_BINS = ((0.0, 0.1), (0.1, 0.2), (0.2, 1.01))
+
+
+def stamp_change(triggered: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """Per input: mean |triggered - clean| / max value over the positions the attack changed
+    on any input (the patch for BadNets, the whole image for blended)."""
+    diff = np.abs(triggered.astype(np.float64) - clean.astype(np.float64))
+    region = (diff > 0).any(axis=0)
+    top = 255.0 if np.issubdtype(clean.dtype, np.integer) else 1.0
+    return diff[:, region].mean(axis=1) / top if region.any() else np.zeros(len(diff))
+
+
 def split_test(test: LabeledData, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Test indices: N_CAL for calibration (blend pool + threshold), the rest for evaluation."""
     order = np.random.default_rng(1000 + seed).permutation(len(test))
@@ -150,6 +177,7 @@ def detection(name: str, attack: str, seed: int, blends: list[str], n_eval: int,
     trig_idx = np.sort(rng.choice(np.flatnonzero(trig_ok), min(n_eval, int(trig_ok.sum())),
                                   replace=False))
     xc, xt = test.x[clean_idx], trig.x[trig_idx]
+    change = stamp_change(xt, test.x[[pos[int(i)] for i in trig.ids[trig_idx]]])
     records = []
     for blend in blends:
         t0 = time.perf_counter()
@@ -177,6 +205,11 @@ def detection(name: str, attack: str, seed: int, blends: list[str], n_eval: int,
             "far_on_successful_triggers": (float((~rt.suspicious[hit]).mean())
                                            if hit.any() else None),
             "n_successful_triggers": int(hit.sum()),
+            "by_stamp_change": [
+                {"range": [lo, hi], "n": int(sel.sum()),
+                 "asr": float(hit[sel].mean()) if sel.any() else None,
+                 "far": float((~rt.suspicious[sel]).mean()) if sel.any() else None}
+                for lo, hi in STAMP_BINS for sel in [(change >= lo) & (change < hi)]],
             "auroc": auroc(scores, truth),
             "entropy_median": {"clean": float(np.median(rc.entropy)),
                                "triggered": float(np.median(rt.entropy))},
@@ -351,10 +384,48 @@ def record_key(rec: dict) -> tuple:
     return rec["dataset"], rec["attack"], victim(rec), rec["blend"], rec["seed"]
 
 
+@contextlib.contextmanager
+def results_lock() -> Iterator[None]:
+    """An exclusive lock for a read-merge-write of the results."""
+    with open(CACHE / "results.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def write_results(res: dict) -> None:
     res["detection"].sort(key=record_key)
     atomic_write_json(RESULTS / "runtime.json", res)
     atomic_write_text(RESULTS / "runtime.md", summarise(res))
+
+
+def stamp_change_table(records: list[dict]) -> list[str]:
+    """Markdown: share, ASR and FAR of the triggered inputs by how much the stamp changed them
+    (records that carry the breakdown)."""
+    rows = [r for r in records if r.get("by_stamp_change") and r["attack"] != "blended"]
+    if not rows:
+        return []
+    head = " | ".join(f"change {lo:.1f}-{min(hi, 1):.1f}: share / ASR / FAR"
+                      for lo, hi in STAMP_BINS)
+    lines = ["", "### BadNets triggered inputs by how much the stamp changes them", "",
+             "Stamp change = mean |triggered - clean| over the patch's values, as a fraction of "
+             "the value range. A solid white patch changes next to nothing on an image whose "
+             "corner is already white; a checkered patch (black and white) always shows.", "",
+             f"| dataset | attack | aug | blend | seed | {head} |",
+             "|---|---|---|---|---|" + "---|" * len(STAMP_BINS)]
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    for r in rows:
+        n = sum(b["n"] for b in r["by_stamp_change"])
+        cells = " | ".join(f"{pct(b['n'] / n)} / {pct(b['asr'])} / {pct(b['far'])}"
+                           for b in r["by_stamp_change"])
+        lines.append(f"| {r['dataset']} | {r['attack']} 10% | {victim(r)} | {r['blend']} | "
+                     f"{r['seed']} | {cells} |")
+    return lines
 
 
 def summarise(res: dict) -> str:
@@ -379,8 +450,12 @@ def summarise(res: dict) -> str:
              "Victim training ('aug'): MNIST models without augmentation; CIFAR-10 models with "
              "random crops and horizontal flips (`crop+flip`, the usual recipe: a flip moves the "
              "corner trigger to the other corner and the backdoor is learnt less reliably) or "
-             "random crops only (`crop`). A triggered input the model does not send to the "
-             "target behaves like a clean one, so FAR can not fall below about 1 - ASR.", "",
+             "random crops only (`crop`) or without augmentation (`none`). A triggered input "
+             "the model does not send to the target behaves like a clean one, so FAR can not "
+             "fall below about 1 - ASR.", "",
+             "Attacks: `badnets` is a solid white 3x3 patch (the quarantine benchmark's); "
+             "`badnets-checker` a black-and-white checkered 3x3 patch at the same place (as "
+             "ART's pattern backdoor), which shows on any background.", "",
              "| dataset | attack | aug | blend | seed (role) | clean acc | ASR | FAR | FRR | "
              "FAR (successful) | AUROC | n clean / triggered | cal |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -395,6 +470,7 @@ def summarise(res: dict) -> str:
                      f"{r['far']:.4f} | {r['frr']:.4f} | "
                      f"{'-' if fs is None else f'{fs:.4f}'} | {r['auroc']:.4f} | "
                      f"{r['n_clean']} / {r['n_triggered']} | {n_cal} |")
+    lines += stamp_change_table(res["detection"])
     sp = res.get("speed")
     if sp:
         t, h = sp["throughput"], sp["http"]
@@ -428,11 +504,11 @@ def summarise(res: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datasets", nargs="+", default=["mnist", "cifar10"])
-    ap.add_argument("--attacks", nargs="+", default=["badnets", "blended"])
+    ap.add_argument("--attacks", nargs="+", default=["badnets", "blended"], choices=ATTACKS)
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--blends", nargs="+", default=["cut+mix"], choices=list(BLENDS))
     ap.add_argument("--cifar-augment", default="crop+flip", choices=AUGMENT,
-                    help="CIFAR-10 victim training: random crops and flips, or crops only")
+                    help="CIFAR-10 victim training: random crops and flips, crops only, or none")
     ap.add_argument("--n-eval", type=int, default=2000,
                     help="clean and triggered evaluation inputs per model (default 2000)")
     ap.add_argument("--detection-only", action="store_true")
@@ -449,16 +525,18 @@ def main() -> None:
                 for seed in args.seeds:
                     recs = detection(name, attack, seed, args.blends, args.n_eval,
                                      args.cifar_augment)
-                    res = load_results()
-                    keys = {record_key(r) for r in recs}
-                    res["detection"] = [r for r in res["detection"]
-                                        if record_key(r) not in keys] + recs
-                    write_results(res)
+                    with results_lock():  # runs on other models may merge at the same time
+                        res = load_results()
+                        keys = {record_key(r) for r in recs}
+                        res["detection"] = [r for r in res["detection"]
+                                            if record_key(r) not in keys] + recs
+                        write_results(res)
     if not args.detection_only:
         sp = speed(args.threads, args.requests, args.server_threads)
-        res = load_results()
-        res["speed"] = {"code": code_version(), **sp}
-        write_results(res)
+        with results_lock():
+            res = load_results()
+            res["speed"] = {"code": code_version(), **sp}
+            write_results(res)
 
 
 if __name__ == "__main__":
