@@ -79,8 +79,9 @@ def datasets(name: str) -> tuple[LabeledData, LabeledData]:
 
 
 # attacks: the quarantine benchmark's BadNets (a solid white 3x3 patch) and blended (alpha 0.2),
-# and BadNets with a black-and-white checkered 3x3 patch (as ART's pattern backdoor): a white patch
-# is invisible on images whose corner is already white (about 4% of CIFAR-10's test images)
+# and BadNets with a black-and-white checkered 3x3 patch (ART's pattern backdoor is a similar
+# checkerboard of white pixels only): a white patch barely shows on images whose corner is already
+# bright (4-5% of CIFAR-10's test images)
 ATTACKS = ("badnets", "badnets-checker", "blended")
 
 
@@ -387,6 +388,7 @@ def record_key(rec: dict) -> tuple:
 @contextlib.contextmanager
 def results_lock() -> Iterator[None]:
     """An exclusive lock for a read-merge-write of the results."""
+    CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / "results.lock", "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -454,8 +456,9 @@ def summarise(res: dict) -> str:
              "the model does not send to the target behaves like a clean one, so FAR can not "
              "fall below about 1 - ASR.", "",
              "Attacks: `badnets` is a solid white 3x3 patch (the quarantine benchmark's); "
-             "`badnets-checker` a black-and-white checkered 3x3 patch at the same place (as "
-             "ART's pattern backdoor), which shows on any background.", "",
+             "`badnets-checker` a black-and-white checkered 3x3 patch at the same place (ART's "
+             "pattern backdoor is a similar checkerboard of white pixels only), which shows on "
+             "any background.", "",
              "| dataset | attack | aug | blend | seed (role) | clean acc | ASR | FAR | FRR | "
              "FAR (successful) | AUROC | n clean / triggered | cal |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
