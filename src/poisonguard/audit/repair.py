@@ -34,6 +34,7 @@ from torch.nn import functional as F
 from poisonguard.audit.model import AuditModel, to_data_tensor
 from poisonguard.audit.neural_cleanse import CleanseResult, refine_trigger
 from poisonguard.data.labeled import LabeledData
+from poisonguard.detect.common import robust_z
 from poisonguard.errors import ConfigError, ModelError
 
 
@@ -628,8 +629,7 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
         for k in classes:
             for kind in trigger_kinds(nc, k):
                 excess = units.activation(model, nc.stamp_tensor(x_all[others], k, kind)) - act_o
-                spread = np.median(np.abs(excess - np.median(excess))) * 1.4826 + 1e-8
-                z = np.maximum(z, (excess - np.median(excess)) / spread)
+                z = np.maximum(z, robust_z(excess))
         trig_first = [int(c) for c in np.argsort(-z) if z[c] > 3.0]
     base_pred = model.predict_data(xv)
     base_acc = float(np.mean(base_pred == yv)) if len(yv) else 0.0
