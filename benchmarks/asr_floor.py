@@ -7,9 +7,11 @@ triggers of the model-audit zoo (and its held-out set) at every target class, on
 
 - the zoo's four clean CIFAR-10 models (10k training subset, 4 epochs: about 66% accuracy), and
 - clean models trained with the runtime benchmark's stronger recipe (20k subset, 12 epochs,
-  random crops and flips: about 77%), the most this 2-core machine trains in minutes.
+  random crops and flips: about 77%; about 3 minutes each on one core), and
+- with ``--recipes full``: all 50k training images for 24 epochs (about 15 minutes each).
 
     OMP_NUM_THREADS=1 python benchmarks/asr_floor.py --seeds 0 1
+    OMP_NUM_THREADS=1 python benchmarks/asr_floor.py --seeds 0 1 --recipes runtime full
 
 Results: benchmarks/results/asr_floor.{json,md}; trained models cached in
 benchmarks/cache/asr_floor/.
@@ -28,6 +30,7 @@ import torch
 
 from poisonguard.attacks import make_attack
 from poisonguard.audit import load_audit_model
+from poisonguard.data import load_shared
 from poisonguard.io import atomic_write_json, atomic_write_text
 from poisonguard.metrics import accuracy
 from poisonguard.models.io import load_model, save_model
@@ -40,12 +43,18 @@ ZOO_TARGETS = {f"{a}-{kw['size']}px-{kw['position']}" if a == "badnets" else f"{
                t for a, t, kw in ma.BACKDOORS["cifar10"] + ma.HOLDOUT_BACKDOORS["cifar10"]}
 
 
-def strong_model(seed: int) -> Any:
-    """A clean CIFAR-10 model with the runtime benchmark's recipe (cached)."""
-    folder = CACHE / f"cifar10-clean-runtime-recipe-s{seed}"
+# name -> (training images: the runtime benchmark's 20k subset or all, epochs); crops and flips
+RECIPES = {"runtime": ("20k", runtime.EPOCHS["cifar10"]), "full": ("all", 24)}
+
+
+def strong_model(seed: int, recipe: str = "runtime") -> Any:
+    """A clean CIFAR-10 model trained with ``recipe`` (cached)."""
+    folder = CACHE / f"cifar10-clean-{recipe}-recipe-s{seed}"
     if not (folder / "model.json").exists():
-        train, _ = runtime.datasets("cifar10")
-        cfg = TrainConfig(epochs=runtime.EPOCHS["cifar10"], seed=seed, augment=True, flip=True)
+        images, epochs = RECIPES[recipe]
+        train = (runtime.datasets("cifar10")[0] if images == "20k"
+                 else load_shared("cifar10", runtime.SHARED, "train"))
+        cfg = TrainConfig(epochs=epochs, seed=seed, augment=True, flip=True)
         t0 = time.perf_counter()
         res = train_classifier(train, cfg)
         save_model(folder, res.classifier.model, res.arch, res.arch_kwargs,
@@ -90,7 +99,8 @@ def summarise(res: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
-                    help="seeds of the clean models trained with the runtime recipe")
+                    help="seeds of the clean models trained with the stronger recipes")
+    ap.add_argument("--recipes", nargs="+", default=["runtime"], choices=list(RECIPES))
     args = ap.parse_args()
     torch.set_num_threads(1)
     _, _, evaluation = ma.dataset("cifar10")
@@ -100,8 +110,11 @@ def main() -> None:
         if spec["dataset"] == "cifar10" and spec["attack"] is None:
             clf = load_audit_model(ma.ZOO / spec["name"]).classifier
             models.append({"name": f"zoo {spec['name']}", "clf": clf})
-    for seed in args.seeds:
-        models.append({"name": f"runtime recipe s{seed}", "clf": strong_model(seed)})
+    for recipe in args.recipes:
+        images, epochs = RECIPES[recipe]
+        for seed in args.seeds:
+            models.append({"name": f"{recipe} recipe ({images} images, {epochs} epochs) s{seed}",
+                           "clf": strong_model(seed, recipe)})
     out = []
     for m in models:
         rec = {"name": m["name"], "clean_accuracy": accuracy(m["clf"].predict(ev.x), ev.y),
