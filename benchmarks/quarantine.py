@@ -19,6 +19,7 @@ import functools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -67,15 +68,15 @@ def target_for(seed: int) -> int:
     return (3 * seed + 1) % 10
 
 
-def poison_for(scenario: str, seed: int, train: LabeledData,
-               test: LabeledData) -> PoisonedData | None:
-    """The scenario's attack on ``train`` (None for "clean"): BadNets 3x3 or blended alpha 0.2,
-    target :func:`target_for` (seed)."""
+def poison_for(scenario: str, seed: int, train: LabeledData, test: LabeledData,
+               **trigger_kwargs: Any) -> PoisonedData | None:
+    """The scenario's attack on ``train`` (None for "clean"): BadNets 3x3 or blended alpha 0.2
+    (``trigger_kwargs`` override or add trigger settings), target :func:`target_for` (seed)."""
     spec = SCENARIOS[scenario]
     if spec is None:
         return None
     attack, rate = spec
-    kwargs = {"size": 3} if attack == "badnets" else {"alpha": 0.2}
+    kwargs = {**({"size": 3} if attack == "badnets" else {"alpha": 0.2}), **trigger_kwargs}
     fn = badnets if attack == "badnets" else blended
     return fn(train, rate=rate, target=target_for(seed), seed=seed, test=test, **kwargs)
 

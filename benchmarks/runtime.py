@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from quarantine import poison_for, target_for
+from quarantine import poison_for
 
-from poisonguard.attacks import PoisonedData, badnets
+from poisonguard.attacks import PoisonedData
 from poisonguard.data import LabeledData, load_shared
 from poisonguard.io import atomic_write_json, atomic_write_text
 from poisonguard.metrics import accuracy
@@ -89,8 +89,7 @@ def poison(name: str, attack: str, seed: int) -> PoisonedData:
     """The 10% attack on the training subset, target (3 * seed + 1) mod 10."""
     train, test = datasets(name)
     if attack == "badnets-checker":
-        return badnets(train, rate=0.1, target=target_for(seed), seed=seed, test=test, size=3,
-                       pattern="checker")
+        return poison_for("badnets10", seed, train, test, pattern="checker")
     return poison_for(f"{attack}10", seed, train, test)
 
 
