@@ -208,7 +208,7 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
     def batch_loss(per_sample: torch.Tensor, idx: np.ndarray, epoch: int) -> torch.Tensor:
         if epoch < iso_epochs:  # local gradient ascent: no sample's loss is pushed below gamma
             return loss_floor_ascent(per_sample, gamma)
-        if state.get("soft") is not None:  # isolated samples train toward their soft targets
+        if state.get("targets") is not None:  # isolated samples train toward their targets
             return per_sample.mean()
         keep = torch.from_numpy(~isolated[idx])
         if not bool(keep.any()):
@@ -240,7 +240,6 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                     iso_idx = np.flatnonzero(isolated)
                     targets = other_class_targets(model, clf.input_spec, data.x[iso_idx],
                                                   y_all[iso_idx], guard.abl_relabel)
-                    state["soft"] = targets
                     state["targets"] = relabelled_batches(isolated, y_all, targets)
 
     def batch_targets(idx: np.ndarray, epoch: int) -> torch.Tensor | None:
@@ -254,7 +253,7 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
     initial = state.get("initial", isolated.copy())
     n_after_expansion = int(isolated.sum())
     iso_acc = None
-    if state.get("soft") is not None:
+    if state.get("targets") is not None:
         iso_idx = np.flatnonzero(isolated)
         iso_acc = float((train.classifier.predict(data.x[iso_idx]) == data.y[iso_idx]).mean())
     if iso_acc is not None and iso_acc < guard.abl_unlearn_stop:
