@@ -173,7 +173,7 @@ def detection(name: str, attack: str, seed: int, blends: list[str], n_eval: int,
     clean_idx = np.sort(rng.choice(ev, min(n_eval, len(ev)), replace=False))
     trig = poisoned.test_triggered
     pos = {int(i): k for k, i in enumerate(test.ids)}
-    trig_ok = np.array([pos[int(i)] in set(ev.tolist()) for i in trig.ids])
+    trig_ok = np.isin([pos[int(i)] for i in trig.ids], ev)
     trig_idx = np.sort(rng.choice(np.flatnonzero(trig_ok), min(n_eval, int(trig_ok.sum())),
                                   replace=False))
     xc, xt = test.x[clean_idx], trig.x[trig_idx]
