@@ -11,7 +11,13 @@ stamp=.venv/.poisonguard-setup
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip
-  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+  # A wheel already on this machine (pip's find-links) first; otherwise the CPU wheel index, so a
+  # stock machine never resolves the CUDA build.
+  if ! .venv/bin/python -m pip install --quiet --no-index --no-deps "torch==2.13.0" 2>/dev/null \
+      || ! .venv/bin/python -m pip install --quiet "torch==2.13.0"; then
+    .venv/bin/python -m pip install --quiet "torch==2.13.0" \
+      --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple
+  fi
   .venv/bin/python -m pip install --quiet -e ".[dev]"
   echo "$want" > "$stamp"
 fi
