@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--test", default=None,
                    help="test .npz: report clean accuracy (and ASR if it holds x_triggered/"
                         "y_triggered) before and after sanitising")
+    s.add_argument("--trusted", default=None,
+                   help="a small clean set you vouch for (.npz with x and y, e.g. 500 samples "
+                        "or 1%%): detectors that can use it compare the data against it")
     s.add_argument("--ground-truth", default=None,
                    help=".npz with is_poison, used only to score the scan afterwards "
                         "(default: the data file's is_poison key, if present)")
@@ -264,9 +267,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     provenance = provenance_layer(args, args.data)  # verified first: a bad manifest stops here
     data = load_dataset(args.data)
+    trusted = None
+    if args.trusted:
+        from poisonguard.data import check_trusted
+
+        trusted = load_dataset(args.trusted)
+        check_trusted(data, trusted)
     classifier = load_model(args.model, progress=not args.quiet) if args.model else None
     config = ScanConfig(seed=args.seed, epochs=args.epochs, layer=args.layer,
-                        max_rounds=args.max_rounds, progress=not args.quiet)
+                        max_rounds=args.max_rounds, progress=not args.quiet, trusted=trusted)
     truth = None
     gt_path = args.ground_truth or (args.data if str(args.data).endswith(".npz") else None)
     if gt_path:

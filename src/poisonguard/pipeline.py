@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
 from poisonguard.attacks.base import PoisonedData
-from poisonguard.data.labeled import LabeledData, check_scannable
+from poisonguard.data.labeled import LabeledData, check_scannable, check_trusted
 from poisonguard.detect import ActivationClustering, LossOutliers, SpectralSignatures
 from poisonguard.detect.blend_template import BlendTemplate
 from poisonguard.detect.crossref import CrossReference
@@ -49,6 +49,7 @@ class ScanConfig:
     loss_seed_rate: float = 0.01
     loss_seed_gamma: float = 0.01
     progress: bool = False
+    trusted: LabeledData | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         unknown = set(self.detectors) - set(DETECTORS)
@@ -65,7 +66,9 @@ class ScanConfig:
                            batch_size=self.batch_size, seed=self.seed)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(replace(self, trusted=None))
+        out["trusted"] = None if self.trusted is None else {"n_samples": len(self.trusted)}
+        return out
 
 
 @dataclass
@@ -121,13 +124,18 @@ class ScanResult:
 
 def run_detectors(features: np.ndarray, labels: np.ndarray, losses: np.ndarray | None,
                   names: tuple[str, ...] = DETECTORS,
-                  seed: int = 0, min_class_votes: int = 2
+                  seed: int = 0, min_class_votes: int = 2,
+                  trusted_features: np.ndarray | None = None,
+                  trusted_labels: np.ndarray | None = None
                   ) -> tuple[list[DetectorResult], DetectorResult]:
-    """Run the named detectors on precomputed inputs and cross-reference them."""
+    """Run the named detectors on precomputed inputs and cross-reference them; the trusted
+    set's representations (same layer), when given, go to the detectors that use them."""
     results = []
+    trusted = {"trusted_features": trusted_features, "trusted_labels": trusted_labels}
     for name in names:
         if name == "activation_clustering":
-            results.append(ActivationClustering(seed=seed).detect(features, labels, losses))
+            results.append(ActivationClustering(seed=seed).detect(features, labels, losses,
+                                                                  **trusted))
         elif name == "spectral_signatures":
             results.append(SpectralSignatures().detect(features, labels, losses))
         elif name == "loss_outliers":
@@ -191,8 +199,15 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
                         f"up to {n_classes - 1}")
     timings["representations_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
+    trusted: dict[str, np.ndarray | None] = {"trusted_features": None, "trusted_labels": None}
+    if config.trusted is not None:
+        tout = classifier.forward_all(config.trusted.x, config.trusted.y,
+                                      layer=config.layer or classifier.layer)
+        trusted = {"trusted_features": tout["representations"],
+                   "trusted_labels": config.trusted.y}
     results, combined = run_detectors(out["representations"], subset.y, out["losses"],
-                                      config.detectors, config.seed, config.min_class_votes)
+                                      config.detectors, config.seed, config.min_class_votes,
+                                      **trusted)
     if config.trigger_template:
         results, combined = _add_trigger_template(subset, results, combined)
         results, combined = _add_blend_template(subset, results, combined)
@@ -338,6 +353,8 @@ def scan(data: LabeledData, config: ScanConfig | None = None,
     """
     config = config or ScanConfig()
     check_scannable(data)
+    if config.trusted is not None:
+        check_trusted(data, config.trusted)
     n_classes = data.n_classes
     kept = np.arange(len(data))
     rounds: list[RoundResult] = []

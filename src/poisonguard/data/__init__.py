@@ -1,6 +1,6 @@
 """Datasets: the LabeledData container, loaders, built-ins and validation."""
 
-from poisonguard.data.labeled import LabeledData, check_scannable
+from poisonguard.data.labeled import LabeledData, check_scannable, check_trusted
 from poisonguard.data.loaders import (
     load_builtin_digits,
     load_dataset,
@@ -12,6 +12,7 @@ from poisonguard.data.loaders import (
 __all__ = [
     "LabeledData",
     "check_scannable",
+    "check_trusted",
     "load_builtin_digits",
     "load_dataset",
     "load_image_folder",

@@ -130,3 +130,29 @@ def check_scannable(data: LabeledData, min_per_class: int = MIN_PER_CLASS) -> No
             f"class(es) with fewer than {min_per_class} samples: {small}; add samples or drop "
             "those classes"
         )
+
+
+def check_trusted(data: LabeledData, trusted: LabeledData) -> None:
+    """Raise DataError unless ``trusted`` (a small set the user vouches for) can be compared with
+    ``data``: non-empty, the same sample shape and dtype family, the same value range, and no
+    class the data lacks."""
+    if len(trusted) == 0:
+        raise DataError("the trusted set is empty; give at least a few samples per class")
+    if trusted.x.shape[1:] != data.x.shape[1:]:
+        raise DataError(f"trusted samples have shape {trusted.x.shape[1:]} but the data's are "
+                        f"{data.x.shape[1:]}; they must match")
+    int_t, int_d = (np.issubdtype(a.x.dtype, np.integer) for a in (trusted, data))
+    if int_t != int_d:
+        raise DataError(f"trusted samples are {trusted.x.dtype} but the data's are "
+                        f"{data.x.dtype}; give both as uint8 or both as float")
+    if not int_d:
+        lo, hi = float(data.x.min()), float(data.x.max())
+        tlo, thi = float(trusted.x.min()), float(trusted.x.max())
+        span = max(hi - lo, 1e-12)
+        if tlo < lo - 0.5 * span or thi > hi + 0.5 * span:
+            raise DataError(f"trusted values span [{tlo:.3g}, {thi:.3g}] but the data's span "
+                            f"[{lo:.3g}, {hi:.3g}]; scale both the same way")
+    extra = sorted(set(np.unique(trusted.y).tolist()) - set(np.unique(data.y).tolist()))
+    if extra:
+        raise DataError(f"the trusted set has classes {extra} that the data lacks; the class "
+                        "sets must match")

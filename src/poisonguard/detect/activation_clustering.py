@@ -32,7 +32,7 @@ from poisonguard.detect.common import (
     per_class_centred,
     top_principal,
 )
-from poisonguard.errors import ConfigError
+from poisonguard.errors import ConfigError, DataError
 from poisonguard.types import ClassFinding, DetectorResult
 
 
@@ -66,9 +66,42 @@ class ActivationClustering:
         comps, _ = top_principal(xc, k)
         return xc @ comps.T
 
+    def _trusted_choice(self, c: int, idx: np.ndarray, z: np.ndarray, xc: np.ndarray,
+                        groups: list[np.ndarray], trusted: tuple[np.ndarray, np.ndarray] | None,
+                        features: np.ndarray) -> tuple[int, dict] | None:
+        """With trusted samples of class ``c`` (>= 3), the poison group is the one whose centroid
+        lies farther from theirs (in pooled SDs along the line joining the two centroids)."""
+        if trusted is None or self.reduce != "pca":
+            return None
+        tx = trusted[0][trusted[1] == c]
+        if len(tx) < 3:
+            return None
+        mean = np.asarray(features[idx], dtype=np.float64).mean(axis=0)
+        comps, _ = top_principal(xc, z.shape[1])
+        tz = (np.asarray(tx, dtype=np.float64) - mean) @ comps.T
+        d = z[groups[1]].mean(0) - z[groups[0]].mean(0)
+        d /= np.linalg.norm(d) + 1e-12
+        proj, tproj = z @ d, tz @ d
+        pooled = np.sqrt(0.5 * sum(proj[g].var() for g in groups)) + 1e-12
+        dist = [abs(float(np.median(tproj)) - float(proj[g].mean())) / pooled for g in groups]
+        return int(np.argmax(dist)), {"poison_group_rule": "farther from the trusted samples",
+                                      "trusted_distance_sd": [round(float(v), 2) for v in dist],
+                                      "n_trusted": int(len(tx))}
+
     def detect(self, features: np.ndarray, labels: np.ndarray,
-               losses: np.ndarray | None = None) -> DetectorResult:
+               losses: np.ndarray | None = None, trusted_features: np.ndarray | None = None,
+               trusted_labels: np.ndarray | None = None) -> DetectorResult:
+        """Per-class split; with trusted features and labels, the trusted samples of a class
+        tell which group is clean, and the poison group may then be most of its class (clean-
+        label poisons are)."""
         check_inputs(features, labels, self.name, losses=losses)
+        trusted = None
+        if trusted_features is not None and trusted_labels is not None:
+            check_inputs(trusted_features, trusted_labels, self.name + " (trusted)")
+            if trusted_features.shape[1] != features.shape[1]:
+                raise DataError(f"{self.name}: trusted features have {trusted_features.shape[1]} "
+                                f"dims, the data's {features.shape[1]}")
+            trusted = (trusted_features, np.asarray(trusted_labels))
         t0 = time.perf_counter()
         scores = np.zeros(len(labels))
         flags = np.zeros(len(labels), dtype=bool)
@@ -83,7 +116,9 @@ class ActivationClustering:
                 groups = [np.flatnonzero(assign == g) for g in (0, 1)]
                 if min(len(g) for g in groups) < 2:
                     continue
-                poison, evidence = choose_poison_group([idx[g] for g in groups], losses)
+                chosen = self._trusted_choice(c, idx, z, xc, groups, trusted, features)
+                poison, evidence = chosen or choose_poison_group([idx[g] for g in groups],
+                                                                 losses)
                 pg, cg = groups[poison], groups[1 - poison]
                 direction = z[pg].mean(0) - z[cg].mean(0)
                 proj = z @ (direction / (np.linalg.norm(direction) + 1e-12))
@@ -106,8 +141,13 @@ class ActivationClustering:
                 MAD_TO_SIGMA * float(np.median(np.abs(proj[cg] - med))), 1e-12)
             scores[idx] = zscore
             rel = len(pg) / len(idx)
+            cap = 1.0 if evidence.get("n_trusted") else self.max_size
             suspicious = (sil >= self.min_silhouette and sep >= self.min_separation
-                          and self.min_size <= rel <= self.max_size)
+                          and self.min_size <= rel <= cap)
+            reason = (f"two clusters: silhouette {sil:.2f} (>= {self.min_silhouette}), "
+                      f"separation {sep:.1f} SDs (>= {self.min_separation}), the poison group "
+                      f"({evidence['poison_group_rule']}) is {rel:.0%} of the class "
+                      f"(allowed {self.min_size:.1%}-{cap:.0%})")
             class_flags = np.zeros(len(idx), dtype=bool)
             if suspicious:
                 class_flags[pg] = True
@@ -115,7 +155,7 @@ class ActivationClustering:
             flags[idx] = class_flags
             findings.append(ClassFinding(c, suspicious, len(idx), int(class_flags.sum()), {
                 "poison_cluster_size": round(rel, 4), "silhouette": round(sil, 4),
-                "separation": round(sep, 3), **evidence}))
+                "separation": round(sep, 3), "reason": reason, **evidence}))
         rule = {"rule": "per-class 2-means; poisoned if silhouette >= min_silhouette and "
                         "separation >= min_separation and poison cluster >= min_size of the "
                         "class; flag the poison cluster and robust z > tail_z",
