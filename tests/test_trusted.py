@@ -60,3 +60,20 @@ def test_scan_with_trusted_set_uses_it(split) -> None:
     assert flagged[poisoned.is_poison].mean() >= 0.9
     assert flagged[~poisoned.is_poison].mean() <= 0.06
     assert ScanConfig(trusted=trusted).to_dict()["trusted"] == {"n_samples": len(trusted)}
+
+
+def test_all_to_all_is_reported_dataset_wide(digits) -> None:
+    from poisonguard.report.builder import build_scan_report
+
+    train, _ = digits
+    poisoned = badnets(train, rate=0.1, target=None, mode="all-to-all", seed=0, size=3)
+    result = scan(poisoned.data, ScanConfig(epochs=8, max_rounds=1))
+    ac = next(r for r in result.detectors if r.name == "activation_clustering")
+    assert ac.extras["dataset_wide"]
+    assert len(ac.suspicious_classes) >= 4
+    assert ac.flags[poisoned.is_poison].mean() >= 0.5
+    assert ac.flags[~poisoned.is_poison].mean() <= 0.01
+    report = build_scan_report(result)
+    assert report["verdict"]["poisoning_found"]
+    assert "all-to-all" in report["verdict"]["dataset_wide"]["message"]
+    assert any(c["why"] for c in report["layers"]["quarantine"]["classes"])

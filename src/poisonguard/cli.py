@@ -254,7 +254,8 @@ def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: An
               + (", model/" if result.final_train is not None else "")
               + (", model_unlearned/" if unlearned is not None else ""))
     changed = provenance is not None and provenance.get("status") != "verified"
-    return EXIT_FOUND if result.poisoned_classes or changed else EXIT_CLEAN
+    found = result.poisoned_classes or report["verdict"]["poisoning_found"]
+    return EXIT_FOUND if found or changed else EXIT_CLEAN
 
 
 def cmd_scan(args: argparse.Namespace) -> int:

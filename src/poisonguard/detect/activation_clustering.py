@@ -47,6 +47,7 @@ class ActivationClustering:
     max_size: float = 0.67
     tail_z: float = 4.0
     silhouette_samples: int = 2000
+    dataset_wide_share: float = 0.5
     seed: int = 0
     name: str = "activation_clustering"
 
@@ -65,6 +66,32 @@ class ActivationClustering:
                            whiten="unit-variance").fit_transform(xc)
         comps, _ = top_principal(xc, k)
         return xc @ comps.T
+
+    def _dataset_wide(self, findings: list[ClassFinding], bulk_picked: list[tuple],
+                      scores: np.ndarray, flags: np.ndarray) -> list[ClassFinding]:
+        """All-to-all poisoning spreads the poisons over every class: most classes then split
+        in two clearly separated groups (a clean class split gives about 2.7 SDs), and in each
+        the poisons are the minority. When ``dataset_wide_share`` of the classes split so, a
+        split whose chosen group was the bulk of its class takes the smaller group instead."""
+        findings = list(findings)
+        for c, idx, pg, cg, proj, pos in bulk_picked:
+            med = float(np.median(proj[pg]))
+            mad = max(MAD_TO_SIGMA * float(np.median(np.abs(proj[pg] - med))), 1e-12)
+            zscore = -(proj - med) / mad
+            class_flags = np.zeros(len(idx), dtype=bool)
+            class_flags[cg] = True
+            scores[idx] = zscore
+            flags[idx] = class_flags
+            old = findings[pos]
+            rel = len(cg) / len(idx)
+            findings[pos] = ClassFinding(c, True, len(idx), int(class_flags.sum()), {
+                **old.evidence, "poison_cluster_size": round(rel, 4),
+                "poison_group_rule": "smaller group (dataset-wide split)",
+                "reason": f"most classes split in two separated groups, as all-to-all "
+                          f"poisoning makes them; here the smaller group ({rel:.0%}) is taken "
+                          f"(silhouette {old.evidence['silhouette']:.2f}, separation "
+                          f"{old.evidence['separation']:.1f} SDs)"})
+        return findings
 
     def _trusted_choice(self, c: int, idx: np.ndarray, z: np.ndarray, xc: np.ndarray,
                         groups: list[np.ndarray], trusted: tuple[np.ndarray, np.ndarray] | None,
@@ -105,7 +132,8 @@ class ActivationClustering:
         t0 = time.perf_counter()
         scores = np.zeros(len(labels))
         flags = np.zeros(len(labels), dtype=bool)
-        findings = []
+        findings: list[ClassFinding] = []
+        bulk_picked: list[tuple] = []
         for c, idx, xc in per_class_centred(features, labels, findings):
             z = self._reduce(xc)
             best = None
@@ -148,6 +176,9 @@ class ActivationClustering:
                       f"separation {sep:.1f} SDs (>= {self.min_separation}), the poison group "
                       f"({evidence['poison_group_rule']}) is {rel:.0%} of the class "
                       f"(allowed {self.min_size:.1%}-{cap:.0%})")
+            if (not suspicious and sil >= self.min_silhouette and sep >= self.min_separation
+                    and rel > cap):
+                bulk_picked.append((c, idx, pg, cg, proj, len(findings)))
             class_flags = np.zeros(len(idx), dtype=bool)
             if suspicious:
                 class_flags[pg] = True
@@ -156,13 +187,20 @@ class ActivationClustering:
             findings.append(ClassFinding(c, suspicious, len(idx), int(class_flags.sum()), {
                 "poison_cluster_size": round(rel, 4), "silhouette": round(sil, 4),
                 "separation": round(sep, 3), "reason": reason, **evidence}))
+        n_split = sum(1 for f in findings if f.suspicious) + len(bulk_picked)
+        n_classes = len(findings)
+        dataset_wide = n_classes >= 3 and n_split >= self.dataset_wide_share * n_classes
+        if dataset_wide:
+            findings = self._dataset_wide(findings, bulk_picked, scores, flags)
         rule = {"rule": "per-class 2-means; poisoned if silhouette >= min_silhouette and "
                         "separation >= min_separation and poison cluster >= min_size of the "
                         "class; flag the poison cluster and robust z > tail_z",
                 "min_silhouette": self.min_silhouette, "min_separation": self.min_separation,
-                "min_size": self.min_size, "max_size": self.max_size, "tail_z": self.tail_z}
+                "min_size": self.min_size, "max_size": self.max_size, "tail_z": self.tail_z,
+                "dataset_wide_share": self.dataset_wide_share}
         return DetectorResult(self.name, scores, flags, self.tail_z, rule, tuple(findings),
                               time.perf_counter() - t0,
+                              extras={"classes_split": n_split, "dataset_wide": dataset_wide},
                               params={"n_components": self.n_components,
                                       "search_components": list(self.search_components),
                                       "reduce": self.reduce,

@@ -83,14 +83,28 @@ def build_scan_report(result: Any, command: str = "scan", poisoned: PoisonedData
     for f in combined.findings:
         det_evidence = {r.name: next((x.to_dict() for x in r.findings if x.label == f.label),
                                      None) for r in result.detectors}
+        why = [f"{name}: {ev['evidence'].get('reason', 'called the class suspicious')}"
+               for name, ev in det_evidence.items()
+               if ev is not None and ev["suspicious"]]
         classes.append({"label": f.label, "verdict": f.evidence["verdict"],
-                        "detectors": f.evidence["detectors"], "n_samples": f.n_samples,
-                        "n_flagged": f.n_flagged, "evidence": det_evidence})
+                        "detectors": f.evidence["detectors"], "why": why,
+                        "n_samples": f.n_samples, "n_flagged": f.n_flagged,
+                        "evidence": det_evidence})
     poisoned_classes = combined.suspicious_classes
     n_flagged = int(result.flags.sum())
-    if poisoned_classes:
+    wide = [r.name for r in result.detectors if r.extras.get("dataset_wide")]
+    dataset_wide = None
+    if wide:
+        dataset_wide = {"detectors": wide, "message": (
+            "most classes split into two clearly separated groups: the whole dataset looks "
+            "poisoned in the way all-to-all attacks poison it (a minority of every class)")}
+    if wide and not poisoned_classes:
+        summary = (f"SUSPICIOUS: {dataset_wide['message']}; {n_flagged} of {len(data)} "
+                   "samples flagged")
+    elif poisoned_classes:
         summary = (f"POISONING FOUND: class(es) {poisoned_classes} hold a separable "
-                   f"sub-population; {n_flagged} of {len(data)} samples flagged")
+                   f"sub-population; {n_flagged} of {len(data)} samples flagged"
+                   + (f"; {dataset_wide['message']}" if dataset_wide else ""))
     elif n_flagged:
         summary = (f"no class judged poisoned; {n_flagged} isolated samples flagged by several "
                    "detectors for review")
@@ -112,8 +126,10 @@ def build_scan_report(result: Any, command: str = "scan", poisoned: PoisonedData
         "data": {"fingerprint": data.fingerprint(), "n_samples": len(data),
                  "n_classes": data.n_classes, "sample_shape": list(data.x.shape[1:]),
                  "dtype": str(data.x.dtype), "class_counts": data.class_counts()},
-        "verdict": {"poisoning_found": bool(poisoned_classes), "poisoned_classes":
-                    poisoned_classes, "n_flagged": n_flagged, "summary": summary},
+        "verdict": {"poisoning_found": bool(poisoned_classes or dataset_wide),
+                    "poisoned_classes":
+                    poisoned_classes, "n_flagged": n_flagged, "summary": summary,
+                    "dataset_wide": dataset_wide},
         "layers": {
             "quarantine": {
                 "model": {"sacrificial": result.train is not None, "layer":
