@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from poisonguard.detect import SCAn
+from poisonguard.detect import SCAn, Spectre
 from poisonguard.errors import DataError
 
 
@@ -74,7 +74,7 @@ def test_scan_all_classes_split(trusted: bool) -> None:
     assert r.extras["all_classes_split"] >= 0.8
 
 
-@pytest.mark.parametrize("det", [SCAn()])
+@pytest.mark.parametrize("det", [SCAn(), Spectre()])
 def test_bad_input_raises(det) -> None:
     x, y, _, tx, ty = gaussian_classes(plant=(), per=20, trusted_per=5)
     with pytest.raises(DataError):
@@ -85,3 +85,25 @@ def test_bad_input_raises(det) -> None:
         det.detect(x, y, trusted_features=tx, trusted_labels=ty[:-1])
     with pytest.raises(DataError):
         det.detect(x, y, trusted_features=tx)
+
+
+@pytest.mark.parametrize("trusted", [False, True])
+def test_spectre_finds_planted_cluster(trusted: bool) -> None:
+    """SPECTRE whitens with a covariance estimated per class, so it needs more samples per
+    class than SCAn: 1000 per class, 10% of class 1 moved 6 SDs."""
+    x, y, truth, tx, ty = gaussian_classes(per=1000, n_poison=100, shift=6.0, seed=5)
+    kw = {"trusted_features": tx, "trusted_labels": ty} if trusted else {}
+    r = Spectre().detect(x, y, **kw)
+    assert r.name == "spectre" and r.suspicious_classes == [1]
+    rec, false = recall_false(r, truth)
+    assert rec >= 0.9 and false <= (10 if trusted else 30)
+    assert "QUE statistic T=" in r.findings[1].evidence["reason"]
+    if trusted:
+        assert "trusted" in r.findings[1].evidence["cut_rule"]
+
+
+def test_spectre_clean_flags_nothing() -> None:
+    x, y, _, tx, ty = gaussian_classes(plant=(), per=1000)
+    for kw in ({}, {"trusted_features": tx, "trusted_labels": ty}):
+        r = Spectre().detect(x, y, **kw)
+        assert r.suspicious_classes == [] and r.flags.sum() == 0

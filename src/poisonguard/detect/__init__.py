@@ -7,6 +7,7 @@ from poisonguard.detect.crossref import CrossReference, cross_reference
 from poisonguard.detect.loss_outliers import LossOutliers
 from poisonguard.detect.scan_decomposition import SCAn
 from poisonguard.detect.spectral import SpectralSignatures
+from poisonguard.detect.spectre import Spectre
 
 __all__ = ["SCAn", "ActivationClustering", "CrossReference", "LossOutliers",
-           "SpectralSignatures", "cross_reference"]
+           "Spectre", "SpectralSignatures", "cross_reference"]
