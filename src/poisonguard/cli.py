@@ -46,13 +46,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attack", help="write a poisoned copy of a dataset (.npz)")
     a.add_argument("data", help="dataset: .npz (x/y or x_train/y_train), image folder, …")
-    a.add_argument("--attack", default="badnets", choices=["badnets", "blended", "label-flip"])
-    a.add_argument("--rate", type=float, default=0.1, help="poison rate (default 0.1)")
+    a.add_argument("--attack", default="badnets",
+                   choices=["badnets", "blended", "label-flip", "wanet", "sig", "adaptive-blend",
+                            "adaptive-patch", "trojan", "low-frequency", "badnets-random",
+                            "label-consistent"])
+    a.add_argument("--rate", type=float, default=0.1,
+                   help="poison rate (default 0.1); for the clean-label sig and "
+                        "label-consistent: the fraction of the target class")
     a.add_argument("--target", type=int, default=0, help="target class (all-to-one)")
     a.add_argument("--mode", default="all-to-one", choices=["all-to-one", "all-to-all"])
-    a.add_argument("--size", type=int, default=3, help="BadNets patch size in pixels")
+    a.add_argument("--size", type=int, default=None,
+                   help="patch size in pixels (badnets 3, badnets-random 3, trojan 8, "
+                        "adaptive-patch 3)")
     a.add_argument("--position", default="bottom-right", help="BadNets patch position")
-    a.add_argument("--alpha", type=float, default=0.2, help="blended trigger alpha")
+    a.add_argument("--alpha", type=float, default=None,
+                   help="blend alpha (blended 0.2; adaptive-blend 0.15; adaptive-patch 0.5; "
+                        "trojan 1.0)")
+    a.add_argument("--k", type=int, default=None, help="WaNet warping grid size (default 4)")
+    a.add_argument("--s", type=float, default=None, help="WaNet warping strength (default 0.5)")
+    a.add_argument("--cross-ratio", type=float, default=None,
+                   help="WaNet noise-mode samples per poison (default 2)")
+    a.add_argument("--delta", type=float, default=None,
+                   help="SIG amplitude on a 0-255 scale (default 20)")
+    a.add_argument("--freq", type=float, default=None, help="SIG frequency (default 6)")
+    a.add_argument("--cover-rate", type=float, default=None,
+                   help="adaptive-blend/-patch cover samples (trigger, true label) as a share "
+                        "of the data (default: --rate)")
+    a.add_argument("--eps", type=float, default=None,
+                   help="low-frequency amplitude (default 0.1 of the range) or "
+                        "label-consistent PGD L-inf radius (default 8/255)")
+    a.add_argument("--steps", type=int, default=None,
+                   help="label-consistent PGD steps (default 10)")
+    a.add_argument("--surrogate-epochs", type=int, default=None,
+                   help="label-consistent surrogate training epochs (default 2)")
     a.add_argument("--test", default=None,
                    help="test set (.npz) to also write a triggered test set (for ASR)")
     a.add_argument("--seed", type=int, default=0)
@@ -140,23 +166,39 @@ def _load_x(path: str) -> np.ndarray:
 def cmd_attack(args: argparse.Namespace) -> int:
     from poisonguard.attacks import make_attack
     from poisonguard.data import load_dataset
+    from poisonguard.errors import ConfigError
     from poisonguard.io import atomic_save_npz
 
+    kwargs: dict[str, Any] = {"rate": args.rate, "mode": args.mode, "seed": args.seed,
+                              "target": args.target if args.mode == "all-to-one" else None}
+    # attack-specific flags (argparse attribute == keyword); one another attack owns is refused
+    flags = {"badnets": ("size",), "blended": ("alpha",), "label-flip": (),
+             "wanet": ("k", "s", "cross_ratio"), "sig": ("delta", "freq"),
+             "adaptive-blend": ("alpha", "cover_rate"),
+             "adaptive-patch": ("alpha", "size", "cover_rate"), "trojan": ("size", "alpha"),
+             "low-frequency": ("eps",), "badnets-random": ("size",),
+             "label-consistent": ("eps", "steps", "surrogate_epochs")}
+    own = flags.get(args.attack, ())
+    for attr in sorted({a for names in flags.values() for a in names}):
+        value = getattr(args, attr)
+        if value is None:
+            continue
+        if attr not in own:
+            raise ConfigError(f"--{attr.replace('_', '-')} does not apply to --attack "
+                              f"{args.attack}")
+        kwargs[attr] = value
+    if args.attack == "badnets":
+        kwargs["position"] = args.position
     data = load_dataset(args.data)
     test = load_dataset(args.test, split="test") if args.test else None
-    kwargs: dict[str, Any] = {"rate": args.rate, "mode": args.mode, "seed": args.seed,
-                              "test": test,
-                              "target": args.target if args.mode == "all-to-one" else None}
-    if args.attack == "badnets":
-        kwargs.update(size=args.size, position=args.position)
-    elif args.attack == "blended":
-        kwargs.update(alpha=args.alpha)
-    else:
-        kwargs.pop("test")
+    if args.attack != "label-flip":
+        kwargs["test"] = test
     poisoned = make_attack(args.attack, data, **kwargs)
     arrays = {"x": poisoned.data.x, "y": poisoned.data.y, "ids": poisoned.data.ids,
               "is_poison": poisoned.is_poison, "original_y": poisoned.original_y,
               "attack_json": np.array(json.dumps(poisoned.attack))}
+    if poisoned.is_cover is not None:
+        arrays["is_cover"] = poisoned.is_cover
     if poisoned.test_triggered is not None:
         arrays["x_triggered"] = poisoned.test_triggered.x
         arrays["y_triggered"] = poisoned.test_triggered.y

@@ -25,6 +25,9 @@ class PoisonedData:
 
     ``test_triggered`` holds test samples (none of the target class for all-to-one) carrying the
     trigger, labelled with the attacker's desired output, so ASR = accuracy on it.
+    ``is_cover`` (attacks with regularisation samples only: adaptive-blend/-patch covers, WaNet
+    noise-mode samples) marks samples that carry a (partial or noisy) trigger but keep their true
+    label; they are not in ``is_poison``. ``None`` for the other attacks.
     """
 
     data: LabeledData
@@ -34,6 +37,7 @@ class PoisonedData:
     target: int | None
     test_triggered: LabeledData | None = None
     trigger: Trigger | None = field(default=None, repr=False)
+    is_cover: np.ndarray | None = None
 
     @property
     def poison_ids(self) -> np.ndarray:

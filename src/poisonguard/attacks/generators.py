@@ -163,7 +163,8 @@ ATTACKS = {"badnets": badnets, "blended": blended, "label-flip": label_flip}
 
 
 def make_attack(name: str, data: LabeledData, **kwargs: Any) -> PoisonedData:
-    """Run an attack by name (``badnets``, ``blended``, ``label-flip``)."""
+    """Run an attack by name (a key of ``ATTACKS``: ``badnets``, ``blended``, ``label-flip`` and
+    the advanced ones registered by ``poisonguard.attacks``)."""
     if name not in ATTACKS:
         raise ConfigError(f"unknown attack {name!r}; expected one of {sorted(ATTACKS)}")
     return ATTACKS[name](data, **kwargs)
