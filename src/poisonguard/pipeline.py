@@ -23,7 +23,11 @@ from poisonguard.models.adapter import TorchClassifier
 from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
 from poisonguard.types import ClassFinding, DetectorResult
 
-DETECTORS = ("activation_clustering", "spectral_signatures", "loss_outliers")
+DETECTORS = ("activation_clustering", "spectral_signatures", "loss_outliers",
+             "scan_decomposition")
+# Available by name in ScanConfig.detectors, not run by default: SPECTRE's robust whitening needs
+# about 1,000 samples per class (its tests), more than many classes of a scan hold.
+OPTIONAL_DETECTORS = ("spectre",)
 TEMPLATE_SOURCES = ("activation_clustering", "spectral_signatures")
 
 
@@ -52,14 +56,14 @@ class ScanConfig:
     trusted: LabeledData | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        unknown = set(self.detectors) - set(DETECTORS)
+        unknown = set(self.detectors) - set(DETECTORS) - set(OPTIONAL_DETECTORS)
         if self.max_rounds < 1:
             raise ConfigError(f"max_rounds must be >= 1, got {self.max_rounds}")
         if not 0.0 < self.loss_seed_rate < 0.5:
             raise ConfigError(f"loss_seed_rate must be in (0, 0.5), got {self.loss_seed_rate}")
         if unknown or not self.detectors:
             raise ConfigError(f"unknown or no detectors {sorted(unknown)}; choose from "
-                              f"{list(DETECTORS)}")
+                              f"{list(DETECTORS + OPTIONAL_DETECTORS)}")
 
     def train_config(self, n_samples: int) -> TrainConfig:
         return TrainConfig(epochs=self.epochs or auto_epochs(n_samples),
@@ -138,6 +142,14 @@ def run_detectors(features: np.ndarray, labels: np.ndarray, losses: np.ndarray |
                                                                   **trusted))
         elif name == "spectral_signatures":
             results.append(SpectralSignatures().detect(features, labels, losses))
+        elif name == "scan_decomposition":
+            from poisonguard.detect.scan_decomposition import SCAn
+
+            results.append(SCAn().detect(features, labels, losses, **trusted))
+        elif name == "spectre":
+            from poisonguard.detect.spectre import Spectre
+
+            results.append(Spectre().detect(features, labels, losses, **trusted))
         elif name == "loss_outliers":
             if losses is None:
                 raise DataError("loss_outliers needs per-sample losses")
