@@ -224,3 +224,38 @@ def test_cli_new_attack_and_errors(tmp_path: Path, imgs: LabeledData, capsys) ->
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "delta" in err
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_label_consistent(imgs: LabeledData) -> None:
+    from poisonguard.attacks import FourCornerTrigger
+
+    p = run("label-consistent", imgs, rate=0.5, surrogate_epochs=1)
+    check_common(p, imgs, 10, clean_label=True)
+    corners = np.zeros((16, 16), bool)
+    for sl in ((slice(0, 3), slice(0, 3)), (slice(0, 3), slice(13, 16)),
+               (slice(13, 16), slice(0, 3)), (slice(13, 16), slice(13, 16))):
+        corners[sl] = True
+    stamped = FourCornerTrigger().apply(imgs.x[p.is_poison])
+    assert (p.data.x[p.is_poison][:, corners] == stamped[:, corners]).all()
+    delta = np.abs(p.data.x[p.is_poison].astype(int) - imgs.x[p.is_poison].astype(int))
+    assert delta[:, ~corners].max() <= 8 and delta[:, ~corners].mean() > 1  # PGD, eps 8/255
+    assert (p.test_triggered.x == FourCornerTrigger().apply(imgs.x[imgs.y != TARGET])).all()
+    assert p.attack["surrogate"].startswith("trained 1 epoch")
+
+
+def test_label_consistent_given_surrogate_and_errors(imgs: LabeledData) -> None:
+    from poisonguard.attacks.label_consistent import pgd_untargeted
+    from poisonguard.models.training import TrainConfig, train_classifier
+
+    clf = train_classifier(imgs, TrainConfig(epochs=1, batch_size=16)).classifier
+    p = run("label-consistent", imgs, rate=0.5, surrogate=clf, steps=3, eps=4 / 255)
+    assert p.attack["surrogate"] == "given" and p.is_poison.sum() == 10
+    x, y = imgs.x[:8], imgs.y[:8]
+    loss = lambda z: clf.per_sample_loss(z, y).mean()  # noqa: E731
+    assert loss(pgd_untargeted(clf, x, y, 8 / 255, 5)) > loss(x)
+    for kwargs, match in (({"eps": 0}, "eps"), ({"steps": 0}, "steps"),
+                          ({"surrogate_epochs": 0}, "surrogate_epochs"), ({"rate": 1}, "rate"),
+                          ({"mode": "all-to-all", "target": None}, "all-to-one"),
+                          ({"size": 9}, "fit")):
+        with pytest.raises(ConfigError, match=match):
+            run("label-consistent", imgs, **kwargs)

@@ -113,7 +113,7 @@ def wanet(data: LabeledData, rate: float = 0.1, target: int | None = 0,
     rng = np.random.default_rng(seed)
     poisons = choose_victims(data, rate, target, mode, rng)
     cross = pick_others(len(data), poisons, int(round(cross_ratio * len(poisons))), rng,
-                        "WaNet noise-mode samples")
+                        "WaNet noise-mode samples (cross_ratio x poisons)")
     x, y = data.x.copy(), data.y.copy()
     x[poisons] = trigger.apply(data.x[poisons])
     y[poisons] = attacker_labels(data.y[poisons], mode, target, data.n_classes)

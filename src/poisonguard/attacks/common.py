@@ -51,7 +51,8 @@ def pick_others(n_total: int, exclude: np.ndarray, n: int, rng: np.random.Genera
     """Sorted ``n`` random indices of ``range(n_total)`` outside ``exclude``."""
     pool = np.setdiff1d(np.arange(n_total), exclude)
     if n > len(pool):
-        raise ConfigError(f"{n} {what} asked for but only {len(pool)} samples are left")
+        raise ConfigError(f"{n} {what} asked for but only {len(pool)} samples are left; lower "
+                          "the rate")
     return np.sort(rng.choice(pool, n, replace=False)) if n else np.zeros(0, dtype=np.int64)
 
 
