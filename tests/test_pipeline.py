@@ -33,6 +33,7 @@ def test_scan_structure_and_sanitise(scanned) -> None:
     assert result.flags.shape == (n,)
     assert [r.name for r in result.detectors] == ["activation_clustering",
                                                    "spectral_signatures", "loss_outliers",
+                                                   "scan_decomposition",
                                                    "trigger_template", "blend_template",
                                                    "loss_seed_template"]
     assert all(r.scores.shape == (n,) for r in result.detectors)
