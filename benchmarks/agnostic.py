@@ -5,6 +5,7 @@ evaluation images), and ASR / clean accuracy after sanitising.
 
     python benchmarks/agnostic.py --dataset mnist --n-train 10000 --seeds 0 \
         --attacks badnets-a2a wanet sig adaptive-blend
+    python benchmarks/agnostic.py --attacks badnets10 blended10 --results agnostic_regression
 
 Results are merged into benchmarks/results/agnostic.json (one record per run) and summarised in
 benchmarks/results/agnostic.md. An attack whose ASR on the poisoned-set model is < 50% is
@@ -33,6 +34,8 @@ SHARED = ROOT.parent.parent / "shared" / "datasets"
 RESULTS = ROOT / "results"
 # name -> (attack, kwargs); targets follow the seed as in quarantine.py
 SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    "badnets10": ("badnets", {"rate": 0.1, "size": 3}),
+    "blended10": ("blended", {"rate": 0.1, "alpha": 0.2}),
     "badnets-a2a": ("badnets", {"rate": 0.1, "mode": "all-to-all", "target": None, "size": 3}),
     "badnets-random": ("badnets-random", {"rate": 0.005}),
     "wanet": ("wanet", {"rate": 0.1}),
@@ -110,11 +113,13 @@ def main() -> None:
     p.add_argument("--attacks", nargs="+", default=list(SPECS), choices=list(SPECS))
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--results", default="agnostic",
+                   help="results file stem under benchmarks/results (one per concurrent run)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     full = load_shared(args.dataset, SHARED)
     test_all = load_shared(args.dataset, SHARED, split="test")
-    path = RESULTS / "agnostic.json"
+    path = RESULTS / f"{args.results}.json"
     records = json.loads(path.read_text()) if path.exists() else []
     for seed in args.seeds:
         rng = np.random.default_rng(seed)
@@ -129,7 +134,7 @@ def main() -> None:
                            (rec["dataset"], rec["attack"], rec["seed"], rec["trusted"],
                             rec["n_train"])] + [rec]
                 atomic_write_json(path, records)
-                atomic_write_text(RESULTS / "agnostic.md", summarise(records))
+                atomic_write_text(RESULTS / f"{args.results}.md", summarise(records))
 
 
 if __name__ == "__main__":
