@@ -28,11 +28,12 @@ from sklearn.metrics import silhouette_score
 from poisonguard.detect.common import (
     MAD_TO_SIGMA,
     check_inputs,
+    check_trusted_features,
     choose_poison_group,
     per_class_centred,
     top_principal,
 )
-from poisonguard.errors import ConfigError, DataError
+from poisonguard.errors import ConfigError
 from poisonguard.types import ClassFinding, DetectorResult
 
 
@@ -57,15 +58,16 @@ class ActivationClustering:
         if self.n_components < 1:
             raise ConfigError(f"n_components must be >= 1, got {self.n_components}")
 
-    def _reduce(self, xc: np.ndarray) -> np.ndarray:
+    def _reduce(self, xc: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """The reduced class and, for PCA, its components (to project other samples)."""
         k = max(1, min(self.n_components, xc.shape[1], len(xc) - 1))
         if self.reduce == "ica":
             from sklearn.decomposition import FastICA
 
             return FastICA(n_components=k, random_state=self.seed, max_iter=400,
-                           whiten="unit-variance").fit_transform(xc)
+                           whiten="unit-variance").fit_transform(xc), None
         comps, _ = top_principal(xc, k)
-        return xc @ comps.T
+        return xc @ comps.T, comps
 
     def _dataset_wide(self, findings: list[ClassFinding], bulk_picked: list[tuple],
                       scores: np.ndarray, flags: np.ndarray) -> list[ClassFinding]:
@@ -93,19 +95,28 @@ class ActivationClustering:
                           f"{old.evidence['separation']:.1f} SDs)"})
         return findings
 
-    def _trusted_choice(self, c: int, idx: np.ndarray, z: np.ndarray, xc: np.ndarray,
-                        groups: list[np.ndarray], trusted: tuple[np.ndarray, np.ndarray] | None,
-                        features: np.ndarray) -> tuple[int, dict] | None:
-        """With trusted samples of class ``c`` (>= 3), the poison group is the one whose centroid
-        lies farther from theirs (in pooled SDs along the line joining the two centroids)."""
-        if trusted is None or self.reduce != "pca":
+    @staticmethod
+    def _trusted_projection(c: int, idx: np.ndarray, features: np.ndarray,
+                            comps: np.ndarray | None,
+                            trusted: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray | None:
+        """Class ``c``'s trusted samples in the class's reduced space, when there are >= 3 and
+        the reduction is PCA (an ICA unmixing is not applied to other samples)."""
+        if trusted is None or comps is None:
             return None
         tx = trusted[0][trusted[1] == c]
         if len(tx) < 3:
             return None
         mean = np.asarray(features[idx], dtype=np.float64).mean(axis=0)
-        comps, _ = top_principal(xc, z.shape[1])
-        tz = (np.asarray(tx, dtype=np.float64) - mean) @ comps.T
+        return (np.asarray(tx, dtype=np.float64) - mean) @ comps.T
+
+    @staticmethod
+    def _trusted_choice(z: np.ndarray, tz: np.ndarray | None, groups: list[np.ndarray]
+                        ) -> tuple[int, dict] | None:
+        """With trusted samples of the class (``tz``), the poison group is the one whose
+        centroid lies farther from theirs (in pooled SDs along the line joining the two
+        centroids)."""
+        if tz is None:
+            return None
         d = z[groups[1]].mean(0) - z[groups[0]].mean(0)
         d /= np.linalg.norm(d) + 1e-12
         proj, tproj = z @ d, tz @ d
@@ -113,7 +124,7 @@ class ActivationClustering:
         dist = [abs(float(np.median(tproj)) - float(proj[g].mean())) / pooled for g in groups]
         return int(np.argmax(dist)), {"poison_group_rule": "farther from the trusted samples",
                                       "trusted_distance_sd": [round(float(v), 2) for v in dist],
-                                      "n_trusted": int(len(tx))}
+                                      "n_trusted": int(len(tz))}
 
     def detect(self, features: np.ndarray, labels: np.ndarray,
                losses: np.ndarray | None = None, trusted_features: np.ndarray | None = None,
@@ -122,20 +133,17 @@ class ActivationClustering:
         tell which group is clean, and the poison group may then be most of its class (clean-
         label poisons are)."""
         check_inputs(features, labels, self.name, losses=losses)
-        trusted = None
-        if trusted_features is not None and trusted_labels is not None:
-            check_inputs(trusted_features, trusted_labels, self.name + " (trusted)")
-            if trusted_features.shape[1] != features.shape[1]:
-                raise DataError(f"{self.name}: trusted features have {trusted_features.shape[1]} "
-                                f"dims, the data's {features.shape[1]}")
-            trusted = (trusted_features, np.asarray(trusted_labels))
+        check_trusted_features(features, trusted_features, trusted_labels, self.name)
+        trusted = (None if trusted_features is None
+                   else (trusted_features, np.asarray(trusted_labels)))
         t0 = time.perf_counter()
         scores = np.zeros(len(labels))
         flags = np.zeros(len(labels), dtype=bool)
         findings: list[ClassFinding] = []
         bulk_picked: list[tuple] = []
         for c, idx, xc in per_class_centred(features, labels, findings):
-            z = self._reduce(xc)
+            z, comps = self._reduce(xc)
+            tz = self._trusted_projection(c, idx, features, comps, trusted)
             best = None
             for m in sorted({min(k, z.shape[1]) for k in self.search_components}
                             | {z.shape[1]}):
@@ -144,7 +152,7 @@ class ActivationClustering:
                 groups = [np.flatnonzero(assign == g) for g in (0, 1)]
                 if min(len(g) for g in groups) < 2:
                     continue
-                chosen = self._trusted_choice(c, idx, z, xc, groups, trusted, features)
+                chosen = self._trusted_choice(z, tz, groups)
                 poison, evidence = chosen or choose_poison_group([idx[g] for g in groups],
                                                                  losses)
                 pg, cg = groups[poison], groups[1 - poison]

@@ -32,6 +32,19 @@ def check_inputs(features: np.ndarray | None, labels: np.ndarray, name: str,
             raise DataError(f"{name}: features contain NaN or inf")
 
 
+def check_trusted_features(features: np.ndarray, trusted_features: np.ndarray | None,
+                           trusted_labels: np.ndarray | None, name: str) -> None:
+    """Trusted features and labels come together, 2-D, finite, with the features' dimension."""
+    if trusted_features is None and trusted_labels is None:
+        return
+    if trusted_features is None or trusted_labels is None:
+        raise DataError(f"{name}: trusted_features and trusted_labels must be given together")
+    check_inputs(np.asarray(trusted_features), np.asarray(trusted_labels), f"{name} (trusted)")
+    if np.shape(trusted_features)[1] != features.shape[1]:
+        raise DataError(f"{name}: trusted features have {np.shape(trusted_features)[1]} dims, "
+                        f"the features {features.shape[1]}; extract both from the same layer")
+
+
 def robust_location_scale(values: np.ndarray,
                           center: float | None = None) -> tuple[float, float]:
     """Median (or ``center``) and 1.4826 MAD around it, the scale floored so constant data

@@ -43,26 +43,14 @@ from sklearn.covariance import ledoit_wolf_shrinkage
 
 from poisonguard.detect.common import (
     check_inputs,
+    check_trusted_features,
     choose_poison_group,
     robust_z,
     split_1d,
     top_principal,
 )
-from poisonguard.errors import ConfigError, DataError
+from poisonguard.errors import ConfigError
 from poisonguard.types import ClassFinding, DetectorResult
-
-
-def check_trusted(features: np.ndarray, trusted_features: np.ndarray | None,
-                  trusted_labels: np.ndarray | None, name: str) -> None:
-    """Trusted features and labels come together, 2-D, finite, with the features' dimension."""
-    if trusted_features is None and trusted_labels is None:
-        return
-    if trusted_features is None or trusted_labels is None:
-        raise DataError(f"{name}: trusted_features and trusted_labels must be given together")
-    check_inputs(np.asarray(trusted_features), np.asarray(trusted_labels), f"{name} (trusted)")
-    if np.shape(trusted_features)[1] != features.shape[1]:
-        raise DataError(f"{name}: trusted features have {np.shape(trusted_features)[1]} dims, "
-                        f"the features {features.shape[1]}; extract both from the same layer")
 
 
 def _two_means(w: np.ndarray, max_iter: int) -> tuple[np.ndarray, float]:
@@ -184,7 +172,7 @@ class SCAn:
                losses: np.ndarray | None = None, trusted_features: np.ndarray | None = None,
                trusted_labels: np.ndarray | None = None) -> DetectorResult:
         check_inputs(features, labels, self.name, losses=losses)
-        check_trusted(features, trusted_features, trusted_labels, self.name)
+        check_trusted_features(features, trusted_features, trusted_labels, self.name)
         t0 = time.perf_counter()
         labels = np.asarray(labels)
         trusted = trusted_features is not None

@@ -32,12 +32,12 @@ from scipy.stats import chi2
 from poisonguard.detect.common import (
     MAD_TO_SIGMA,
     check_inputs,
+    check_trusted_features,
     per_class_centred,
     robust_z,
     split_1d,
     top_principal,
 )
-from poisonguard.detect.scan_decomposition import check_trusted
 from poisonguard.errors import ConfigError
 from poisonguard.types import ClassFinding, DetectorResult
 
@@ -115,7 +115,7 @@ class Spectre:
                losses: np.ndarray | None = None, trusted_features: np.ndarray | None = None,
                trusted_labels: np.ndarray | None = None) -> DetectorResult:
         check_inputs(features, labels, self.name, losses=losses)
-        check_trusted(features, trusted_features, trusted_labels, self.name)
+        check_trusted_features(features, trusted_features, trusted_labels, self.name)
         t0 = time.perf_counter()
         labels = np.asarray(labels)
         trusted = trusted_features is not None
