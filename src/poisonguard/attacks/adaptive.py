@@ -29,7 +29,7 @@ from poisonguard.attacks.common import (
     pick_others,
     triggered_test,
 )
-from poisonguard.attacks.generators import _cast_like, _max_value
+from poisonguard.attacks.generators import _cast_like, _max_value, blend_pattern
 from poisonguard.data.labeled import LabeledData
 from poisonguard.errors import ConfigError
 
@@ -74,14 +74,7 @@ class AdaptiveBlendTrigger:
         return int(round(self.mask_rate * self.pieces))
 
     def pattern_for(self, x: np.ndarray) -> np.ndarray:
-        if self.pattern is not None:
-            p = np.asarray(self.pattern, dtype=np.float64)
-            if p.shape != x.shape[1:]:
-                raise ConfigError(f"blend pattern shape {p.shape} does not match samples "
-                                  f"{x.shape[1:]}")
-            return p
-        return np.random.default_rng(self.pattern_seed).uniform(0, _max_value(x),
-                                                                size=x.shape[1:])
+        return blend_pattern(self.pattern, self.pattern_seed, x)
 
     def piece_masks(self, h: int, w: int) -> np.ndarray:
         """(pieces, H, W) boolean masks of the grid cells (row-major)."""

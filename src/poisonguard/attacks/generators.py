@@ -85,6 +85,18 @@ class BadNetsTrigger:
                 "colour": self.colour, "pattern": self.pattern, "margin": self.margin}
 
 
+def blend_pattern(pattern: np.ndarray | None, seed: int, x: np.ndarray) -> np.ndarray:
+    """A blend pattern shaped like one sample of ``x``: the given array (checked), or uniform
+    noise over the data's range drawn with ``seed``."""
+    if pattern is not None:
+        p = np.asarray(pattern, dtype=np.float64)
+        if p.shape != x.shape[1:]:
+            raise ConfigError(f"blend pattern shape {p.shape} does not match samples "
+                              f"{x.shape[1:]}")
+        return p
+    return np.random.default_rng(seed).uniform(0, _max_value(x), size=x.shape[1:])
+
+
 @dataclass(frozen=True)
 class BlendTrigger:
     """``x' = (1 - alpha) x + alpha * pattern``; the pattern is uniform noise (seeded) shaped like
@@ -99,14 +111,7 @@ class BlendTrigger:
             raise ConfigError(f"alpha must be in (0, 1), got {self.alpha}")
 
     def _pattern(self, x: np.ndarray) -> np.ndarray:
-        top = _max_value(x)
-        if self.pattern is not None:
-            p = np.asarray(self.pattern, dtype=np.float64)
-            if p.shape != x.shape[1:]:
-                raise ConfigError(f"blend pattern shape {p.shape} does not match samples "
-                                  f"{x.shape[1:]}")
-            return p
-        return np.random.default_rng(self.pattern_seed).uniform(0, top, size=x.shape[1:])
+        return blend_pattern(self.pattern, self.pattern_seed, x)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         blended = (1 - self.alpha) * x.astype(np.float64) + self.alpha * self._pattern(x)
