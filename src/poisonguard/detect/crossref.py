@@ -8,7 +8,9 @@ agreement backs a single detector's sample-level call). In a poisoned class, sam
 above the ``class_tail`` quantile of the class's unflagged samples on a cluster detector
 (``tail_detectors``) are flagged too: poisons the representation only half-separates sit in that
 tail, and the price is at most about 1 - class_tail of one class's clean samples per detector.
-Confidence = share of detectors flagging the sample (higher = more suspicious).
+A detector in ``calibrated`` tests each class against held-out trusted clean samples (confusion
+training): its call alone makes a class poisoned, since the trusted set stands in for the second
+opinion. Confidence = share of detectors flagging the sample (higher = more suspicious).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class CrossReference:
     min_sample_votes: int = 2
     class_tail: float | None = 0.99
     tail_detectors: tuple[str, ...] = ("activation_clustering", "spectral_signatures")
+    calibrated: tuple[str, ...] = ("confusion_training",)
     name: str = "cross_reference"
 
     def combine(self, results: list[DetectorResult], labels: np.ndarray) -> DetectorResult:
@@ -47,7 +50,8 @@ class CrossReference:
         for c in np.unique(labels):
             idx = labels == c
             voters = [r.name for r in results if c in r.suspicious_classes]
-            verdict = ("poisoned" if len(voters) >= need_class
+            decisive = any(v in self.calibrated for v in voters)
+            verdict = ("poisoned" if len(voters) >= need_class or decisive
                        else "suspect" if voters else "clean")
             if verdict == "poisoned":
                 unflagged = idx & (votes == 0)
@@ -67,6 +71,7 @@ class CrossReference:
                         "scores above the class_tail quantile of its unflagged samples",
                 "min_class_votes": need_class, "min_sample_votes": need_sample,
                 "class_tail": self.class_tail, "tail_detectors": list(self.tail_detectors),
+                "calibrated": list(self.calibrated),
                 "detectors": [r.name for r in results]}
         votes = np.sum(list(attributed.values()), axis=0)
         return DetectorResult(self.name, votes / len(results), flags, None, rule,
