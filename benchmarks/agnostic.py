@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from poisonguard.attacks import make_attack
+from poisonguard.attacks.base import PoisonedData
 from poisonguard.data import LabeledData, load_shared
 from poisonguard.io import atomic_write_json, atomic_write_text
 from poisonguard.metrics import detection_metrics
@@ -45,6 +46,7 @@ SPECS: dict[str, tuple[str, dict[str, Any]]] = {
     "trojan": ("trojan", {"rate": 0.1}),
     "low-frequency": ("low-frequency", {"rate": 0.1}),
     "label-consistent": ("label-consistent", {"rate": 0.5}),
+    "clean": ("clean", {}),
 }
 
 
@@ -55,8 +57,12 @@ def target_for(seed: int) -> int:
 def run_one(attack: str, seed: int, train: LabeledData, test: LabeledData,
             trusted: LabeledData, epochs: int | None) -> list[dict]:
     name, kwargs = SPECS[attack]
-    kwargs = {"target": target_for(seed), **kwargs}
-    poisoned = make_attack(name, train, seed=seed, test=test, **kwargs)
+    if name == "clean":  # no poison: the false-positive floor
+        poisoned = PoisonedData(train, np.zeros(len(train), dtype=bool), train.y.copy(),
+                                {"name": "clean"}, None)
+    else:
+        kwargs = {"target": target_for(seed), **kwargs}
+        poisoned = make_attack(name, train, seed=seed, test=test, **kwargs)
     truth = poisoned.is_poison
     out = []
     for use_trusted in (False, True):
@@ -96,9 +102,12 @@ def summarise(records: list[dict]) -> str:
         asr_b = b.get("asr")
         scored = asr_b is not None and asr_b >= 0.5
         fmt = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        rec = "–" if d["recall"] is None else f"{d['recall']:.3f}"
+        status = ("clean data" if r["attack"] == "clean"
+                  else "yes" if scored else "no (ASR < 50%)")
         lines.append(
             f"| {r['dataset']} | {r['attack']} | {r['seed']} | {'T' if r['trusted'] else '-'} | "
-            f"{fmt(asr_b)} | {'yes' if scored else 'no (ASR < 50%)'} | {d['recall']:.3f} | "
+            f"{fmt(asr_b)} | {status} | {rec} | "
             f"{fmt(d['fpr'])} | {r['target']} | {r['reported']} | "
             f"{', '.join(r['dataset_wide']) or '-'} | {fmt(a.get('asr'))} | "
             f"{fmt(b.get('clean_accuracy'))} / {fmt(a.get('clean_accuracy'))} |")
