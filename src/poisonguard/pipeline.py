@@ -107,6 +107,7 @@ class ScanResult:
     final_classifier: TorchClassifier | None
     final_train: TrainResult | None
     timings: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     @property
     def detectors(self) -> list[DetectorResult]:
@@ -224,7 +225,8 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
         trusted = {"trusted_features": tout["representations"],
                    "trusted_labels": config.trusted.y}
     extra = []
-    if "confusion_training" in config.detectors and config.trusted is not None:
+    if "confusion_training" in config.detectors and "confusion_training" not in \
+            skipped_detectors(config):
         from poisonguard.detect.confusion_training import ConfusionTraining
 
         extra.append(ConfusionTraining(seed=config.seed).detect(classifier, subset,
@@ -239,6 +241,20 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
             results, combined = _add_seed_template(subset, seed_mask, results, combined)
     timings["detectors_s"] = round(time.perf_counter() - t0, 3)
     return RoundResult(kept, results, combined, classifier, train, timings), out
+
+
+def skipped_detectors(config: ScanConfig) -> dict[str, str]:
+    """Detectors named in ``config`` that cannot run with its inputs, and why."""
+    from poisonguard.detect.confusion_training import MIN_TRUSTED
+
+    out = {}
+    if "confusion_training" in config.detectors:
+        if config.trusted is None:
+            out["confusion_training"] = "needs a trusted set (scan --trusted CLEAN.npz)"
+        elif len(config.trusted) < MIN_TRUSTED:
+            out["confusion_training"] = (f"needs at least {MIN_TRUSTED} trusted samples, got "
+                                         f"{len(config.trusted)}")
+    return out
 
 
 def _add_trigger_template(data: LabeledData, results: list[DetectorResult],
@@ -452,7 +468,8 @@ def scan(data: LabeledData, config: ScanConfig | None = None,
     return ScanResult(data=data, rounds=rounds, combined=combined,
                       representations=first_out["representations"],
                       losses=first_out["losses"], config=config, final_classifier=final_clf,
-                      final_train=final_train, timings=timings)
+                      final_train=final_train, timings=timings,
+                      skipped=skipped_detectors(config))
 
 
 def sanitize(result: ScanResult) -> tuple[LabeledData, list[dict[str, Any]]]:

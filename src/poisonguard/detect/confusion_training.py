@@ -43,6 +43,8 @@ from poisonguard.errors import DataError
 from poisonguard.models.adapter import TorchClassifier
 from poisonguard.types import ClassFinding, DetectorResult
 
+MIN_TRUSTED = 20
+
 
 @dataclass(frozen=True)
 class ConfusionTraining:
@@ -62,8 +64,9 @@ class ConfusionTraining:
 
     def detect(self, classifier: TorchClassifier, data: LabeledData,
                trusted: LabeledData) -> DetectorResult:
-        if trusted is None or len(trusted) < 20:
-            raise DataError(f"{self.name}: needs a trusted set of at least 20 samples")
+        if trusted is None or len(trusted) < MIN_TRUSTED:
+            raise DataError(f"{self.name}: needs a trusted set of at least {MIN_TRUSTED} "
+                            "samples")
         t0 = time.perf_counter()
         rng = np.random.default_rng(self.seed)
         order = rng.permutation(len(trusted))

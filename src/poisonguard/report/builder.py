@@ -96,8 +96,9 @@ def build_scan_report(result: Any, command: str = "scan", poisoned: PoisonedData
     dataset_wide = None
     if wide:
         dataset_wide = {"detectors": wide, "message": (
-            "most classes split into two clearly separated groups: the whole dataset looks "
-            "poisoned in the way all-to-all attacks poison it (a minority of every class)")}
+            "most classes hold a sub-population the detectors set apart: the whole dataset "
+            "looks poisoned in the way all-to-all attacks poison it (a minority of every "
+            "class)")}
     if wide and not poisoned_classes:
         summary = (f"SUSPICIOUS: {dataset_wide['message']}; {n_flagged} of {len(data)} "
                    "samples flagged")
@@ -135,6 +136,7 @@ def build_scan_report(result: Any, command: str = "scan", poisoned: PoisonedData
                 "model": {"sacrificial": result.train is not None, "layer":
                           result.classifier.layer, "training": train_info},
                 "detectors": [r.summary() for r in result.detectors],
+                "skipped_detectors": dict(getattr(result, "skipped", {})),
                 "cross_reference": combined.summary(),
                 "classes": classes,
             },

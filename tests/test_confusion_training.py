@@ -1,0 +1,49 @@
+"""Confusion training: a backdoored model, confused against trusted digits, keeps fitting only
+the poisons; without a trusted set the scan says the detector was skipped."""
+
+import numpy as np
+import pytest
+
+from poisonguard.attacks import badnets
+from poisonguard.data import LabeledData
+from poisonguard.detect.confusion_training import ConfusionTraining
+from poisonguard.errors import DataError
+from poisonguard.models.training import TrainConfig, train_classifier
+from poisonguard.pipeline import ScanConfig, skipped_detectors
+
+
+@pytest.fixture(scope="module")
+def backdoored(digits):
+    train, _ = digits
+    data, trusted = train.subset(np.arange(900)), train.subset(np.arange(900, 1300))
+    poisoned = badnets(data, rate=0.1, target=2, seed=0, size=2)
+    model = train_classifier(poisoned.data, TrainConfig(epochs=15, seed=0), n_classes=10)
+    return poisoned, trusted, model.classifier
+
+
+def test_confusion_training_finds_target_and_poisons(backdoored) -> None:
+    poisoned, trusted, clf = backdoored
+    result = ConfusionTraining(seed=0).detect(clf, poisoned.data, trusted)
+    assert result.suspicious_classes == [2]
+    truth = poisoned.is_poison
+    assert result.flags[truth].mean() >= 0.8
+    assert result.flags[~truth].mean() <= 0.05
+    assert result.extras["clean_rate"] <= 0.05
+    finding = next(f for f in result.findings if f.label == 2)
+    assert "held-out trusted samples" in finding.evidence["reason"]
+    history = result.extras["calibration_history"]
+    assert history and all(h["step"] % 25 == 0 for h in history)
+
+
+def test_confusion_training_needs_trusted(backdoored) -> None:
+    poisoned, trusted, clf = backdoored
+    with pytest.raises(DataError, match="trusted"):
+        ConfusionTraining().detect(clf, poisoned.data, trusted.subset(np.arange(5)))
+
+
+def test_scan_says_confusion_training_was_skipped(digits) -> None:
+    train, _ = digits
+    assert "trusted" in skipped_detectors(ScanConfig())["confusion_training"]
+    few = LabeledData.create(train.x[:10], train.y[:10])
+    assert "20" in skipped_detectors(ScanConfig(trusted=few))["confusion_training"]
+    assert skipped_detectors(ScanConfig(trusted=train)) == {}
