@@ -55,7 +55,8 @@ def target_for(seed: int) -> int:
 
 
 def run_one(attack: str, seed: int, train: LabeledData, test: LabeledData,
-            trusted: LabeledData, epochs: int | None) -> list[dict]:
+            trusted: LabeledData, epochs: int | None,
+            columns: tuple[bool, ...] = (False, True)) -> list[dict]:
     name, kwargs = SPECS[attack]
     if name == "clean":  # no poison: the false-positive floor
         poisoned = PoisonedData(train, np.zeros(len(train), dtype=bool), train.y.copy(),
@@ -65,7 +66,7 @@ def run_one(attack: str, seed: int, train: LabeledData, test: LabeledData,
         poisoned = make_attack(name, train, seed=seed, test=test, **kwargs)
     truth = poisoned.is_poison
     out = []
-    for use_trusted in (False, True):
+    for use_trusted in columns:
         t0 = time.perf_counter()
         result = scan(poisoned.data, ScanConfig(seed=seed, epochs=epochs,
                                                 trusted=trusted if use_trusted else None))
@@ -122,6 +123,8 @@ def main() -> None:
     p.add_argument("--attacks", nargs="+", default=list(SPECS), choices=list(SPECS))
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--columns", choices=["both", "plain", "trusted"], default="both",
+                   help="run without the trusted set, with it, or both (records are merged)")
     p.add_argument("--results", default="agnostic",
                    help="results file stem under benchmarks/results (one per concurrent run)")
     args = p.parse_args()
@@ -136,7 +139,9 @@ def main() -> None:
         order = rng.permutation(len(test_all))
         trusted, test = test_all.subset(np.sort(order[:500])), test_all.subset(np.sort(order[500:]))
         for attack in args.attacks:
-            for rec in run_one(attack, seed, train, test, trusted, args.epochs):
+            columns = {"both": (False, True), "plain": (False,),
+                       "trusted": (True,)}[args.columns]
+            for rec in run_one(attack, seed, train, test, trusted, args.epochs, columns):
                 rec["dataset"] = args.dataset
                 records = [r for r in records if (r["dataset"], r["attack"], r["seed"],
                                                   r["trusted"], r["n_train"]) !=

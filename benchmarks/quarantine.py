@@ -27,6 +27,8 @@ from poisonguard.attacks import PoisonedData, badnets, blended
 from poisonguard.data import LabeledData, load_shared
 from poisonguard.detect import ActivationClustering, LossOutliers, SpectralSignatures
 from poisonguard.detect.crossref import cross_reference
+from poisonguard.detect.scan_decomposition import SCAn
+from poisonguard.detect.spectre import Spectre
 from poisonguard.io import atomic_write_json, atomic_write_text
 from poisonguard.pipeline import (
     ScanConfig,
@@ -134,7 +136,9 @@ def detector_speed(n: int = 50_000, d: int = 512, k: int = 10, seed: int = 0) ->
     results = []
     for det, args in [(ActivationClustering(), (feats, labels, losses)),
                       (SpectralSignatures(), (feats, labels, losses)),
-                      (LossOutliers(), (losses, labels))]:
+                      (LossOutliers(), (losses, labels)),
+                      (SCAn(), (feats, labels, losses)),
+                      (Spectre(), (feats, labels, losses))]:
         t0 = time.perf_counter()
         results.append(det.detect(*args))
         out[det.name + "_s"] = round(time.perf_counter() - t0, 3)

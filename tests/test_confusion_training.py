@@ -31,6 +31,7 @@ def test_confusion_training_finds_target_and_poisons(backdoored) -> None:
     assert result.extras["clean_rate"] <= 0.05
     finding = next(f for f in result.findings if f.label == 2)
     assert "held-out trusted samples" in finding.evidence["reason"]
+    assert finding.evidence["clean_rate"] < finding.evidence["confident_fraction"]
     history = result.extras["calibration_history"]
     assert history and all(h["step"] % 25 == 0 for h in history)
 

@@ -18,8 +18,9 @@ small confusion set, fits the poisons again and later the clean images too; the 
 are the last check at which at most ``max_clean_fitted`` of the held-out clean samples are
 fitted (MNIST 5k, 10% WaNet: 0% of held-out clean samples fitted at steps 25-100, 0.4% at 175,
 2.4% at 200 with 93% of poisons, 12% at 300). A class is suspicious when its count
-of confident samples is far above that clean share (one-sided binomial tail below ``alpha``
-after a Bonferroni correction over classes, and at least ``min_fraction`` of the class) and its
+of confident samples is far above the share of its own held-out trusted samples still fitted
+(Laplace-smoothed; one-sided binomial tail below ``alpha`` after a Bonferroni correction over
+classes, and at least ``min_fraction`` of the class) and its
 share is also an outlier among the classes (robust z > ``k``), or, when at least half the
 classes pass the binomial test, for all of them: the whole dataset looks poisoned (all-to-all).
 Needs a trusted set; without one the detector does not run (a confusion set drawn from the
@@ -85,20 +86,26 @@ class ConfusionTraining:
         counts = np.array([(int((data.y == c).sum()), int(confident[data.y == c].sum()))
                            for c in classes])
         frac = counts[:, 1] / np.maximum(counts[:, 0], 1)
-        tails = np.array([float(binom.sf(k - 1, n, clean_rate)) if k > 0 else 1.0
-                          for n, k in counts])
+        # each class against its own held-out trusted samples (Laplace-smoothed: 0 of 25 is
+        # 3.7%): confusion erases some classes less than others
+        cal_fitted = p_cal > self.confident
+        rates = np.array([(cal_fitted[calibration.y == c].sum() + 1.0)
+                          / ((calibration.y == c).sum() + 2.0) for c in classes])
+        tails = np.array([float(binom.sf(k - 1, n, r)) if k > 0 else 1.0
+                          for (n, k), r in zip(counts, rates)])
         excess = (tails * len(classes) < self.alpha) & (frac >= self.min_fraction)
         z = robust_z(frac) if len(classes) > 2 else np.zeros(len(classes))
         wide = bool(excess.mean() >= self.dataset_wide_share)
         suspicious = excess & ((z > self.k) | wide)
         findings = []
-        for c, (n, k), f, t, zc, s_c in zip(classes, counts, frac, tails, z, suspicious):
+        for c, (n, k), f, r, t, zc, s_c in zip(classes, counts, frac, rates, tails, z,
+                                                suspicious):
             findings.append(ClassFinding(int(c), bool(s_c), int(n), int(k) if s_c else 0, {
-                "confident_fraction": round(float(f), 4), "clean_rate": round(clean_rate, 4),
+                "confident_fraction": round(float(f), 4), "clean_rate": round(float(r), 4),
                 "binomial_tail": float(f"{t:.3g}"), "fraction_z": round(float(zc), 2),
                 "reason": (f"{k} of {n} samples still fit their label (p > {self.confident}) "
-                           f"after confusion training, against {clean_rate:.1%} of held-out "
-                           "trusted samples"),
+                           f"after confusion training, against {r:.1%} (smoothed) of the "
+                           "class's held-out trusted samples"),
             }))
         flags = confident & np.isin(data.y, classes[suspicious])
         rule = {"rule": "p(label) under the confused model > confident, in classes whose count "
