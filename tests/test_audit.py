@@ -30,6 +30,7 @@ from poisonguard.metrics import accuracy
 from poisonguard.models.io import save_model
 from poisonguard.models.training import TrainConfig, train_classifier
 from poisonguard.report.html import render_html
+from poisonguard.report.schema import validate
 
 FAST = CleanseConfig(max_steps=80, min_steps=30, patience=15, eval_samples=150)
 TARGET = 3
@@ -158,6 +159,8 @@ def test_cli_audit_repair_predict(zoo: dict, tmp_path: Path) -> None:
                "--steps", "80", "--quiet"])
     assert rc == 1
     report = json.loads((out / "report.json").read_text())
+    assert validate(report) == []
+    assert report["verdict"]["layers"]["model_audit"]["status"] == "compromised"
     assert report["verdict"]["backdoored"] is True
     assert report["verdict"]["target_class"] == TARGET
     html = (out / "report.html").read_text()
@@ -168,7 +171,9 @@ def test_cli_audit_repair_predict(zoo: dict, tmp_path: Path) -> None:
                "--triggers", str(out / "triggers.npz"), "--test", str(test), "--out", str(rep),
                "--epochs", "4", "--quiet"])
     assert rc == 0
-    r = json.loads((rep / "report.json").read_text())["layers"]["model_audit"]["repair"]
+    r = json.loads((rep / "report.json").read_text())
+    assert validate(r) == []
+    r = r["layers"]["model_audit"]["repair"]
     assert r["after"]["asr"] < r["before"]["asr"]
     assert main(["predict", str(rep), str(test), "--out", str(tmp_path / "p.csv")]) == 0
     assert (tmp_path / "p.csv").read_text().startswith("index,prediction")

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from poisonguard.cli import main
+from poisonguard.report.schema import validate
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,10 @@ def test_scan_writes_all_outputs(scan_out: tuple[int, Path]) -> None:
                  "model/model.safetensors", "model/model.json"):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
-    assert rc == (1 if report["verdict"]["poisoning_found"] else 0)
+    assert validate(report) == []
+    assert rc == (0 if report["verdict"]["overall"] == "clean" else 1)
+    if report["verdict"]["poisoning_found"]:
+        assert report["verdict"]["overall"] == "compromised"
     rows = list(csv.DictReader((out / "flagged.csv").open()))
     assert report["verdict"]["n_flagged"] == len(rows)
     with np.load(out / "sanitized.npz") as s:
@@ -124,6 +128,7 @@ def test_train_command_writes_loadable_model(tmp_path: Path, poisoned_npz: Path,
                "--monitor-gradients", "--test", str(poisoned_npz), "--quiet", "--out", str(out)])
     assert rc == 0
     report = json.loads((out / "report.json").read_text())
+    assert validate(report) == []
     layer = report["layers"]["guarded_training"]
     assert layer["defense"] == defense and "clean_accuracy" in layer["evaluation"]
     assert "gradient_monitor" in layer
@@ -154,8 +159,15 @@ def test_scan_runs_provenance_first(tmp_path: Path, poisoned_npz: Path, capsys) 
     rc = main(["scan", str(data), "--manifest", str(manifest), "--out", str(out), "--epochs",
                "3", "--max-rounds", "1", "--quiet"])
     assert rc == 1
-    layer = json.loads((out / "report.json").read_text())["layers"]["provenance"]
+    report = json.loads((out / "report.json").read_text())
+    assert validate(report) == []
+    layer = report["layers"]["provenance"]
     assert layer["status"] == "changed" and layer["counts"]["modified"] == 1
+    # a failed provenance check is never shown under a green banner
+    assert report["verdict"]["layers"]["provenance"]["status"] == "compromised"
+    assert report["verdict"]["overall"] == "compromised"
+    page = (out / "report.html").read_text()
+    assert 'class="verdict ok"' not in page and 'class="verdict bad"' in page
     truncated = tmp_path / "t.jsonl"
     truncated.write_text(manifest.read_text()[:-40])
     assert _exit_code(["scan", str(data), "--manifest", str(truncated), "--out",

@@ -54,7 +54,7 @@ def test_report_is_json_and_complete(scanned) -> None:
     report = build_scan_report(result, poisoned=poisoned, metrics=metrics, retrain=rt)
     text = json.dumps(report, allow_nan=False)
     back = json.loads(text)
-    assert back["schema_version"] == "1.0"
+    assert back["schema_version"] == "2.0"
     assert back["data"]["fingerprint"] == poisoned.data.fingerprint()
     assert len(back["samples"]["confidence"]) == len(poisoned.data)
     assert set(back["layers"]["quarantine"]["metrics"]) >= {"cross_reference",

@@ -23,6 +23,7 @@ from poisonguard.provenance.manifest import (
     manifest_digest,
 )
 from poisonguard.provenance.sources import walk_tree
+from poisonguard.report.schema import validate
 
 
 def run(*argv: str | Path) -> int:
@@ -74,6 +75,7 @@ def test_folder_pin_verify_unchanged(tree: Path, tmp_path: Path, suffix: str,
     report = tmp_path / "report.json"
     assert run("verify", manifest, tree, "--out", report) == 0
     rep = json.loads(report.read_text())
+    assert validate(rep) == [] and rep["verdict"]["overall"] == "clean"
     assert rep["modified"] == rep["missing"] == rep["new"] == []
     assert rep["counts"]["unchanged"] == 7
     assert rep["layers"]["provenance"]["status"] == "verified"

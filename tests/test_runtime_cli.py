@@ -13,6 +13,7 @@ from poisonguard.attacks import badnets
 from poisonguard.cli import build_parser, main
 from poisonguard.models.io import save_model
 from poisonguard.models.training import TrainConfig, train_classifier
+from poisonguard.report.schema import validate
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def test_filter_writes_flags_report_and_calibration(setup: dict[str, Path]) -> N
     n_sus = sum(int(r["suspicious"]) for r in rows)
     assert rc == (1 if n_sus else 0)
     report = json.loads((out / "report.json").read_text())
+    assert validate(report) == []
     layer = report["layers"]["runtime"]
     assert layer["n_suspicious"] == n_sus and layer["calibration"]["n_blends"] == 8
     ev = layer["evaluation"]

@@ -1,7 +1,7 @@
 """The ``poisonguard`` command line. It only parses arguments and calls library functions.
 
-Exit codes: 0 clean (or the command succeeded), 1 poisoning found (``scan``) or sources changed
-(``verify``, ``scan --manifest``), 2 bad usage or input.
+Exit codes: 0 clean (or the command succeeded), 1 anything found (``audit``, ``scan``: the
+report's ``verdict.overall`` is not clean; ``verify``: sources changed), 2 bad usage or input.
 """
 
 from __future__ import annotations
@@ -134,6 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_runtime(sub)
 
+    au = sub.add_parser(
+        "audit", help="run every layer the inputs allow (provenance, quarantine scan, guarded "
+                      "training, model audit, runtime filter) and give one verdict",
+        description="Exit 0: every layer that ran is clean; 1: any layer found something "
+                    "(or failed); 2: bad input (checked before anything runs).")
+    au.add_argument("--data", default=None, help="training set to scan (.npz, image folder)")
+    au.add_argument("--model", default=None,
+                    help="trained model to audit: folder / model.json written by poisonguard, "
+                         "or a TorchScript file (pickles are refused)")
+    au.add_argument("--clean", default=None, metavar="CLEAN.npz",
+                    help="trusted clean samples with labels (at most 500 used): model audit, "
+                         "runtime calibration, and the scan's trusted set")
+    au.add_argument("--manifest", default=None, help="provenance manifest of --data "
+                                                     "(from `poisonguard pin`)")
+    au.add_argument("--public-key", default=None,
+                    help="require the manifest to be signed by this Ed25519 public key")
+    au.add_argument("--profile", default="standard", choices=["quick", "standard", "paranoid"])
+    au.add_argument("--train", default=None, choices=["abl", "trim"],
+                    help="also train a model on --data with this guarded-training defence")
+    au.add_argument("--seed", type=int, default=0)
+    au.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    au.add_argument("--quiet", action="store_true", help="print only the verdict")
+    au.add_argument("--out", required=True, help="output folder (written atomically)")
+
     pr = sub.add_parser("predict", help="predict with a model; write index,prediction,p_k")
     pr.add_argument("model", help="model folder / model.json, or TorchScript file")
     pr.add_argument("data", help="dataset .npz (x, or x_test)")
@@ -231,7 +255,7 @@ def write_scan_outputs(out: Path, result: Any, report: dict[str, Any],
         atomic_write_json,
         atomic_write_text,
     )
-    from poisonguard.models.io import save_model
+    from poisonguard.models.io import describe_inputs, save_model
     from poisonguard.report.html import render_html
 
     out.mkdir(parents=True, exist_ok=True)
@@ -247,7 +271,8 @@ def write_scan_outputs(out: Path, result: Any, report: dict[str, Any],
     for name, t, source in trained:
         save_model(out / name, t.classifier.model, t.arch, t.arch_kwargs,
                    t.classifier.input_spec, result.data.n_classes, t.classifier.layer,
-                   extra={"trained_on": source, "train_config": t.config.to_dict()})
+                   extra={"trained_on": source, "train_config": t.config.to_dict()},
+                   inputs=describe_inputs(result.data.x))
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.html", render_html(report))
 
@@ -268,6 +293,7 @@ def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: An
     )
     from poisonguard.report.builder import build_scan_report
     from poisonguard.report.console import render_console
+    from poisonguard.types import jsonable
 
     result = scan(data, config, classifier)
     sanitized, removed = sanitize(result)
@@ -288,16 +314,17 @@ def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: An
     if truth is not None and poisoned is None:
         report["samples"]["is_poison"] = truth.astype(int).tolist()
     if provenance is not None:
+        from poisonguard.verdict import provenance_status, set_verdict
+
         report["layers"] = {"provenance": provenance, **report["layers"]}
+        set_verdict(report, {"provenance": jsonable(provenance_status(provenance))})
     write_scan_outputs(out, result, report, removed, sanitized, unlearned)
     if not quiet:
         print(render_console(report))
         print(f"\nwrote {out}/report.json, report.html, sanitized.npz, flagged.csv"
               + (", model/" if result.final_train is not None else "")
               + (", model_unlearned/" if unlearned is not None else ""))
-    changed = provenance is not None and provenance.get("status") != "verified"
-    found = result.poisoned_classes or report["verdict"]["poisoning_found"]
-    return EXIT_FOUND if found or changed else EXIT_CLEAN
+    return EXIT_CLEAN if report["verdict"]["overall"] == "clean" else EXIT_FOUND
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -317,6 +344,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
         trusted = load_dataset(args.trusted)
         check_trusted(data, trusted)
     classifier = load_model(args.model, progress=not args.quiet) if args.model else None
+    if classifier is not None:
+        from poisonguard.models.io import check_inputs
+
+        check_inputs(classifier.expected_inputs, data.x, "the data")
     config = ScanConfig(seed=args.seed, epochs=args.epochs, layer=args.layer,
                         max_rounds=args.max_rounds, progress=not args.quiet, trusted=trusted)
     truth = None
@@ -366,7 +397,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from poisonguard.data import load_dataset
     from poisonguard.io import atomic_write_json, atomic_write_text
     from poisonguard.metrics import accuracy, detection_metrics
-    from poisonguard.models.io import save_model
+    from poisonguard.models.io import describe_inputs, save_model
     from poisonguard.models.training import TrainConfig
     from poisonguard.pipeline import auto_epochs
     from poisonguard.report.builder import build_training_report
@@ -376,6 +407,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     guard = GuardConfig(defense=args.defense, trim_fraction=args.trim_fraction,
                         monitor_gradients=args.monitor_gradients)
     data = load_dataset(args.data)
+    from poisonguard.data.labeled import check_label_range
+
+    check_label_range(data)
     test = load_dataset(args.test, split="test") if args.test else None
     config = TrainConfig(epochs=args.epochs or auto_epochs(len(data)), seed=args.seed)
     result = train_guarded(data, guard, config, progress=not args.quiet)
@@ -396,7 +430,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     t = result.train
     save_model(out, t.classifier.model, t.arch, t.arch_kwargs, t.classifier.input_spec,
                data.n_classes, t.classifier.layer,
-               extra={"defense": guard.defense, "train_config": config.to_dict()})
+               extra={"defense": guard.defense, "train_config": config.to_dict()},
+               inputs=describe_inputs(data.x))
     report = build_training_report(result, data, "train", evaluation or None, metrics)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.html", render_html(report))
@@ -429,10 +464,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from poisonguard.io import atomic_write_csv
-    from poisonguard.models.io import load_model
+    from poisonguard.models.io import check_inputs, load_model
 
     clf = load_model(args.model)
     x = _load_x(args.data)
+    check_inputs(clf.expected_inputs, x, "the data")
     probs = clf.predict_proba(x)
     pred = probs.argmax(1)
     header = ["index", "prediction"] + [f"p_{k}" for k in range(probs.shape[1])]
@@ -442,7 +478,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
-COMMANDS = {"demo": cmd_demo, "attack": cmd_attack, "scan": cmd_scan, "train": cmd_train,
+def cmd_audit(args: argparse.Namespace) -> int:
+    from poisonguard.full_audit import run_audit
+
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            from poisonguard.errors import ConfigError
+
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    outcome = run_audit(data=args.data, model=args.model, clean=args.clean,
+                        manifest=args.manifest, public_key=args.public_key,
+                        profile=args.profile, train=args.train, out=args.out, seed=args.seed,
+                        quiet=args.quiet)
+    v = outcome.report["verdict"]
+    print(v["overall_summary"])
+    if not args.quiet:
+        for name, entry in v["layers"].items():
+            why = entry["reason"] if entry["status"] == "skipped" else entry["summary"]
+            print(f"  {name:<17} {entry['status']:<12} {why}")
+        print(f"wrote {args.out}/report.json, report.html "
+              f"({outcome.report['timings']['total_s']:.1f} s)")
+    return outcome.exit_code
+
+
+COMMANDS = {"audit": cmd_audit, "demo": cmd_demo, "attack": cmd_attack, "scan": cmd_scan,
+            "train": cmd_train,
             "report": cmd_report, "predict": cmd_predict}
 
 

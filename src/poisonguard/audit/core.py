@@ -211,4 +211,7 @@ def build_audit_report(result: AuditResult, clean: LabeledData, model: AuditMode
         "layers": {"model_audit": layer},
         "timings": result.timings,
     }
+    from poisonguard.verdict import model_audit_status, set_verdict
+
+    set_verdict(report, {"model_audit": model_audit_status(result.verdict)})
     return jsonable(report)

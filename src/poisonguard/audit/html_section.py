@@ -48,7 +48,7 @@ def model_audit_section(r: Mapping[str, Any]) -> str:
     layer = (r.get("layers") or {}).get("model_audit")
     if not isinstance(layer, Mapping):
         return ""
-    verdict = r.get("verdict") or {}
+    verdict = layer.get("verdict") or r.get("verdict") or {}
     out = ['<section id="model_audit"><h2>Model audit</h2>']
     out.append(_value({k: verdict.get(k) for k in ("backdoored", "target_class", "confidence",
                                                    "evidence") if k in verdict}))

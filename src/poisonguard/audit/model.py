@@ -133,6 +133,10 @@ def check_clean_data(model: AuditModel, clean: LabeledData, min_samples: int = M
     if clean.x.ndim not in (2, 3, 4):
         raise DataError(f"clean samples have shape {clean.x.shape[1:]}; expected images "
                         "(NHW/NHWC) or vectors")
+    from poisonguard.models.io import check_inputs
+
+    check_inputs(getattr(model.classifier, "expected_inputs", None), clean.x,
+                 "the clean set")
     try:
         k = model.n_outputs(clean.x)
     except ModelError:
@@ -171,5 +175,5 @@ def save_repaired(model: AuditModel, out_dir: str | Path, extra: dict[str, Any])
     meta = model.meta
     save_model(out, module, meta["arch"], meta["arch_kwargs"], _Spec(**meta["input_spec"]),
                meta["n_classes"], meta.get("layer"),
-               extra={**(meta.get("extra") or {}), "repair": extra})
+               extra={**(meta.get("extra") or {}), "repair": extra}, inputs=meta.get("inputs"))
     return out

@@ -116,8 +116,22 @@ def _validate_labels(y: np.ndarray, name: str) -> np.ndarray:
     return y.astype(np.int64)
 
 
+def check_label_range(data: LabeledData) -> None:
+    """Refuse labels that are not (mostly) 0..K-1, e.g. {0, 10, ..., 90}, which would silently
+    become a 91-class model: at least half of 0..max must be present."""
+    present = np.unique(data.y)
+    k = int(present.max()) + 1
+    if k > 2 and len(present) < k / 2:
+        shown = ", ".join(str(int(v)) for v in present[:8]) + (", …" if len(present) > 8 else "")
+        raise DataError(f"labels {{{shown}}} are {len(present)} classes spread "
+                        f"over 0..{k - 1}; remap them to 0..{len(present) - 1} (e.g. "
+                        "np.unique(y, return_inverse=True)[1])")
+
+
 def check_scannable(data: LabeledData, min_per_class: int = MIN_PER_CLASS) -> None:
-    """Raise DataError unless there are >= 2 classes with >= ``min_per_class`` samples each."""
+    """Raise DataError unless there are >= 2 classes with >= ``min_per_class`` samples each and
+    the labels are 0..K-1 (:func:`check_label_range`)."""
+    check_label_range(data)
     counts = data.class_counts()
     if len(counts) < 2:
         raise DataError(

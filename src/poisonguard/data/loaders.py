@@ -26,7 +26,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff"}
 def load_npz(path: str | Path, split: str = "train") -> LabeledData:
     """Load ``x``/``y`` (or ``x_train``/``y_train``, ``x_test``/``y_test``) from an .npz file.
 
-    ``split`` selects train or test when both are present; plain ``x``/``y`` serves either.
+    ``split`` selects train or test when both are present; plain ``x``/``y`` serves either,
+    except that ``split="test"`` prefers ``x_test``/``y_test`` over ``x``/``y`` (the file
+    ``poisonguard attack --test`` writes holds both).
     Object arrays are refused (``allow_pickle=False``). An optional ``ids`` key is honoured.
     """
     path = Path(path)
@@ -42,7 +44,10 @@ def load_npz(path: str | Path, split: str = "train") -> LabeledData:
     try:
         with np.load(path, allow_pickle=False) as archive:
             keys = set(archive.files)
-            if {"x", "y"} <= keys:
+            if split == "test" and {"x_test", "y_test"} <= keys:
+                # a file `attack --test` wrote holds the training set as x/y: the test keys win
+                xk, yk, ik = "x_test", "y_test", "ids_test"
+            elif {"x", "y"} <= keys:
                 xk, yk, ik = "x", "y", "ids"
             elif {f"x_{split}", f"y_{split}"} <= keys:
                 xk, yk, ik = f"x_{split}", f"y_{split}", f"ids_{split}"

@@ -88,6 +88,8 @@ class TorchClassifier:
         self.outputs = outputs
         self.progress = progress
         self.n_classes = n_classes
+        # shape, dtype and value range of the training samples, when model.json records them
+        self.expected_inputs: dict[str, Any] | None = None
         self.layer = layer
         if layer is not None:
             self._resolve_layer(layer)

@@ -9,12 +9,13 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from poisonguard import __version__
-from poisonguard.errors import ModelError, UnsafeModelFileError
+from poisonguard.errors import DataError, ModelError, UnsafeModelFileError
 from poisonguard.io import atomic_write_bytes, atomic_write_json
 from poisonguard.models.adapter import InputSpec, TorchClassifier
 from poisonguard.models.architectures import build_model
@@ -24,10 +25,38 @@ WEIGHTS = "model.safetensors"
 FORMAT = "poisonguard-model"
 
 
+def describe_inputs(x: np.ndarray) -> dict[str, Any]:
+    """What a model was trained on: sample shape, dtype and value range (checked at load)."""
+    lo, hi = (float(np.min(x)), float(np.max(x))) if x.size else (0.0, 0.0)
+    return {"sample_shape": list(x.shape[1:]), "dtype": str(x.dtype), "value_range": [lo, hi]}
+
+
+def check_inputs(expected: dict[str, Any] | None, x: np.ndarray, what: str = "inputs") -> None:
+    """Refuse samples whose shape, or value range, does not fit what the model was trained on
+    (``model.json``'s ``inputs``; models without it are not checked)."""
+    if not expected:
+        return
+    shape = tuple(expected.get("sample_shape") or ())
+    if shape and tuple(x.shape[1:]) != shape:
+        raise DataError(f"{what}: samples of shape {tuple(x.shape[1:])}, but the model was "
+                        f"trained on samples of shape {shape}")
+    lo, hi = expected.get("value_range") or (None, None)
+    if lo is None or hi is None or not x.size:
+        return
+    span = max(float(hi) - float(lo), 1e-12)
+    xlo, xhi = float(np.min(x)), float(np.max(x))
+    if not (np.isfinite(xlo) and np.isfinite(xhi)) or xlo < lo - span or xhi > hi + span:
+        raise DataError(f"{what}: values span [{xlo:.4g}, {xhi:.4g}], but the model was trained "
+                        f"on values in [{lo:.4g}, {hi:.4g}] ({expected.get('dtype')}); scale "
+                        "them the same way")
+
+
 def save_model(out_dir: str | Path, model: nn.Module, arch: str, arch_kwargs: dict[str, Any],
                input_spec: InputSpec, n_classes: int, layer: str | None,
-               extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` (what rebuilds it) into ``out_dir``."""
+               extra: dict[str, Any] | None = None,
+               inputs: dict[str, Any] | None = None) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` (what rebuilds it) into ``out_dir``;
+    ``inputs`` (:func:`describe_inputs` of the training samples) is checked when loaded."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
@@ -39,6 +68,7 @@ def save_model(out_dir: str | Path, model: nn.Module, arch: str, arch_kwargs: di
         "format": FORMAT, "format_version": 1, "poisonguard_version": __version__,
         "arch": arch, "arch_kwargs": arch_kwargs, "input_spec": input_spec.to_dict(),
         "n_classes": int(n_classes), "layer": layer, "extra": extra or {},
+        **({"inputs": inputs} if inputs else {}),
     })
     return out
 
@@ -116,5 +146,7 @@ def load_model(path: str | Path, batch_size: int = 512, progress: bool = False
         raise ModelError(f"{weights}: weights do not fit the {meta['arch']} architecture "
                          f"({str(exc).splitlines()[0]})") from None
     spec = InputSpec(**meta["input_spec"])
-    return TorchClassifier(model.eval(), spec, layer=meta.get("layer"), batch_size=batch_size,
-                           progress=progress, n_classes=meta["n_classes"])
+    clf = TorchClassifier(model.eval(), spec, layer=meta.get("layer"), batch_size=batch_size,
+                          progress=progress, n_classes=meta["n_classes"])
+    clf.expected_inputs = meta.get("inputs")
+    return clf

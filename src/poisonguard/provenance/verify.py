@@ -171,7 +171,10 @@ class VerifyResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The full ``verify --out`` report: lists of keys, details, and the layer."""
-        return {
+        from poisonguard.verdict import provenance_status, set_verdict
+
+        layer = self.to_report_layer(max_findings=MAX_LAYER_FINDINGS)
+        return set_verdict({
             "schema_version": SCHEMA_VERSION,
             "tool": {"name": "poisonguard", "version": __version__},
             "created": utc_now(),
@@ -187,8 +190,8 @@ class VerifyResult:
             "unverifiable": [u.key for u in self.unverifiable],
             "modified_details": [asdict(m) for m in self.modified],
             "unverifiable_details": [asdict(u) for u in self.unverifiable],
-            "layers": {"provenance": self.to_report_layer(max_findings=MAX_LAYER_FINDINGS)},
-        }
+            "layers": {"provenance": layer},
+        }, {"provenance": provenance_status(layer)})
 
 
 # ----------------------------------------------------------------------------- sources

@@ -167,6 +167,9 @@ def build_scan_report(result: Any, command: str = "scan", poisoned: PoisonedData
         report["layers"]["quarantine"]["metrics"] = metrics
     if extra:
         report.update(extra)
+    from poisonguard.verdict import quarantine_status, set_verdict
+
+    set_verdict(report, {"quarantine": quarantine_status(report["verdict"], len(data))})
     return jsonable(report)
 
 
@@ -215,4 +218,11 @@ def build_training_report(result: Any, data: Any, command: str = "train",
         "layers": {"guarded_training": layer},
         "timings": {"training_s": round(result.wall_s, 3)},
     }
+    from poisonguard.verdict import guarded_training_status, set_verdict
+
+    status = guarded_training_status(jsonable(layer))
+    report["verdict"]["poisoning_found"] = status["status"] != "clean"
+    if status["status"] != "clean":
+        report["verdict"]["summary"] = f"{summary}: {status['summary']}"
+    set_verdict(report, {"guarded_training": status})
     return jsonable(report)

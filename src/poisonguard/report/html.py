@@ -12,10 +12,16 @@ from typing import Any
 from poisonguard.report import plots
 
 KNOWN_TOP = {"schema_version", "tool", "created", "command", "environment", "seeds", "config",
-             "data", "verdict", "layers", "samples", "plots", "timings", "ground_truth"}
+             "data", "verdict", "layers", "samples", "plots", "timings", "ground_truth",
+             "profile", "inputs", "cross_layer"}
+LAYER_TITLES = {"provenance": "Provenance", "quarantine": "Quarantine scan",
+                "guarded_training": "Guarded training", "model_audit": "Model audit",
+                "runtime": "Runtime filter"}
+BANNER_CLASS = {"clean": "ok", "suspicious": "warn", "compromised": "bad"}
 KNOWN_QUARANTINE = {"model", "detectors", "cross_reference", "classes", "metrics", "retrain",
                     "sanitize"}
-SECTIONS = (("data", "Data"), ("classes", "Classes"), ("metrics", "Metrics"),
+SECTIONS = (("layers", "Layers"), ("cross_layer", "Cross-layer evidence"), ("data", "Data"),
+            ("classes", "Classes"), ("metrics", "Metrics"),
             ("retrain", "Sanitise/retrain"), ("plots", "Plots"), ("detectors", "Detectors"),
             ("model_audit", "Model audit"), ("runtime", "Runtime filter"),
             ("other", "Other layers"), ("run", "Run"))
@@ -51,6 +57,14 @@ img.plot{max-width:100%;height:auto;border:1px solid #eee;margin:4px 0}
 details{margin:6px 0}summary{cursor:pointer;color:#1565c0}
 code{background:#f3f4f6;padding:0 3px;border-radius:3px}
 .det{border-left:3px solid #e3e5e8;padding-left:12px;margin:14px 0}
+.verdict.warn{background:#b26a00}
+.cards{display:flex;flex-wrap:wrap;gap:12px;margin:10px 0}
+.card{flex:1 1 200px;border:1px solid #dde0e4;border-top:5px solid #9e9e9e;border-radius:6px;
+ padding:8px 12px;font-size:13px}.card h3{margin:2px 0 4px;font-size:14px}
+.card.clean{border-top-color:#2e7d32}.card.suspicious,.card.error{border-top-color:#b26a00}
+.card.compromised{border-top-color:#c62828}.card.skipped{background:#fafafa;color:#666}
+.card .status{font-weight:700;text-transform:uppercase;font-size:12px}
+.card ul{margin:4px 0;padding-left:18px}
 """
 
 
@@ -168,6 +182,75 @@ def _img(b64: str | None, alt: str, missing: str) -> str:
 
 
 # ----------------------------------------------------------------------------- sections
+def _overall_banner(v: Mapping[str, Any]) -> str:
+    """The banner of a schema-2 report: verdict.overall, reflecting every layer."""
+    overall = str(v.get("overall"))
+    layers = v.get("layers") or {}
+    ran = [k for k, x in layers.items() if isinstance(x, Mapping)
+           and x.get("status") != "skipped"]
+    skipped = [k for k in layers if k not in ran]
+    detail = (f"layers run: {', '.join(ran) or 'none'}"
+              + (f"; skipped: {', '.join(skipped)}" if skipped else ""))
+    if v.get("summary") and v.get("summary") != v.get("overall_summary"):
+        detail = f"{v['summary']}. {detail}"
+    return (f'<div class="verdict {BANNER_CLASS.get(overall, "warn")}"><strong>'
+            f"{_e(_fmt(v.get('overall_summary') or overall.upper()))}</strong>"
+            f"<p>{_e(detail)}</p></div>")
+
+
+def _key_numbers(entry: Mapping[str, Any]) -> str:
+    nums = entry.get("key_numbers") or {}
+    items = []
+    for k, x in nums.items():
+        if x is None or x == []:
+            continue
+        shown = ", ".join(_fmt(i) for i in x) if isinstance(x, list) else _fmt(x)
+        items.append(f"<li>{_e(k.replace('_', ' '))}: <b>{_e(shown)}</b></li>")
+    return f"<ul>{''.join(items[:4])}</ul>" if items else ""
+
+
+def layer_cards(r: Mapping[str, Any]) -> str:
+    """One card per layer: status, summary, key numbers, reason."""
+    layers = (r.get("verdict") or {}).get("layers") or {}
+    cards = []
+    for name, entry in layers.items():
+        if not isinstance(entry, Mapping):
+            continue
+        status = str(entry.get("status"))
+        cards.append(f'<div class="card {_e(status)}"><h3>{_e(LAYER_TITLES.get(name, name))}'
+                     f'</h3><div class="status">{_e(status)}</div>'
+                     f"<div>{_e(_fmt(entry.get('summary')))}</div>{_key_numbers(entry)}"
+                     f'<div class="muted">{_e(_fmt(entry.get("reason")))}</div></div>')
+    if not cards:
+        return ""
+    return f'<section id="layers"><h2>Layers</h2><div class="cards">{"".join(cards)}</div>' \
+           "</section>"
+
+
+def _cross_layer_section(r: Mapping[str, Any]) -> str:
+    checks = [c for c in r.get("cross_layer") or [] if isinstance(c, Mapping)]
+    if not checks:
+        return ""
+    rows = []
+    for c in checks:
+        agree = c.get("agree")
+        mark = "agree" if agree is True else ("disagree" if agree is False else "n/a")
+        rows.append([f"<td>{_e(_fmt(c.get('check')))}</td>",
+                     f'<td class="{"hit" if agree is False else ""}">{mark}</td>',
+                     f"<td>{_e(_fmt(c.get('detail')))}</td>"])
+    return ('<section id="cross_layer"><h2>Cross-layer evidence</h2>'
+            '<p class="muted">Where two layers speak about the same thing: agreement raises '
+            "confidence, disagreement is shown.</p>"
+            f"{_table(['check', 'layers agree?', 'detail'], rows)}</section>")
+
+
+def banner_and_cards(r: Mapping[str, Any]) -> str:
+    """The verdict banner and layer cards alone (with the page's CSS), for notebooks."""
+    v = r.get("verdict") or {}
+    banner = _overall_banner(v) if "overall" in v else _header(r)
+    return f"<div><style>{CSS}</style>{banner}{layer_cards(r)}{_cross_layer_section(r)}</div>"
+
+
 def _header(r: Mapping[str, Any]) -> str:
     tool = r.get("tool") or {}
     v = r.get("verdict") or {}
@@ -181,13 +264,18 @@ def _header(r: Mapping[str, Any]) -> str:
     if v.get("poisoned_classes"):
         details.insert(0, "poisoned class(es): "
                        + ", ".join(_fmt(c) for c in v["poisoned_classes"]))
+    if "overall" in v:
+        banner = _overall_banner(v)
+    else:  # schema 1 reports
+        banner = (f'<div class="verdict {"bad" if bad else "ok"}"><strong>'
+                  f"{_e(_fmt(summary))}</strong><p>{_e('; '.join(details))}</p></div>")
+    profile = (r.get("profile") or {}).get("name")
     return (f"<header><h1>{_e(tool.get('name', 'poisonguard'))} report</h1>"
             f'<div class="meta">version <code>{_e(_fmt(tool.get("version")))}</code> · '
-            f"command <code>{_e(_fmt(r.get('command')))}</code> · created "
-            f"{_e(_fmt(r.get('created')))} · schema {_e(_fmt(r.get('schema_version')))}</div>"
-            f'<div class="verdict {"bad" if bad else "ok"}"><strong>{_e(_fmt(summary))}</strong>'
-            f"<p>{_e('; '.join(details))}</p></div>"
-            "</header>")
+            f"command <code>{_e(_fmt(r.get('command')))}</code>"
+            + (f" · profile <code>{_e(profile)}</code>" if profile else "")
+            + f" · created {_e(_fmt(r.get('created')))} · schema "
+            f"{_e(_fmt(r.get('schema_version')))}</div>{banner}</header>")
 
 
 def _data_section(r: Mapping[str, Any]) -> str:
@@ -418,11 +506,12 @@ def _run_section(r: Mapping[str, Any]) -> str:
 def render_html(report: dict[str, Any]) -> str:
     """Render the canonical JSON report as one self-contained HTML page (no external assets)."""
     name = (report.get("tool") or {}).get("name", "poisonguard")
-    title = f"{name} report — {(report.get('verdict') or {}).get('summary', '')}"
+    v = report.get("verdict") or {}
+    title = f"{name} report — {v.get('overall_summary') or v.get('summary', '')}"
     body = "".join(section(report) for section in (
-        _data_section, _classes_section, _metrics_section, _retrain_section,
-        _plots_section, _detectors_section, _model_audit_section, _runtime_section, _other_section,
-        _run_section))
+        layer_cards, _cross_layer_section, _data_section, _classes_section, _metrics_section,
+        _retrain_section, _plots_section, _detectors_section, _model_audit_section,
+        _runtime_section, _other_section, _run_section))
     nav = "".join(f'<a href="#{a}">{t}</a>' for a, t in SECTIONS if f'<section id="{a}"' in body)
     body = f"{_header(report)}<nav>{nav}</nav>{body}"
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

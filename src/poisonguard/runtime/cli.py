@@ -135,8 +135,11 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    from poisonguard.models.io import check_inputs
+
     classifier = load_model(args.model, batch_size=args.batch_size)
     x = _load_inputs(args.data)
+    check_inputs(classifier.expected_inputs, x, "the inputs")
     filt = build_filter(args, classifier)
     timings["calibrate_s"] = round(time.perf_counter() - t0, 3)
     out = Path(args.out)

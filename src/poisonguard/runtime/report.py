@@ -42,11 +42,13 @@ def build_filter_report(filt: StripFilter, x: np.ndarray, result: StripResult,
                         evaluation: dict[str, Any] | None, timings: dict[str, float],
                         command: str = "filter") -> dict[str, Any]:
     from poisonguard.report.builder import environment
+    from poisonguard.verdict import runtime_status, set_verdict
 
     n_sus = int(result.suspicious.sum())
     summary = (f"{n_sus} of {len(x)} inputs flagged by STRIP ({filt.config.blend}, "
                f"{_statistics(filt)}; calibrated at {filt.config.target_frr:.1%} FRR)")
-    return jsonable({
+    layer = runtime_layer(filt, result, evaluation)
+    report = jsonable({
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "poisonguard", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -58,9 +60,12 @@ def build_filter_report(filt: StripFilter, x: np.ndarray, result: StripResult,
                  "dtype": str(x.dtype)},
         "verdict": {"poisoning_found": bool(n_sus), "poisoned_classes": [], "n_flagged": n_sus,
                     "summary": summary},
-        "layers": {"runtime": runtime_layer(filt, result, evaluation)},
+        "layers": {"runtime": layer},
         "timings": timings,
     })
+    status = runtime_status(layer, filt.config.target_frr, len(x))
+    status["summary"] = status["summary"].replace("training inputs", "inputs")
+    return set_verdict(report, {"runtime": status})
 
 
 def entropy_plot(layer: Mapping[str, Any]) -> str | None:

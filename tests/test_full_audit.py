@@ -1,0 +1,209 @@
+"""`poisonguard audit` / `poisonguard.audit(...)`: every layer, one verdict, schema 2."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import poisonguard
+from poisonguard.cli import main
+from poisonguard.profiles import PROFILES, Profile
+from poisonguard.report.schema import report_schema, validate
+from poisonguard.verdict import LAYERS, overall_status, set_verdict, skipped
+
+CHEAP = dict(scan_rounds=1, epoch_share=0.1, min_epochs=3,
+             detectors=("activation_clustering", "spectral_signatures", "loss_outliers"),
+             loss_seed=False, final_model=False, seeds=(0,), recheck=False, cleanse_steps=20,
+             cleanse_min_steps=10, additive_search=False, dormant=False)
+
+
+@pytest.fixture(autouse=True)
+def cheap_profiles(monkeypatch):
+    """The named profiles with tiny budgets, so each audit runs in seconds."""
+    monkeypatch.setitem(PROFILES, "quick", Profile("quick", runtime=False, **CHEAP))
+    monkeypatch.setitem(PROFILES, "standard", Profile("standard", runtime=True, **CHEAP))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, digits) -> dict[str, Path]:
+    train, test = digits
+    d = tmp_path_factory.mktemp("audit")
+    np.savez(d / "train.npz", x=train.x[:400], y=train.y[:400])
+    np.savez(d / "test.npz", x=test.x, y=test.y)
+    np.savez(d / "clean.npz", x=test.x[:300], y=test.y[:300])
+    assert main(["attack", str(d / "train.npz"), "--rate", "0.1", "--target", "3", "--size",
+                 "3", "--out", str(d / "poisoned.npz")]) == 0
+    assert main(["train", str(d / "train.npz"), "--epochs", "3", "--quiet", "--out",
+                 str(d / "model")]) == 0
+    for name in ("train", "poisoned"):
+        assert main(["pin", str(d / f"{name}.npz"), "--out", str(d / f"{name}.jsonl"),
+                     "--quiet"]) == 0
+    return {"dir": d, "train": d / "train.npz", "poisoned": d / "poisoned.npz",
+            "clean": d / "clean.npz", "model": d / "model", "test": d / "test.npz",
+            "man_train": d / "train.jsonl", "man_poisoned": d / "poisoned.jsonl"}
+
+
+def _report(out: Path) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    assert validate(report) == [], validate(report)
+    return report
+
+
+def test_overall_is_never_clean_when_a_layer_is_not():
+    clean = {"status": "clean", "summary": "", "reason": ""}
+    assert overall_status({"a": clean, "b": skipped("x")}) == "clean"
+    assert overall_status({"a": skipped("x")}) == "suspicious"  # nothing ran
+    assert overall_status({"a": clean, "b": {**clean, "status": "error"}}) == "suspicious"
+    assert overall_status({"a": {**clean, "status": "suspicious"},
+                           "b": {**clean, "status": "compromised"}}) == "compromised"
+    report = set_verdict({"command": "x"}, {"quarantine": clean})
+    assert list(report["verdict"]["layers"]) == list(LAYERS)
+    assert report["verdict"]["layers"]["runtime"]["status"] == "skipped"
+
+
+def test_schema_validator_rejects_bad_reports():
+    good = set_verdict({"tool": {"name": "poisonguard", "version": "0"}, "created": "now",
+                        "command": "audit", "layers": {}},
+                       {"quarantine": {"status": "clean", "summary": "s", "reason": "r"}})
+    assert validate(good) == []
+    bad = json.loads(json.dumps(good))
+    bad["verdict"]["layers"]["quarantine"]["status"] = "fine"
+    bad["verdict"]["overall"] = "green"
+    del bad["verdict"]["layers"]["runtime"]
+    errors = validate(bad)
+    assert any("quarantine.status" in e for e in errors)
+    assert any("overall" in e for e in errors)
+    assert any("missing 'runtime'" in e for e in errors)
+    assert report_schema()["properties"]["schema_version"]["const"] == "2.0"
+
+
+def test_tampered_source_is_not_clean(files, tmp_path, capsys):
+    data = tmp_path / "poisoned.npz"
+    data.write_bytes(files["poisoned"].read_bytes())
+    with np.load(data) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays["x"][7] = 255 - arrays["x"][7]
+    np.savez(data, **arrays)
+    out = tmp_path / "out"
+    rc = main(["audit", "--data", str(data), "--model", str(files["model"]), "--clean",
+               str(files["clean"]), "--manifest", str(files["man_poisoned"]), "--profile",
+               "standard", "--out", str(out), "--quiet"])
+    assert rc == 1
+    report = _report(out)
+    layers = report["verdict"]["layers"]
+    assert report["verdict"]["overall"] != "clean"
+    assert layers["provenance"]["status"] == "compromised"
+    assert layers["provenance"]["key_numbers"]["modified"] == 1
+    assert layers["quarantine"]["status"] in ("suspicious", "compromised")
+    assert layers["model_audit"]["status"] in ("clean", "compromised")
+    assert layers["runtime"]["status"] in ("clean", "suspicious")
+    assert layers["guarded_training"]["status"] == "skipped"
+    assert report["profile"]["name"] == "standard" and report["profile"]["ran"]
+    checks = {c["check"]: c for c in report["cross_layer"]}
+    prov = checks["flagged samples vs provenance changes"]
+    assert prov["n_changed"] == 1
+    assert "runtime-filter flags vs scan flags" in checks
+    for name in ("flagged.csv", "sanitized.npz", "triggers.npz", "runtime/strip.json",
+                 "runtime/strip_pool.npz", "runtime/flags.csv", "report.html"):
+        assert (out / name).exists(), name
+    page = (out / "report.html").read_text()
+    assert 'class="verdict ok"' not in page and page.count('class="card ') == 5
+    # the calibration is one `filter --calibration` (and so `serve`) loads
+    assert main(["filter", str(files["model"]), str(files["test"]), "--calibration",
+                 str(out / "runtime"), "--out", str(tmp_path / "f"), "--quiet"]) in (0, 1)
+    _report(tmp_path / "f")
+
+
+def test_clean_inputs_read_clean_and_python_api(files, tmp_path):
+    out = tmp_path / "clean"
+    rc = main(["audit", "--data", str(files["train"]), "--model", str(files["model"]),
+               "--clean", str(files["clean"]), "--manifest", str(files["man_train"]),
+               "--profile", "quick", "--out", str(out), "--quiet"])
+    report = _report(out)
+    layers = report["verdict"]["layers"]
+    assert layers["provenance"]["status"] == "clean"
+    assert layers["runtime"]["status"] == "skipped" and "quick" in layers["runtime"]["reason"]
+    assert rc == (0 if report["verdict"]["overall"] == "clean" else 1)
+    assert layers["quarantine"]["status"] == "clean", layers["quarantine"]
+    assert rc == 0
+    # the same from Python; the subpackage stays importable
+    import importlib
+
+    import poisonguard.audit.neural_cleanse  # noqa: F401
+    from poisonguard.audit import audit_model
+
+    nc = importlib.import_module("poisonguard.audit.neural_cleanse")
+    assert callable(poisonguard.audit) and callable(nc.neural_cleanse) and callable(audit_model)
+
+    outcome = poisonguard.audit(data=str(files["train"]), manifest=str(files["man_train"]),
+                                profile="quick")
+    assert outcome.overall == "clean" and outcome.exit_code == 0 and outcome.out is None
+    assert outcome.layers["model_audit"]["status"] == "skipped"
+    assert "card clean" in outcome._repr_html_()
+    assert poisonguard.run_audit is poisonguard.full_audit.run_audit
+
+
+def _bad(argv: list[str], capsys) -> str:
+    rc = main(argv)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_inputs_exit_2_one_line_nothing_left(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    base = ["audit", "--out", str(out), "--quiet"]
+    assert "nothing to audit" in _bad(base, capsys)
+    assert "no such file" in _bad(base + ["--data", str(tmp_path / "none.npz")], capsys)
+    rng = np.random.default_rng(0)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=rng.integers(0, 255, (300, 12, 12), dtype=np.uint8),
+             y=np.arange(300) % 10)
+    _bad(base + ["--model", str(files["model"]), "--clean", str(wrong)], capsys)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert "does not exist" in _bad(["audit", "--data", str(files["train"]), "--quiet",
+                                     "--out", str(blocker / "sub" / "o")], capsys)
+    assert "not a folder" in _bad(["audit", "--data", str(files["train"]), "--quiet",
+                                   "--out", str(blocker)], capsys)
+    truncated = tmp_path / "t.jsonl"
+    truncated.write_text(files["man_train"].read_text()[:-40])
+    _bad(base + ["--data", str(files["train"]), "--manifest", str(truncated)], capsys)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_paranoid_votes_seeds_and_rechecks(files):
+    prof = Profile("paranoid", runtime=False, **{**CHEAP, "seeds": (0, 1, 2),
+                                                  "recheck": True})
+    outcome = poisonguard.audit(data=str(files["poisoned"]), profile=prof)
+    q = outcome.report["layers"]["quarantine"]
+    vote = q["seed_vote"]
+    assert vote["seeds"] == [0, 1, 2] and len(vote["n_flagged_per_seed"]) == 3
+    flagged = sum(outcome.report["samples"]["flagged"])
+    assert 2 * flagged <= sum(vote["n_flagged_per_seed"])  # each kept flag had >= 2 votes
+    recheck = q["independent_recheck"]
+    assert "error" not in recheck, recheck
+    assert recheck["n_checked"] == flagged
+    if flagged:
+        assert 0 <= recheck["n_confirmed"] <= flagged and recheck["per_class"]
+    assert any("re-check" in step for step in outcome.report["profile"]["ran"])
+
+
+def test_test_keys_win_and_sparse_labels_refused(files, tmp_path, capsys):
+    from poisonguard.data import load_dataset
+
+    with np.load(files["poisoned"]) as f:
+        x, y = f["x"], f["y"]
+    both = tmp_path / "both.npz"
+    np.savez(both, x=x, y=y, x_test=x[:30], y_test=y[:30])
+    assert len(load_dataset(both, split="test")) == 30 and len(load_dataset(both)) == len(y)
+    sparse = tmp_path / "sparse.npz"
+    np.savez(sparse, x=x, y=y * 10)
+    err = _bad(["audit", "--data", str(sparse), "--out", str(tmp_path / "o"), "--quiet"],
+               capsys)
+    assert "remap them to 0..9" in err
+    assert "remap" in _bad(["train", str(sparse), "--out", str(tmp_path / "t"), "--quiet"],
+                           capsys)
