@@ -62,6 +62,19 @@ def test_overall_is_never_clean_when_a_layer_is_not():
     assert report["verdict"]["layers"]["runtime"]["status"] == "skipped"
 
 
+def test_model_audit_outlier_kept_by_the_ratio_guard_is_suspicious():
+    from poisonguard.verdict import model_audit_status
+
+    base = {"backdoored": False, "target_class": None, "summary": "no backdoor found"}
+    ev = {"anomaly_index": 5.0, "additive_anomaly_index": 0.3, "most_anomalous_class": 3}
+    entry = model_audit_status({**base, "evidence": ev})
+    assert entry["status"] == "suspicious" and "class 3" in entry["summary"]
+    assert model_audit_status({**base, "evidence": {**ev, "anomaly_index": 3.0}})["status"] \
+        == "clean"
+    hit = model_audit_status({**base, "backdoored": True, "target_class": 3, "evidence": ev})
+    assert hit["status"] == "compromised"
+
+
 def test_schema_validator_rejects_bad_reports():
     good = set_verdict({"tool": {"name": "poisonguard", "version": "0"}, "created": "now",
                         "command": "audit", "layers": {}},
@@ -96,7 +109,7 @@ def test_tampered_source_is_not_clean(files, tmp_path, capsys):
     assert layers["provenance"]["status"] == "compromised"
     assert layers["provenance"]["key_numbers"]["modified"] == 1
     assert layers["quarantine"]["status"] in ("suspicious", "compromised")
-    assert layers["model_audit"]["status"] in ("clean", "compromised")
+    assert layers["model_audit"]["status"] in ("clean", "suspicious", "compromised")
     assert layers["runtime"]["status"] in ("clean", "suspicious")
     assert layers["guarded_training"]["status"] == "skipped"
     assert report["profile"]["name"] == "standard" and report["profile"]["ran"]
@@ -126,6 +139,7 @@ def test_clean_inputs_read_clean_and_python_api(files, tmp_path):
     assert layers["runtime"]["status"] == "skipped" and "quick" in layers["runtime"]["reason"]
     assert rc == (0 if report["verdict"]["overall"] == "clean" else 1)
     assert layers["quarantine"]["status"] == "clean", layers["quarantine"]
+    assert layers["model_audit"]["status"] == "clean", layers["model_audit"]
     assert rc == 0
     # the same from Python; the subpackage stays importable
     import importlib
@@ -207,3 +221,52 @@ def test_test_keys_win_and_sparse_labels_refused(files, tmp_path, capsys):
     assert "remap them to 0..9" in err
     assert "remap" in _bad(["train", str(sparse), "--out", str(tmp_path / "t"), "--quiet"],
                            capsys)
+
+
+@pytest.mark.parametrize("status", ["suspicious", "compromised", "error", "skipped"])
+def test_banner_is_never_green_unless_every_run_layer_is_clean(status):
+    from poisonguard.report.html import render_html
+
+    clean = {"status": "clean", "summary": "fine", "reason": "r"}
+    other = {"status": status, "summary": "s", "reason": "r"}
+    report = set_verdict({"command": "audit", "tool": {"name": "poisonguard", "version": "0"}},
+                         {"quarantine": clean, "model_audit": other})
+    page = render_html(report)
+    green = 'class="verdict ok"' in page
+    assert green == (status == "skipped"), status
+    assert page.count('class="card ') == len(LAYERS)
+    assert f'class="card {status}"' in page
+
+
+def test_unwritable_out_is_refused_before_training(files, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for argv in (["scan", str(files["train"])], ["train", str(files["train"])],
+                 ["audit-model", str(files["model"]), "--clean", str(files["clean"])]):
+        err = _bad(argv + ["--out", str(blocker / "out"), "--quiet"], capsys)
+        assert "is a file" in err, err
+
+
+def test_scripted_model_behind_a_uint8_front_end(files, tmp_path):
+    import torch
+
+    from poisonguard.models.io import load_model
+
+    class Front(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x.float().unsqueeze(1) / 255.0)
+
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(Front(load_model(files["model"]).model.eval())), scripted)
+    prof = Profile("standard", runtime=True, **{**CHEAP, "dormant": True})
+    outcome = poisonguard.audit(model=str(scripted), clean=str(files["clean"]), profile=prof)
+    layers = outcome.layers
+    assert layers["model_audit"]["status"] in ("clean", "suspicious", "compromised")
+    assert "TorchScript" in outcome.report["layers"]["model_audit"]["notes"][0]
+    assert layers["runtime"]["status"] == "skipped"  # calibrated, nothing to screen
+    assert "calibration" in outcome.report["layers"]["runtime"]
+    assert layers["quarantine"]["status"] == "skipped"

@@ -331,10 +331,12 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from poisonguard.attacks.base import PoisonedData
     from poisonguard.data import LabeledData, load_dataset
     from poisonguard.errors import DataError
+    from poisonguard.io import check_writable_dir
     from poisonguard.models.io import load_model
     from poisonguard.pipeline import ScanConfig
     from poisonguard.provenance.cli import provenance_layer
 
+    check_writable_dir(args.out)
     provenance = provenance_layer(args, args.data)  # verified first: a bad manifest stops here
     data = load_dataset(args.data)
     trusted = None
@@ -395,7 +397,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from poisonguard.data import load_dataset
-    from poisonguard.io import atomic_write_json, atomic_write_text
+    from poisonguard.io import atomic_write_json, atomic_write_text, check_writable_dir
     from poisonguard.metrics import accuracy, detection_metrics
     from poisonguard.models.io import describe_inputs, save_model
     from poisonguard.models.training import TrainConfig
@@ -404,6 +406,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from poisonguard.report.html import render_html
     from poisonguard.train import GuardConfig, train_guarded
 
+    check_writable_dir(args.out)
     guard = GuardConfig(defense=args.defense, trim_fraction=args.trim_fraction,
                         monitor_gradients=args.monitor_gradients)
     data = load_dataset(args.data)

@@ -475,7 +475,8 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
         if got is not None:
             layers["model_audit"], audit_verdict, artifacts["audit"] = got
             layers["model_audit"]["verdict"] = audit_verdict
-            statuses["model_audit"] = model_audit_status(audit_verdict)
+            statuses["model_audit"] = model_audit_status(
+                audit_verdict, float(layers["model_audit"]["neural_cleanse"]["threshold"]))
             ran.append("model audit (Neural Cleanse"
                        + (", additive search" if prof.additive_search else "")
                        + (", dormant units" if prof.dormant else "") + ")")

@@ -14,6 +14,23 @@ from typing import Any
 import numpy as np
 
 
+def check_writable_dir(path: str | Path, what: str = "--out") -> None:
+    """Raise ConfigError unless folder ``path`` exists as a writable folder or could be created
+    (its nearest existing ancestor is a writable folder): checked before any long work."""
+    from poisonguard.errors import ConfigError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path}: exists and is not a folder")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what} {path}: {probe} is a file, so the folder cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"{what} {path}: {probe} is not writable")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -84,9 +84,11 @@ def provenance_status(layer: Mapping[str, Any]) -> dict[str, Any]:
     reason = {"clean": "every pinned item was re-hashed and found unchanged",
               "compromised": "pinned items were modified, removed or added since pinning",
               "suspicious": "some pinned items could not be checked"}[status]
+    evidence = [f"{f.get('kind')}: {f.get('key')}" for f in (layer.get("findings") or [])[:5]]
     return layer_status(status, str(layer.get("summary", "")), reason,
                         key_numbers={k: counts.get(k, 0) for k in
-                                     ("items", "modified", "missing", "new", "unverifiable")})
+                                     ("items", "modified", "missing", "new", "unverifiable")},
+                        evidence=evidence)
 
 
 def quarantine_status(scan_verdict: Mapping[str, Any], n_samples: int) -> dict[str, Any]:
@@ -118,8 +120,12 @@ def quarantine_status(scan_verdict: Mapping[str, Any], n_samples: int) -> dict[s
                         key_numbers=numbers)
 
 
-def model_audit_status(audit_verdict: Mapping[str, Any]) -> dict[str, Any]:
-    """A flagged target class is compromised; otherwise clean."""
+def model_audit_status(audit_verdict: Mapping[str, Any],
+                       threshold: float = 2.0) -> dict[str, Any]:
+    """A flagged target class is compromised; a class the norm-ratio guard kept from being
+    flagged is suspicious when its anomaly index (either search) is above twice
+    ``threshold`` (just above it is common on clean models whose class norms cluster tightly:
+    2.97 on a clean digits CNN with a 20-step search); otherwise clean."""
     ev = audit_verdict.get("evidence") or {}
     numbers = {"target_class": audit_verdict.get("target_class"),
                "confidence": audit_verdict.get("confidence"),
@@ -128,6 +134,14 @@ def model_audit_status(audit_verdict: Mapping[str, Any]) -> dict[str, Any]:
     if audit_verdict.get("backdoored"):
         return layer_status("compromised", f"backdoor to class {audit_verdict['target_class']}",
                             str(audit_verdict.get("summary", "")), key_numbers=numbers)
+    top = ev.get("most_anomalous_class")
+    index = max(float(ev.get("anomaly_index") or 0.0),
+                float(ev.get("additive_anomaly_index") or 0.0))
+    if index > 2 * threshold:
+        return layer_status("suspicious", f"class {top}'s reversed trigger is an outlier "
+                            f"(anomaly index {index:.2f} > {2 * threshold:g}) but not small "
+                            "enough to flag", str(audit_verdict.get("summary", "")),
+                            key_numbers={**numbers, "target_class": top})
     return layer_status("clean", "no backdoor found", str(audit_verdict.get("summary", "")),
                         key_numbers=numbers)
 

@@ -102,7 +102,9 @@ def _write_report(out: Path, report: dict[str, Any]) -> None:
 def cmd_audit_model(args: argparse.Namespace) -> int:
     from poisonguard.audit.core import audit_model, build_audit_report, save_triggers
     from poisonguard.audit.model import load_audit_model
+    from poisonguard.io import check_writable_dir
 
+    check_writable_dir(args.out)
     model = load_audit_model(args.model)
     clean = _load_clean(args.clean, args.max_clean, args.seed)
     result = audit_model(model, clean, _cleanse_config(args), layer=args.layer)

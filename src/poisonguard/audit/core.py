@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from poisonguard.audit.dormant import DormantResult, default_layer, dormant_neurons
 from poisonguard.audit.model import AuditModel, check_clean_data, to_data_tensor
@@ -30,6 +31,7 @@ class AuditResult:
     verdict: dict[str, Any]
     n_classes: int
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 def _sigmoid(v: float) -> float:
@@ -101,8 +103,11 @@ def audit_model(model: AuditModel, clean: LabeledData, config: CleanseConfig | N
     nc = neural_cleanse(model, clean, k, config)
     timings = {"neural_cleanse_s": round(nc.runtime_s, 3)}
     dres = None
+    notes = []
     layer = layer or default_layer(model)
-    if dormant and layer is not None:
+    if dormant and layer is not None and isinstance(model.module, torch.jit.ScriptModule):
+        notes.append("dormant-unit scan skipped: TorchScript modules take no forward hooks")
+    elif dormant and layer is not None:
         t1 = time.perf_counter()
         target = nc.flagged[0] if nc.flagged else nc.most_anomalous()
         others = np.flatnonzero(clean.y != target)[:DORMANT_PROBE]
@@ -114,7 +119,7 @@ def audit_model(model: AuditModel, clean: LabeledData, config: CleanseConfig | N
         timings["dormant_s"] = round(time.perf_counter() - t1, 3)
     timings["audit_s"] = round(time.perf_counter() - t0, 3)
     return AuditResult(cleanse=nc, dormant=dres, verdict=make_verdict(nc, dres), n_classes=k,
-                       timings=timings)
+                       timings=timings, notes=notes)
 
 
 def save_triggers(path: str | Path, nc: CleanseResult) -> Path:
@@ -196,6 +201,8 @@ def build_audit_report(result: AuditResult, clean: LabeledData, model: AuditMode
         "triggers": trigger_images(nc, shown),
         "dormant_neurons": result.dormant.summary() if result.dormant is not None else None,
     }
+    if result.notes:
+        layer["notes"] = list(result.notes)
     if repair is not None:
         layer["repair"] = repair
     report = {
@@ -213,5 +220,6 @@ def build_audit_report(result: AuditResult, clean: LabeledData, model: AuditMode
     }
     from poisonguard.verdict import model_audit_status, set_verdict
 
-    set_verdict(report, {"model_audit": model_audit_status(result.verdict)})
+    set_verdict(report, {"model_audit": model_audit_status(result.verdict,
+                                                           nc.config.threshold)})
     return jsonable(report)

@@ -19,6 +19,7 @@ import torch
 
 from poisonguard.audit.model import AuditModel
 from poisonguard.errors import ModelError
+from poisonguard.models.adapter import find_submodule
 
 
 @dataclass
@@ -37,7 +38,7 @@ def unit_activations(model: AuditModel, xd: torch.Tensor, layer: str,
                      batch: int = 256) -> np.ndarray:
     """Per-unit activations of ``layer`` for data-space inputs ``xd``: (N, units)."""
     try:
-        module = model.module.get_submodule(layer)
+        module = find_submodule(model.module, layer)
     except AttributeError:
         names = [n for n, _ in model.module.named_modules() if n]
         raise ModelError(f"layer {layer!r} does not exist in the model; available layers: "

@@ -65,6 +65,20 @@ class InputSpec:
         return t * self.scale if self.scale != 1.0 else t
 
 
+def find_submodule(model: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path`` (``"features.3"``); TorchScript modules, which do not support
+    ``get_submodule``, are searched through ``named_modules()``. Raises AttributeError."""
+    if not path:
+        return model
+    try:
+        return model.get_submodule(path)
+    except (AttributeError, RuntimeError):
+        for name, module in model.named_modules():
+            if name == path:
+                return module
+    raise AttributeError(path)
+
+
 def batches(n: int, batch_size: int) -> Iterator[slice]:
     for start in range(0, n, batch_size):
         yield slice(start, min(start + batch_size, n))
@@ -96,7 +110,7 @@ class TorchClassifier:
 
     def _resolve_layer(self, layer: str) -> nn.Module:
         try:
-            return self.model.get_submodule(layer)
+            return find_submodule(self.model, layer)
         except AttributeError:
             names = [n for n, _ in self.model.named_modules() if n]
             raise ModelError(
@@ -287,7 +301,7 @@ def _linear_owners(model: nn.Module, names: list[str]) -> dict[nn.Linear, tuple[
     owners: dict[nn.Linear, list[bool]] = {}
     for name in names:
         path, _, leaf = name.rpartition(".")
-        module = model.get_submodule(path) if path else model
+        module = find_submodule(model, path)
         if not isinstance(module, nn.Linear) or leaf not in ("weight", "bias"):
             return None
         owners.setdefault(module, [False, False])[leaf == "bias"] = True

@@ -204,9 +204,35 @@ def _key_numbers(entry: Mapping[str, Any]) -> str:
     for k, x in nums.items():
         if x is None or x == []:
             continue
+        if "class" in k:  # "class 0", never a bare 0 that reads as "none"
+            x = [f"class {i}" for i in x] if isinstance(x, list) else f"class {x}"
         shown = ", ".join(_fmt(i) for i in x) if isinstance(x, list) else _fmt(x)
         items.append(f"<li>{_e(k.replace('_', ' '))}: <b>{_e(shown)}</b></li>")
     return f"<ul>{''.join(items[:4])}</ul>" if items else ""
+
+
+def _card_evidence(r: Mapping[str, Any], name: str, entry: Mapping[str, Any]) -> str:
+    """The strongest evidence of a layer: changed sources, the flagged classes' counts, the
+    reversed trigger of the target class."""
+    items = [str(x) for x in entry.get("evidence") or []]
+    layer = (r.get("layers") or {}).get(name) or {}
+    if name == "quarantine" and entry.get("status") in ("suspicious", "compromised"):
+        for c in layer.get("classes") or []:
+            if c.get("n_flagged"):
+                items.append(f"class {c.get('label')}: {c.get('n_flagged')} of "
+                             f"{c.get('n_samples')} flagged ({c.get('verdict')})")
+    out = ""
+    if items:
+        out = "<ul>" + "".join(f"<li>{_e(i)}</li>" for i in items[:5]) + "</ul>"
+    if name == "model_audit" and entry.get("status") == "compromised":
+        from poisonguard.audit.html_section import trigger_figure
+
+        target = (entry.get("key_numbers") or {}).get("target_class")
+        shown = [t for t in layer.get("triggers") or [] if t.get("class") == target]
+        png = trigger_figure(shown[:1]) if shown else None
+        if png:
+            out += _img(png, f"reversed trigger of class {target}", "")
+    return out
 
 
 def layer_cards(r: Mapping[str, Any]) -> str:
@@ -220,6 +246,7 @@ def layer_cards(r: Mapping[str, Any]) -> str:
         cards.append(f'<div class="card {_e(status)}"><h3>{_e(LAYER_TITLES.get(name, name))}'
                      f'</h3><div class="status">{_e(status)}</div>'
                      f"<div>{_e(_fmt(entry.get('summary')))}</div>{_key_numbers(entry)}"
+                     f"{_card_evidence(r, name, entry)}"
                      f'<div class="muted">{_e(_fmt(entry.get("reason")))}</div></div>')
     if not cards:
         return ""
@@ -418,7 +445,8 @@ def _plots_section(r: Mapping[str, Any]) -> str:
 def _detector_block(d: Mapping[str, Any]) -> str:
     head = {"samples flagged": d.get("n_flagged"), "threshold": d.get("threshold"),
             "runtime (s)": d.get("runtime_s"),
-            "suspicious classes": ", ".join(_fmt(c) for c in d.get("suspicious_classes") or [])
+            "suspicious classes": ", ".join(f"class {_fmt(c)}"
+                                            for c in d.get("suspicious_classes") or [])
             or "none"}
     extra = {k: x for k, x in d.items() if k not in {
         "name", "n_flagged", "threshold", "threshold_rule", "params", "runtime_s",

@@ -135,8 +135,10 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    from poisonguard.io import check_writable_dir
     from poisonguard.models.io import check_inputs
 
+    check_writable_dir(args.out)
     classifier = load_model(args.model, batch_size=args.batch_size)
     x = _load_inputs(args.data)
     check_inputs(classifier.expected_inputs, x, "the inputs")
