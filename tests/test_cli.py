@@ -47,6 +47,10 @@ def test_scan_writes_all_outputs(scan_out: tuple[int, Path]) -> None:
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
     assert validate(report) == []
+    # --test POISONED.npz: the attack named from its attack_json, accuracy on its x_test
+    assert report["ground_truth"]["attack"]["name"] == "badnets"
+    thumb = report["plots"]["thumbnails"][0]
+    assert isinstance(thumb["votes"], int) and thumb["n_detectors"] >= 2
     assert rc == (0 if report["verdict"]["overall"] == "clean" else 1)
     if report["verdict"]["poisoning_found"]:
         assert report["verdict"]["overall"] == "compromised"

@@ -270,3 +270,18 @@ def test_scripted_model_behind_a_uint8_front_end(files, tmp_path):
     assert layers["runtime"]["status"] == "skipped"  # calibrated, nothing to screen
     assert "calibration" in outcome.report["layers"]["runtime"]
     assert layers["quarantine"]["status"] == "skipped"
+
+
+def test_guarded_training_layer(files, tmp_path):
+    out = tmp_path / "g"
+    outcome = poisonguard.audit(data=str(files["poisoned"]), train="abl", profile="quick",
+                                out=str(out))
+    entry = outcome.layers["guarded_training"]
+    assert entry["status"] in ("clean", "suspicious", "compromised")
+    assert entry["key_numbers"]["defense"] == "abl"
+    layer = outcome.report["layers"]["guarded_training"]
+    assert layer["abl"]["n_isolated"] == entry["key_numbers"]["n_isolated"] > 0
+    assert any("guarded training (abl)" in s for s in outcome.report["profile"]["ran"])
+    _report(out)
+    assert main(["predict", str(out / "guarded_model"), str(files["test"]), "--out",
+                 str(tmp_path / "p.csv")]) == 0

@@ -117,6 +117,23 @@ def test_pickles_refused_never_loaded(tmp_path: Path) -> None:
     assert not (tmp_path / "PWNED").exists()
 
 
+def test_pickled_module_and_lone_safetensors_one_line(tmp_path: Path, small_digits) -> None:
+    t = train_classifier(small_digits, TrainConfig(epochs=1))
+    clf = t.classifier
+    save_model(tmp_path / "m", clf.model, t.arch, t.arch_kwargs, clf.input_spec, 10, clf.layer)
+    torch.save(clf.model, tmp_path / "m" / "model.pt")  # a whole pickled module
+    with pytest.raises(UnsafeModelFileError) as info:
+        load_model(tmp_path / "m" / "model.pt")
+    msg = str(info.value)
+    assert "\n" not in msg and "\x1b" not in msg and "state_dict" in msg
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "w.safetensors").write_bytes((tmp_path / "m" / "model.safetensors").read_bytes()[:50])
+    with pytest.raises(ModelError, match="safetensors weights alone") as info:
+        load_model(lone / "w.safetensors")
+    assert "raw pickle" not in str(info.value)
+
+
 def test_torchscript_model_accepted(tmp_path: Path) -> None:
     class Raw(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

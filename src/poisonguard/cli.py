@@ -30,6 +30,9 @@ def _add_common_scan(p: argparse.ArgumentParser) -> None:
                    help="also train a model on every sample with the flagged ones toward "
                         "other-class targets (unlearns the trigger; written to model_unlearned/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or console table")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the CPUs this process may use, or "
+                        "OMP_NUM_THREADS when set)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true")
+    t.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the CPUs this process may use, or "
+                        "OMP_NUM_THREADS when set)")
     t.add_argument("--out", required=True, help="output folder (model + report)")
 
     r = sub.add_parser("report", help="re-render a JSON report as HTML")
@@ -154,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--train", default=None, choices=["abl", "trim"],
                     help="also train a model on --data with this guarded-training defence")
     au.add_argument("--seed", type=int, default=0)
-    au.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    au.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: the CPUs this process may use, or "
+                         "OMP_NUM_THREADS when set)")
     au.add_argument("--quiet", action="store_true", help="print only the verdict")
     au.add_argument("--out", required=True, help="output folder (written atomically)")
 
@@ -327,6 +335,20 @@ def run_scan(data: Any, out: Path, config: Any, classifier: Any = None, test: An
     return EXIT_CLEAN if report["verdict"]["overall"] == "clean" else EXIT_FOUND
 
 
+def _attack_from(path: str) -> dict[str, Any]:
+    """The attack's parameters from the ``attack_json`` key ``poisonguard attack`` writes, or
+    an ``unknown`` placeholder when the file has none."""
+    found = _read_optional(path, ("attack_json",)) if str(path).endswith(".npz") else {}
+    if "attack_json" in found:
+        try:
+            attack = json.loads(str(found["attack_json"]))
+            if isinstance(attack, dict):
+                return attack
+        except json.JSONDecodeError:
+            pass
+    return {"name": "unknown (no attack_json in the data file)"}
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     from poisonguard.attacks.base import PoisonedData
     from poisonguard.data import LabeledData, load_dataset
@@ -372,7 +394,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
                                            name="triggered test set")
             poisoned = PoisonedData(data=data, is_poison=truth if truth is not None else
                                     np.zeros(len(data), bool), original_y=data.y,
-                                    attack={"name": "unknown (from test file)"}, target=None,
+                                    attack=_attack_from(args.data), target=None,
                                     test_triggered=triggered)
     return run_scan(data, Path(args.out), config, classifier, test, poisoned, truth,
                     quiet=args.quiet, provenance=provenance, unlearn=args.unlearn_flagged)
@@ -484,14 +506,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from poisonguard.full_audit import run_audit
 
-    if args.threads is not None:
-        import torch
-
-        if args.threads < 1:
-            from poisonguard.errors import ConfigError
-
-            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
     outcome = run_audit(data=args.data, model=args.model, clean=args.clean,
                         manifest=args.manifest, public_key=args.public_key,
                         profile=args.profile, train=args.train, out=args.out, seed=args.seed,
@@ -517,6 +531,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        if args.command not in ("pin", "verify", "keygen", "report"):  # no torch needed
+            from poisonguard.threads import set_threads
+
+            set_threads(getattr(args, "threads", None))
         return handler(args)
     except PoisonguardError as exc:
         print(f"poisonguard {args.command}: error: {exc}", file=sys.stderr)

@@ -296,14 +296,13 @@ def _recheck(result: Any, seed: int, quiet: bool) -> dict[str, Any]:
                     "than the label", "_confirmed": confirmed}
 
 
-def _guarded(inp: AuditInputs, defense: str, seed: int, quiet: bool
+def _guarded(inp: AuditInputs, defense: str, profile: Profile, seed: int, quiet: bool
              ) -> tuple[dict[str, Any], Any]:
     from poisonguard.models.training import TrainConfig
-    from poisonguard.pipeline import auto_epochs
     from poisonguard.report.builder import build_training_report
     from poisonguard.train import GuardConfig, train_guarded
 
-    config = TrainConfig(epochs=auto_epochs(len(inp.data)), seed=seed)
+    config = TrainConfig(epochs=profile.scan_epochs(len(inp.data)), seed=seed)
     _log(quiet, f"guarded training: {defense}, {config.epochs} epochs")
     result = train_guarded(inp.data, GuardConfig(defense=defense), config, progress=not quiet)
     layer = build_training_report(result, inp.data, "audit")["layers"]["guarded_training"]
@@ -458,7 +457,7 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
 
     if train is not None and inp.data is not None:
         got = _run_layer("guarded_training", statuses, timings, quiet, _guarded, inp, train,
-                         seed, quiet)
+                         prof, seed, quiet)
         if got is not None:
             layers["guarded_training"], artifacts["guarded"] = got
             artifacts["n_classes"] = inp.data.n_classes

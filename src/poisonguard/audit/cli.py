@@ -30,6 +30,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="Neural Cleanse step budget (default 160)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the CPUs this process may use, or "
+                        "OMP_NUM_THREADS when set)")
 
 
 def register(sub: Any) -> None:

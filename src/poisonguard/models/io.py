@@ -79,11 +79,23 @@ def _is_torchscript(path: Path) -> bool:
     return any(n.endswith("constants.pkl") or "/code/" in n for n in names)
 
 
+def _one_line(exc: BaseException) -> str:
+    """The first line of an exception's message, without terminal escape codes."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", str(exc)).strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
+
+
 def _refuse_pickle(path: Path) -> None:
     with open(path, "rb") as fh:
         head = fh.read(4)
     if not head:
         raise ModelError(f"{path}: file is empty")
+    if path.suffix == ".safetensors":
+        raise ModelError(f"{path}: safetensors weights alone cannot be loaded: the {MODEL_JSON} "
+                         "written beside them (by poisonguard scan/train) describes the "
+                         "architecture")
     if not zipfile.is_zipfile(path):
         raise UnsafeModelFileError(
             f"{path}: a raw pickle (or unknown format) model file is refused, never loaded; "
@@ -138,8 +150,10 @@ def load_model(path: str | Path, batch_size: int = 512, progress: bool = False
         try:
             state = torch.load(str(weights), map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            raise UnsafeModelFileError(f"{weights}: refused by the safe loader "
-                                       f"(weights_only=True): {exc}") from None
+            raise UnsafeModelFileError(
+                f"{weights}: refused by the safe loader (weights_only=True), it holds pickled "
+                "objects, not a plain state dict (save model.state_dict(), or safetensors): "
+                f"{_one_line(exc)}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

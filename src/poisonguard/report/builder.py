@@ -57,6 +57,8 @@ def _thumbnails(result: Any) -> list[dict[str, Any]]:
     if x.ndim not in (3, 4):
         return []
     conf = result.combined.scores
+    votes = result.combined.extras.get("votes")
+    n_voters = len(result.combined.extras.get("detector_flags") or {})
     order = np.lexsort((-np.abs(result.detectors[0].scores), -conf))[:N_THUMBNAILS]
     thumbs = []
     for i in order:
@@ -65,6 +67,8 @@ def _thumbnails(result: Any) -> list[dict[str, Any]]:
             img = np.clip(img * 255.0, 0, 255).astype(np.uint8)
         thumbs.append({"index": int(i), "id": result.data.ids[i].item(),
                        "label": int(result.data.y[i]), "confidence": float(conf[i]),
+                       "votes": None if votes is None else int(votes[i]),
+                       "n_detectors": n_voters,
                        "flagged": bool(result.flags[i]), "shape": list(img.shape),
                        "pixels": img.reshape(-1).tolist()})
     return thumbs

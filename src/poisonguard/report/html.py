@@ -428,18 +428,23 @@ def _plots_section(r: Mapping[str, Any]) -> str:
                                   s.get("flagged"))
     thumbs = plots.thumbnail_grid(p.get("thumbnails") or [], is_poison)
     poison_note = " Triangles are true poisons." if is_poison else ""
-    return ('<section id="plots"><h2>Plots</h2>'
-            "<h3>Per-class 2-D projection of the representations</h3>"
-            f'<p class="muted">Red = flagged; poisoned classes have red titles.{poison_note}</p>'
-            f"{_img(proj, 'per-class projections', 'No projections in the report.')}"
-            "<h3>Detector score distributions</h3>"
-            '<p class="muted">Flagged samples stacked in red; dashed line = threshold.</p>'
-            f"{_img(hist, 'score histograms', 'No per-sample scores in the report.')}"
-            "<h3>Most suspicious samples</h3>"
-            '<p class="muted">Ordered by cross-reference confidence; red captions = flagged'
-            "; [P] = true poison.</p>"
-            f"{_img(thumbs, 'most suspicious samples', 'No image thumbnails (vector data).')}"
-            "</section>")
+    parts = []
+    if proj:
+        parts.append("<h3>Per-class 2-D projection of the representations</h3>"
+                     f'<p class="muted">Red = flagged; poisoned classes have red titles.'
+                     f"{poison_note}</p>{_img(proj, 'per-class projections', '')}")
+    if hist:
+        parts.append("<h3>Detector score distributions</h3>"
+                     '<p class="muted">Flagged samples stacked in red; dashed line = '
+                     f"threshold.</p>{_img(hist, 'score histograms', '')}")
+    if thumbs:
+        parts.append("<h3>Most suspicious samples</h3>"
+                     '<p class="muted">Ordered by cross-reference confidence (the share of '
+                     "detector votes); red captions = flagged; [P] = true poison.</p>"
+                     f"{_img(thumbs, 'most suspicious samples', '')}")
+    if not parts:  # nothing to draw: no empty section
+        return ""
+    return '<section id="plots"><h2>Plots</h2>' + "".join(parts) + "</section>"
 
 
 def _detector_block(d: Mapping[str, Any]) -> str:
@@ -526,8 +531,17 @@ def _run_section(r: Mapping[str, Any]) -> str:
         if r.get(key):
             parts.append(f"<div><h3>{title}</h3>{_value(r[key])}</div>")
     parts.append("</div>")
+    prof = r.get("profile")
+    if isinstance(prof, Mapping):
+        ran = "".join(f"<li>{_e(x)}</li>" for x in prof.get("ran") or [])
+        parts.append(f"<h3>Profile {_e(_fmt(prof.get('name')))}: what ran</h3><ol>{ran}</ol>"
+                     f"<details><summary>profile settings</summary>"
+                     f"{_value(prof.get('settings') or {})}</details>")
+    if r.get("inputs"):
+        parts.append(f"<h3>Inputs</h3>{_value(r['inputs'])}")
     if r.get("config"):
-        parts.append(f"<h3>Configuration</h3>{_value(r['config'])}")
+        parts.append(f"<details><summary>Configuration</summary>{_value(r['config'])}"
+                     "</details>")
     return "".join(parts) + "</section>"
 
 

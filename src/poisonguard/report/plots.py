@@ -184,11 +184,13 @@ def thumbnail_grid(thumbnails: Sequence[Mapping[str, Any]],
         ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0,
                   interpolation="nearest")
         conf = t.get("confidence")
-        conf_s = f"{conf:.2f}" if isinstance(conf, (int, float)) else "-"
+        conf_s = f"c={conf:.2f}" if isinstance(conf, (int, float)) else "c=-"
+        if isinstance(t.get("votes"), int) and t.get("n_detectors"):
+            conf_s = f"{t['votes']}/{t['n_detectors']} votes"  # what the confidence counts
         idx = t.get("index")
         poison = (is_poison is not None and isinstance(idx, int) and 0 <= idx < len(is_poison)
                   and bool(is_poison[idx]))
-        cap = f"y={t.get('label')} c={conf_s}" + (" [P]" if poison else "")
+        cap = f"y={t.get('label')} {conf_s}" + (" [P]" if poison else "")
         ax.set_title(f"#{t.get('id', idx)}\n{cap}", fontsize=5,
                      color=FLAGGED if t.get("flagged") else "black")
     # fixed spacing: tight_layout over 48 axes took seconds on a loaded 2-core machine

@@ -66,6 +66,9 @@ def register(sub: Any) -> None:
                         "--test' writes): report FAR/FRR and both score histograms")
     _add_strip_args(f)
     f.add_argument("--quiet", action="store_true")
+    f.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the CPUs this process may use, or "
+                        "OMP_NUM_THREADS when set)")
     f.set_defaults(handler=cmd_filter)
 
     s = sub.add_parser(
@@ -176,14 +179,11 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    import torch
     import uvicorn
 
     from poisonguard.models.io import load_model
     from poisonguard.runtime.service import create_app
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.max_inputs < 1 or args.max_body_mb <= 0:
         raise ConfigError("--max-inputs and --max-body-mb must be positive")
     classifier = load_model(args.model, batch_size=args.batch_size)
