@@ -159,3 +159,10 @@ def test_output_class_mismatch_is_named(small_digits: LabeledData, trained) -> N
     clf = TorchClassifier(trained.classifier.model, trained.classifier.input_spec, n_classes=3)
     with pytest.raises(ModelError, match="outputs 10 classes but the data has 3"):
         clf.predict(small_digits.x[:2])
+
+
+def test_progress_names_the_stage_and_counts_every_step(small_digits, capsys) -> None:
+    train_classifier(small_digits, TrainConfig(epochs=2), progress=True, stage="scan round 2/3")
+    err = capsys.readouterr().err
+    assert "scan round 2/3" in err and "epoch 2/2" in err
+    assert "/8 [" in err  # 2 epochs x 4 batches of 128 in one bar: the ETA covers the stage

@@ -73,6 +73,7 @@ def test_filter_bad_usage_exits_2(setup: dict[str, Path], capsys) -> None:  # no
     assert main(["filter", str(setup["model"]), str(d / "wrong.npz"), "--clean",
                  str(d / "clean.npz"), "--out", str(d / "y"), "--n-blends", "4"]) == 2
     assert "shape" in capsys.readouterr().err
+    assert not (d / "y").exists()  # nothing left behind
     assert main(["filter", str(setup["model"]), str(d / "data.npz"), "--clean",
                  str(d / "clean.npz"), "--out", str(d / "z"), "--frr", "1.5"]) == 2
 

@@ -165,7 +165,8 @@ def run_detectors(features: np.ndarray, labels: np.ndarray, losses: np.ndarray |
     return results, combined
 
 
-def _train_with_loss_seed(subset: LabeledData, config: ScanConfig, n_classes: int
+def _train_with_loss_seed(subset: LabeledData, config: ScanConfig, n_classes: int,
+                          stage: str = "scan round 1: sacrificial model"
                           ) -> tuple[TrainResult, np.ndarray]:
     """Sacrificial training whose first quarter of epochs keeps every loss above a floor (ABL's
     local gradient ascent); the ``loss_seed_rate`` share of samples with the lowest loss at the
@@ -191,12 +192,13 @@ def _train_with_loss_seed(subset: LabeledData, config: ScanConfig, n_classes: in
 
     train = train_classifier(subset, train_config, n_classes=n_classes,
                              progress=config.progress, batch_loss=batch_loss,
-                             epoch_end=epoch_end)
+                             epoch_end=epoch_end, stage=stage)
     return train, isolate_lowest(captured["losses"], config.loss_seed_rate)
 
 
 def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
-                classifier: TorchClassifier | None, n_classes: int, first: bool = True
+                classifier: TorchClassifier | None, n_classes: int, first: bool = True,
+                stage: str = "scan round 1: sacrificial model"
                 ) -> tuple[RoundResult, dict[str, np.ndarray]]:
     timings: dict[str, float] = {}
     train = None
@@ -205,10 +207,11 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
     t0 = time.perf_counter()
     if classifier is None:
         if first and config.loss_seed:
-            train, seed_mask = _train_with_loss_seed(subset, config, n_classes)
+            train, seed_mask = _train_with_loss_seed(subset, config, n_classes, stage)
         else:
             train = train_classifier(subset, config.train_config(len(data)),
-                                     n_classes=n_classes, progress=config.progress)
+                                     n_classes=n_classes, progress=config.progress,
+                                     stage=stage)
         classifier = train.classifier
     timings["training_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
@@ -444,7 +447,8 @@ def scan(data: LabeledData, config: ScanConfig | None = None,
     t0 = time.perf_counter()
     max_rounds = 1 if classifier is not None else config.max_rounds
     for r in range(max_rounds):
-        rnd, out = _scan_round(data, kept, config, classifier, n_classes, first=r == 0)
+        rnd, out = _scan_round(data, kept, config, classifier, n_classes, first=r == 0,
+                               stage=f"scan round {r + 1}/{max_rounds}: sacrificial model")
         if r > 0:
             rnd = _confirm_later_round(data, rnd, out["representations"], rounds, config)
         rounds.append(rnd)
@@ -463,7 +467,8 @@ def scan(data: LabeledData, config: ScanConfig | None = None,
         elif config.final_model:
             final_train = train_classifier(data.subset(np.flatnonzero(~combined.flags)),
                                            config.train_config(len(data)), n_classes=n_classes,
-                                           progress=config.progress)
+                                           progress=config.progress,
+                                           stage="final model on the sanitised set")
             final_clf = final_train.classifier
     timings = {"total_s": round(time.perf_counter() - t0, 3), "rounds": len(rounds)}
     for key in ("training_s", "representations_s", "detectors_s"):
@@ -525,6 +530,7 @@ def retrain_unlearning(result: ScanResult) -> TrainResult:
     weight = minimum_share_weight(len(idx), len(data), UNLEARN_MIN_SHARE)
     return train_classifier(data, result.config.train_config(len(data)),
                             n_classes=data.n_classes, progress=result.config.progress,
+                            stage="unlearning retrain",
                             batch_targets=relabelled_batches(flags, labels, targets),
                             batch_loss=None if weight == 1.0 else weighted_mean_loss(flags,
                                                                                     weight))

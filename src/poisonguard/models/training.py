@@ -87,7 +87,8 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
                      arch: str | None = None, n_classes: int | None = None,
                      progress: bool = False, batch_loss: BatchLoss | None = None,
                      epoch_end: EpochEnd | None = None,
-                     batch_targets: BatchTargets | None = None) -> TrainResult:
+                     batch_targets: BatchTargets | None = None,
+                     stage: str = "training") -> TrainResult:
     """Train ``model`` (default: a built-in architecture sized to ``data``) on ``data``.
 
     ``batch_loss(per_sample_losses, dataset_indices, epoch)`` turns a batch's per-sample losses
@@ -95,7 +96,8 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
     ``batch_targets(dataset_indices, epoch)`` may return a (batch, classes) matrix of target
     distributions that replaces the labels for that batch (``None``: the labels).
     ``epoch_end(epoch, model)`` runs after every epoch. Deterministic for a given seed on one
-    machine. Returns the trained adapter and history.
+    machine. Returns the trained adapter and history. With ``progress``, one bar per call
+    named ``stage`` counts every step of every epoch (so its ETA is the whole stage's).
     """
     config = config or TrainConfig()
     spec = input_spec or InputSpec.for_data(data.x)
@@ -128,14 +130,16 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
     y_all = torch.from_numpy(data.y)
     history = []
     t0 = time.perf_counter()
+    bar = tqdm(total=total_steps, desc=stage, leave=False, unit="step") if progress else None
     for epoch in range(config.epochs):
         model.train()
         order = rng.permutation(len(data))
         total, correct, seen = 0.0, 0, 0
-        it = range(0, len(data), config.batch_size)
-        if progress:
-            it = tqdm(it, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False)
-        for start in it:
+        if bar is not None:
+            bar.set_postfix_str(f"epoch {epoch + 1}/{config.epochs}")
+        for start in range(0, len(data), config.batch_size):
+            if bar is not None:
+                bar.update(1)
             idx = order[start:start + config.batch_size]
             if len(idx) < 2:
                 continue
@@ -168,6 +172,8 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
         if epoch_end is not None:
             model.eval()
             epoch_end(epoch, model)
+    if bar is not None:
+        bar.close()
     model.eval()
     clf = TorchClassifier(model, spec, layer=DEFAULT_LAYER if hasattr(model, DEFAULT_LAYER)
                           else None, n_classes=n_classes, progress=progress)

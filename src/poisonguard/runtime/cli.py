@@ -145,10 +145,13 @@ def cmd_filter(args: argparse.Namespace) -> int:
     classifier = load_model(args.model, batch_size=args.batch_size)
     x = _load_inputs(args.data)
     check_inputs(classifier.expected_inputs, x, "the inputs")
+    if args.clean and not args.calibration:  # a shape mismatch is found before calibrating
+        from poisonguard.runtime.strip import validate_inputs
+
+        validate_inputs(x, tuple(_load_inputs(args.clean).shape[1:]))
     filt = build_filter(args, classifier)
     timings["calibrate_s"] = round(time.perf_counter() - t0, 3)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     t1 = time.perf_counter()
     result = filt.screen(x)
     timings["screen_s"] = round(time.perf_counter() - t1, 3)
@@ -157,6 +160,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
         t2 = time.perf_counter()
         evaluation = _evaluation(filt, args.test)
         timings["evaluate_s"] = round(time.perf_counter() - t2, 3)
+    out.mkdir(parents=True, exist_ok=True)  # only now: a bad input leaves no empty folder
     filt.save(out)
     atomic_write_csv(out / "flags.csv", ["index", "prediction", "entropy", "score", "suspicious"],
                      ([i, int(p), f"{e:.6f}", f"{sc:.6f}", int(s)] for i, (p, e, sc, s) in

@@ -161,7 +161,8 @@ def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
         if guard.defense == "trim" and guard.trim_warmup_epochs == 0 and state["fraction"] is None:
             raise ConfigError("an estimated trim fraction needs trim_warmup_epochs >= 1")
         train = train_classifier(data, config, model=model, n_classes=n_classes,
-                                 progress=progress, batch_loss=batch_loss, epoch_end=epoch_end)
+                                 progress=progress, batch_loss=batch_loss, epoch_end=epoch_end,
+                                 stage=f"guarded training ({guard.defense})")
         result = GuardedResult(train.classifier, train, guard, 0.0,
                                drop_counts=drop_counts if guard.defense == "trim" else None,
                                trim_fraction=state["fraction"])
@@ -248,7 +249,7 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
 
     train = train_classifier(data, config, model=model, n_classes=n_classes,
                              progress=progress, batch_loss=batch_loss, epoch_end=epoch_end,
-                             batch_targets=batch_targets)
+                             batch_targets=batch_targets, stage="guarded training (abl)")
     model = train.classifier.model
     initial = state.get("initial", isolated.copy())
     n_after_expansion = int(isolated.sum())
