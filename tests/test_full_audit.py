@@ -285,3 +285,18 @@ def test_guarded_training_layer(files, tmp_path):
     _report(out)
     assert main(["predict", str(out / "guarded_model"), str(files["test"]), "--out",
                  str(tmp_path / "p.csv")]) == 0
+
+
+def test_results_render_in_notebooks(files):
+    from poisonguard.audit import CleanseConfig, audit_model, load_audit_model
+    from poisonguard.data import load_dataset
+    from poisonguard.pipeline import ScanConfig, scan
+
+    data = load_dataset(files["poisoned"])
+    result = scan(data, ScanConfig(epochs=2, max_rounds=1, final_model=False, loss_seed=False))
+    page = result._repr_html_()
+    assert 'class="verdict' in page and page.count('class="card ') == len(LAYERS)
+    audit = audit_model(load_audit_model(files["model"]), load_dataset(files["clean"]),
+                        CleanseConfig(max_steps=10, min_steps=5, additive=False), dormant=False)
+    page = audit._repr_html_()
+    assert "Model audit" in page and 'class="card skipped"' in page

@@ -129,6 +129,13 @@ class ScanResult:
     def poisoned_classes(self) -> list[int]:
         return self.combined.suspicious_classes
 
+    def _repr_html_(self) -> str:
+        """The verdict banner and layer cards, for notebooks."""
+        from poisonguard.report.builder import build_scan_report
+        from poisonguard.report.html import banner_and_cards
+
+        return banner_and_cards(build_scan_report(self, "scan (Python)"))
+
 
 def run_detectors(features: np.ndarray, labels: np.ndarray, losses: np.ndarray | None,
                   names: tuple[str, ...] = DETECTORS,

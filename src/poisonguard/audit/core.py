@@ -33,6 +33,15 @@ class AuditResult:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
+    def _repr_html_(self) -> str:
+        """The verdict banner and layer cards, for notebooks."""
+        from poisonguard.report.html import banner_and_cards
+        from poisonguard.verdict import model_audit_status, set_verdict
+
+        status = model_audit_status(self.verdict, self.cleanse.config.threshold)
+        return banner_and_cards(set_verdict({"command": "audit_model (Python)"},
+                                            {"model_audit": status}))
+
 
 def _sigmoid(v: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(min(v, 50.0), -50.0)))
