@@ -175,7 +175,15 @@ def test_bad_inputs_exit_2_one_line_nothing_left(files, tmp_path, capsys):
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, x=rng.integers(0, 255, (300, 12, 12), dtype=np.uint8),
              y=np.arange(300) % 10)
-    _bad(base + ["--model", str(files["model"]), "--clean", str(wrong)], capsys)
+    assert "shape (8, 8)" in _bad(base + ["--model", str(files["model"]), "--clean",
+                                          str(wrong)], capsys)
+    with np.load(files["clean"]) as f:
+        huge = tmp_path / "huge.npz"
+        np.savez(huge, x=f["x"].astype(np.float32) * 1e30, y=f["y"])
+    for cmd in (base + ["--model", str(files["model"]), "--clean", str(huge)],
+                ["audit-model", str(files["model"]), "--clean", str(huge), "--out", str(out)],
+                ["predict", str(files["model"]), str(huge), "--out", str(tmp_path / "p.csv")]):
+        assert "values span" in _bad(cmd, capsys)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert "does not exist" in _bad(["audit", "--data", str(files["train"]), "--quiet",

@@ -163,7 +163,7 @@ def _check_data_fits_model(model: Any, data: Any) -> None:
     """The model must take the data's samples and have at least its classes."""
     from poisonguard.models.io import check_inputs
 
-    check_inputs(getattr(model.classifier, "expected_inputs", None), data.x, "the data")
+    check_inputs(model.classifier.expected_inputs, data.x, "the data")
     try:
         k = model.n_outputs(data.x)
     except (RuntimeError, ValueError, PoisonguardError) as exc:

@@ -135,7 +135,7 @@ def check_clean_data(model: AuditModel, clean: LabeledData, min_samples: int = M
                         "(NHW/NHWC) or vectors")
     from poisonguard.models.io import check_inputs
 
-    check_inputs(getattr(model.classifier, "expected_inputs", None), clean.x,
+    check_inputs(model.classifier.expected_inputs, clean.x,
                  "the clean set")
     try:
         k = model.n_outputs(clean.x)
