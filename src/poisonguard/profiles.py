@@ -46,7 +46,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "quick": Profile("quick", scan_rounds=1, epoch_share=0.2, min_epochs=3,
+    "quick": Profile("quick", scan_rounds=1, epoch_share=0.2, min_epochs=2,
                      detectors=("activation_clustering", "spectral_signatures",
                                 "loss_outliers"),
                      loss_seed=False, final_model=False, seeds=(0,), recheck=False,
