@@ -28,7 +28,7 @@ from poisonguard.attacks.base import PoisonedData
 from poisonguard.data import LabeledData, load_shared
 from poisonguard.io import atomic_write_json, atomic_write_text
 from poisonguard.metrics import detection_metrics
-from poisonguard.pipeline import ScanConfig, evaluate_model, scan
+from poisonguard.pipeline import ScanConfig, evaluate_model, retrain_unlearning, scan
 
 ROOT = Path(__file__).resolve().parent
 SHARED = ROOT.parent.parent / "shared" / "datasets"
@@ -56,7 +56,7 @@ def target_for(seed: int) -> int:
 
 def run_one(attack: str, seed: int, train: LabeledData, test: LabeledData,
             trusted: LabeledData, epochs: int | None,
-            columns: tuple[bool, ...] = (False, True)) -> list[dict]:
+            columns: tuple[bool, ...] = (False, True), unlearn: bool = False) -> list[dict]:
     name, kwargs = SPECS[attack]
     if name == "clean":  # no poison: the false-positive floor
         poisoned = PoisonedData(train, np.zeros(len(train), dtype=bool), train.y.copy(),
@@ -73,6 +73,9 @@ def run_one(attack: str, seed: int, train: LabeledData, test: LabeledData,
         before = evaluate_model(result.classifier, test, poisoned)
         after = (evaluate_model(result.final_classifier, test, poisoned)
                  if result.final_classifier is not None else None)
+        unlearned = None
+        if unlearn and result.flags.any():
+            unlearned = evaluate_model(retrain_unlearning(result).classifier, test, poisoned)
         wide = [r.name for r in result.detectors if r.extras.get("dataset_wide")]
         out.append({
             "attack": attack, "params": poisoned.attack, "seed": seed,
@@ -81,8 +84,10 @@ def run_one(attack: str, seed: int, train: LabeledData, test: LabeledData,
             "dataset_wide": wide, "detection": detection_metrics(result.flags, truth,
                                                                  result.combined.scores),
             "per_detector_recall": {r.name: round(float(r.flags[truth].mean()), 4)
-                                    for r in result.detectors},
-            "before": before, "after": after, "scan_wall_s": round(time.perf_counter() - t0, 1),
+                                    if truth.any() else None for r in result.detectors},
+            "per_detector_classes": {r.name: r.suspicious_classes for r in result.detectors},
+            "before": before, "after": after, "unlearn_retrain": unlearned,
+            "scan_wall_s": round(time.perf_counter() - t0, 1),
         })
         print(json.dumps({k: out[-1][k] for k in ("attack", "trusted", "reported",
                                                   "dataset_wide", "before", "after")}),
@@ -96,10 +101,12 @@ def summarise(records: list[dict]) -> str:
              "the poisoned set; after = the model trained on the sanitised set. `T` = with a "
              "500-sample trusted set.", "",
              "| dataset | attack | seed | T | ASR before | scored | recall | clean flagged | "
-             "target | reported | dataset-wide | ASR after | acc before / after |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "target | reported | dataset-wide | ASR after | acc before / after | "
+             "unlearning retrain: ASR / acc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         d, b, a = r["detection"], r["before"], r["after"] or {}
+        u = r.get("unlearn_retrain") or {}
         asr_b = b.get("asr")
         scored = asr_b is not None and asr_b >= 0.5
         fmt = lambda v: "–" if v is None else f"{100 * v:.1f}%"  # noqa: E731
@@ -111,8 +118,13 @@ def summarise(records: list[dict]) -> str:
             f"{fmt(asr_b)} | {status} | {rec} | "
             f"{fmt(d['fpr'])} | {r['target']} | {r['reported']} | "
             f"{', '.join(r['dataset_wide']) or '-'} | {fmt(a.get('asr'))} | "
-            f"{fmt(b.get('clean_accuracy'))} / {fmt(a.get('clean_accuracy'))} |")
+            f"{fmt(b.get('clean_accuracy'))} / {fmt(a.get('clean_accuracy'))} | "
+            f"{fmt(u.get('asr'))} / {fmt(u.get('clean_accuracy'))} |")
     return "\n".join(lines) + "\n"
+
+
+def _key(rec: dict) -> tuple:
+    return rec["dataset"], rec["attack"], rec["seed"], rec["trusted"], rec["n_train"]
 
 
 def main() -> None:
@@ -123,11 +135,27 @@ def main() -> None:
     p.add_argument("--attacks", nargs="+", default=list(SPECS), choices=list(SPECS))
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--unlearn", action="store_true",
+                   help="also train with the flagged samples toward other-class targets "
+                        "(retrain_unlearning) and report its ASR and accuracy")
     p.add_argument("--columns", choices=["both", "plain", "trusted"], default="both",
                    help="run without the trusted set, with it, or both (records are merged)")
     p.add_argument("--results", default="agnostic",
                    help="results file stem under benchmarks/results (one per concurrent run)")
+    p.add_argument("--merge", nargs="+", metavar="STEM", default=None,
+                   help="merge these results stems into --results (later stems win) and stop")
     args = p.parse_args()
+    if args.merge:
+        merged: dict[tuple, dict] = {}
+        for stem in [args.results, *args.merge]:
+            path = RESULTS / f"{stem}.json"
+            for rec in json.loads(path.read_text()) if path.exists() else []:
+                merged[_key(rec)] = rec
+        records = sorted(merged.values(), key=lambda r: (r["dataset"], r["attack"],
+                                                          r["seed"], r["trusted"]))
+        atomic_write_json(RESULTS / f"{args.results}.json", records)
+        atomic_write_text(RESULTS / f"{args.results}.md", summarise(records))
+        return
     torch.set_num_threads(args.threads)
     full = load_shared(args.dataset, SHARED)
     test_all = load_shared(args.dataset, SHARED, split="test")
@@ -141,12 +169,10 @@ def main() -> None:
         for attack in args.attacks:
             columns = {"both": (False, True), "plain": (False,),
                        "trusted": (True,)}[args.columns]
-            for rec in run_one(attack, seed, train, test, trusted, args.epochs, columns):
+            for rec in run_one(attack, seed, train, test, trusted, args.epochs, columns,
+                               args.unlearn):
                 rec["dataset"] = args.dataset
-                records = [r for r in records if (r["dataset"], r["attack"], r["seed"],
-                                                  r["trusted"], r["n_train"]) !=
-                           (rec["dataset"], rec["attack"], rec["seed"], rec["trusted"],
-                            rec["n_train"])] + [rec]
+                records = [r for r in records if _key(r) != _key(rec)] + [rec]
                 atomic_write_json(path, records)
                 atomic_write_text(RESULTS / f"{args.results}.md", summarise(records))
 
