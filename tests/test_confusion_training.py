@@ -48,3 +48,19 @@ def test_scan_says_confusion_training_was_skipped(digits) -> None:
     few = LabeledData.create(train.x[:10], train.y[:10])
     assert "20" in skipped_detectors(ScanConfig(trusted=few))["confusion_training"]
     assert skipped_detectors(ScanConfig(trusted=train)) == {}
+
+
+def test_stamped_flip_rate_separates_a_trigger_from_a_natural_feature(backdoored) -> None:
+    from poisonguard.detect.trigger_template import TriggerTemplate
+    from poisonguard.pipeline import stamped_flip_rate
+
+    poisoned, _, clf = backdoored
+    data = poisoned.data
+    tt = TriggerTemplate().detect(data.x, data.y, poisoned.is_poison, [2])
+    mask, values = tt.extras["templates"][2]
+    assert stamped_flip_rate(clf, data, 2, mask, values) >= 0.5
+    # the brightest pixels shared by clean zeros: a class feature, not a trigger
+    zeros = data.x[(data.y == 0) & ~poisoned.is_poison].reshape(-1, data.x[0].size)
+    natural = np.zeros(zeros.shape[1], dtype=bool)
+    natural[np.argsort(zeros.mean(0))[-5:]] = True
+    assert stamped_flip_rate(clf, data, 0, natural, zeros.mean(0)[natural]) < 0.5

@@ -8,8 +8,9 @@ flagged by mistake. Every sample
 of the class matching the template on all those values is flagged, including poisons the
 sacrificial model never learned (they carry the trigger but sit with the clean samples in
 representation space). A template that also matches more than ``max_other_match`` of the other
-classes' samples is a natural feature, not a trigger, and is discarded. Blended triggers leave no
-constant values, so no template is formed and nothing is added.
+classes' samples is a natural feature, not a trigger, and is discarded. ``extras["templates"]``
+maps each class given a template to its (flat mask, values in the data's units). Blended
+triggers leave no constant values, so no template is formed and nothing is added.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class TriggerTemplate:
         scores = np.zeros(len(labels))
         out = np.zeros(len(labels), dtype=bool)
         findings = []
+        templates: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for c in classes:
             idx = np.flatnonzero(labels == c)
             f = flags[idx]
@@ -81,6 +83,7 @@ class TriggerTemplate:
                 continue
             hit = match >= 1.0
             out[idx] = hit
+            templates[c] = (mask, (mf[mask] / scale).astype(np.float32))
             findings.append(ClassFinding(c, True, len(idx), int(hit.sum()), evidence))
         rule = {"rule": "values on which >= min_agreement of the flagged set agree (robust sd < "
                         "max_spread) and that are shifted from the class (> min_shift); flag "
@@ -90,4 +93,4 @@ class TriggerTemplate:
                 "min_shift": self.min_shift,
                 "tolerance_sd": self.tolerance_sd, "max_other_match": self.max_other_match}
         return DetectorResult(self.name, scores, out, 1.0, rule, tuple(findings),
-                              time.perf_counter() - t0)
+                              time.perf_counter() - t0, extras={"templates": templates})
