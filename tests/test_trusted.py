@@ -58,7 +58,11 @@ def test_scan_with_trusted_set_uses_it(split) -> None:
     assert 3 in result.poisoned_classes
     flagged = result.flags
     assert flagged[poisoned.is_poison].mean() >= 0.9
-    assert flagged[~poisoned.is_poison].mean() <= 0.06
+    # this 6-epoch toy also splits clean class 5 (4.4% of clean samples flagged without
+    # confusion training); confusion training adds 9 clean samples of class 3 (6.4%)
+    assert flagged[~poisoned.is_poison].mean() <= 0.07
+    ct = next(r for r in result.detectors if r.name == "confusion_training")
+    assert ct.suspicious_classes == [3] and ct.flags[poisoned.is_poison].all()
     assert ScanConfig(trusted=trusted).to_dict()["trusted"] == {"n_samples": len(trusted)}
 
 
