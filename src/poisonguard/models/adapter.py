@@ -21,7 +21,8 @@ class InputSpec:
     """How raw numpy samples become model inputs.
 
     ``layout``: ``"nchw"`` (images given NHW or NHWC are moved to NCHW), ``"flat"`` (each sample
-    flattened to a vector) or ``"raw"`` (passed as the data holds them: uint8 stays uint8, other
+    flattened to a vector), ``"tokens"`` (text token ids, int64, trailing padding columns cut)
+    or ``"raw"`` (passed as the data holds them: uint8 stays uint8, other
     dtypes become float32; for TorchScript models that do their own preprocessing). ``scale``
     multiplies the values (1/255 for uint8 images). ``dtype`` is
     the torch dtype the model takes: ``"float32"`` or ``"uint8"`` (TorchScript models fed raw).
@@ -47,6 +48,11 @@ class InputSpec:
 
     def prepare(self, x: np.ndarray) -> torch.Tensor:
         """Convert a numpy batch to a model-ready tensor."""
+        if self.layout == "tokens":  # (N, L) token ids, 0 = padding: trailing padding cut
+            ids = np.asarray(x, dtype=np.int64)
+            used = np.flatnonzero(ids.any(axis=0)) if ids.size else np.array([], dtype=int)
+            width = int(used[-1]) + 1 if len(used) else 1
+            return torch.from_numpy(np.ascontiguousarray(ids[:, :width]))
         if self.layout == "raw":
             if x.dtype == np.uint8:
                 return torch.from_numpy(np.ascontiguousarray(x))
