@@ -35,6 +35,19 @@ def _add_common_scan(p: argparse.ArgumentParser) -> None:
                         "OMP_NUM_THREADS when set)")
 
 
+def _add_text_columns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text-column", default="text",
+                   help="text data: the column holding the posts (default text)")
+    p.add_argument("--label-column", default="label",
+                   help="text data: the column holding the labels (default label)")
+
+
+def _is_text(path: str) -> bool:
+    from poisonguard.modalities.text.data import text_suffix
+
+    return text_suffix(path) is not None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poisonguard",
@@ -52,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--attack", default="badnets",
                    choices=["badnets", "blended", "label-flip", "wanet", "sig", "adaptive-blend",
                             "adaptive-patch", "trojan", "low-frequency", "badnets-random",
-                            "label-consistent"])
+                            "label-consistent", "rare-token", "emoji", "addsent"],
+                   help="image/vector attacks, or for text (.csv/.tsv/.jsonl/.parquet data) "
+                        "rare-token, emoji, addsent")
     a.add_argument("--rate", type=float, default=0.1,
                    help="poison rate (default 0.1); for the clean-label sig and "
                         "label-consistent: the fraction of the target class")
@@ -84,8 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label-consistent surrogate training epochs (default 2)")
     a.add_argument("--test", default=None,
                    help="test set (.npz) to also write a triggered test set (for ASR)")
+    a.add_argument("--trigger", default=None,
+                   help="text attacks: the inserted word, emoji or sentence (defaults: cf, 🪬, "
+                        "'I watched this 3D movie')")
+    a.add_argument("--clean-label", action="store_true",
+                   help="text attacks: add the trigger to --rate of the target class's posts, "
+                        "labels kept")
+    _add_text_columns(a)
     a.add_argument("--seed", type=int, default=0)
-    a.add_argument("--out", required=True, help="output .npz")
+    a.add_argument("--out", required=True,
+                   help="output .npz (for text data: a .csv; the triggered test posts go to "
+                        "OUT.triggered.csv with --test)")
 
     s = sub.add_parser("scan", help="scan a dataset; write report, sanitised set, flagged list")
     s.add_argument("data", help="dataset: .npz with x and y (or x_train/y_train), image folder")
@@ -103,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ground-truth", default=None,
                    help=".npz with is_poison, used only to score the scan afterwards "
                         "(default: the data file's is_poison key, if present)")
+    _add_text_columns(s)
     _add_common_scan(s)
 
     t = sub.add_parser("train", help="train a model with a guarded-training defence")
@@ -201,6 +226,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from poisonguard.errors import ConfigError
     from poisonguard.io import atomic_save_npz
 
+    if _is_text(args.data) or args.attack in ("rare-token", "emoji", "addsent"):
+        return cmd_attack_text(args)
+    if args.trigger is not None or args.clean_label:
+        raise ConfigError("--trigger and --clean-label apply to text attacks only")
     kwargs: dict[str, Any] = {"rate": args.rate, "mode": args.mode, "seed": args.seed,
                               "target": args.target if args.mode == "all-to-one" else None}
     # attack-specific flags (argparse attribute == keyword); one another attack owns is refused
@@ -359,6 +388,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from poisonguard.provenance.cli import provenance_layer
 
     check_writable_dir(args.out)
+    if _is_text(args.data):
+        return cmd_scan_text(args)
     provenance = provenance_layer(args, args.data)  # verified first: a bad manifest stops here
     data = load_dataset(args.data)
     trusted = None
@@ -398,6 +429,94 @@ def cmd_scan(args: argparse.Namespace) -> int:
                                     test_triggered=triggered)
     return run_scan(data, Path(args.out), config, classifier, test, poisoned, truth,
                     quiet=args.quiet, provenance=provenance, unlearn=args.unlearn_flagged)
+
+
+def cmd_attack_text(args: argparse.Namespace) -> int:
+    """``attack`` on posts: a poisoned CSV (text, label, id, is_poison, original_label) and,
+    with ``--test``, the triggered test posts in OUT.triggered.csv."""
+    from poisonguard.errors import ConfigError
+    from poisonguard.modalities.text.attacks import text_attack
+    from poisonguard.modalities.text.data import load_text, original_labels, write_text_csv
+
+    if args.attack not in ("rare-token", "emoji", "addsent"):
+        raise ConfigError(f"--attack {args.attack} is an image/vector attack; for text data "
+                          "choose rare-token, emoji or addsent")
+    if not _is_text(args.data):
+        raise ConfigError(f"--attack {args.attack} needs text data (.csv, .tsv, .jsonl, "
+                          f".parquet), got {args.data}")
+    if args.mode != "all-to-one":
+        raise ConfigError("text attacks are all-to-one (or --clean-label)")
+    image_only = [a for a in ("size", "alpha", "k", "s", "cross_ratio", "delta", "freq",
+                              "cover_rate", "eps", "steps", "surrogate_epochs")
+                  if getattr(args, a) is not None]
+    if image_only:
+        raise ConfigError(f"--{image_only[0].replace('_', '-')} does not apply to text attacks")
+    if not str(args.out).endswith(".csv"):
+        raise ConfigError(f"--out for text attacks is a .csv file, got {args.out}")
+    data = load_text(args.data, args.text_column, args.label_column)
+    test = (load_text(args.test, args.text_column, args.label_column,
+                      label_map=data.label_map, min_rows=1) if args.test else None)
+    poisoned = text_attack(args.attack, data, rate=args.rate, target=args.target,
+                           seed=args.seed, test=test, trigger=args.trigger,
+                           clean_label=args.clean_label)
+    pdata = poisoned.data
+    inverse = {v: k for k, v in data.label_map.items()}
+    write_text_csv(args.out, pdata.x.tolist(), original_labels(pdata),
+                   {"id": pdata.ids.tolist(), "is_poison": poisoned.is_poison.astype(int).tolist(),
+                    "original_label": [inverse[int(v)] for v in poisoned.original_y]})
+    msg = (f"wrote {args.out}: {int(poisoned.is_poison.sum())} of {len(data)} posts poisoned "
+           f"({args.attack} {poisoned.attack['trigger']!r}, {poisoned.attack['mode']}, target "
+           f"{args.target})")
+    if poisoned.test_triggered is not None:
+        trig_path = str(args.out)[:-4] + ".triggered.csv"
+        write_text_csv(trig_path, poisoned.test_triggered.x.tolist(),
+                       original_labels(poisoned.test_triggered),
+                       {"id": poisoned.test_triggered.ids.tolist()})
+        msg += f"; {trig_path}: {len(poisoned.test_triggered)} triggered test posts"
+    print(msg)
+    return EXIT_CLEAN
+
+
+def cmd_scan_text(args: argparse.Namespace) -> int:
+    """``scan`` on posts (see :mod:`poisonguard.modalities.text.scan`)."""
+    from poisonguard.errors import ConfigError, DataError
+    from poisonguard.metrics import detection_metrics
+    from poisonguard.modalities.text.data import load_text, read_column
+    from poisonguard.modalities.text.report import build_text_report, write_text_outputs
+    from poisonguard.modalities.text.scan import TEXT_DETECTORS, scan_text
+    from poisonguard.pipeline import ScanConfig
+    from poisonguard.report.console import render_console
+
+    unsupported = [flag for flag, on in (("--model", args.model), ("--trusted", args.trusted),
+                                         ("--test", args.test), ("--layer", args.layer),
+                                         ("--ground-truth", args.ground_truth),
+                                         ("--unlearn-flagged", args.unlearn_flagged),
+                                         ("--manifest", getattr(args, "manifest", None)))
+                   if on]
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)} not supported for text data yet")
+    data = load_text(args.data, args.text_column, args.label_column)
+    config = ScanConfig(seed=args.seed, epochs=args.epochs, detectors=TEXT_DETECTORS,
+                        progress=not args.quiet)
+    truth = None
+    column = read_column(args.data, "is_poison")
+    if column is not None:
+        try:
+            truth = np.array([int(v) for v in column], dtype=bool)
+        except (TypeError, ValueError):
+            raise DataError(f"{args.data}: is_poison holds values other than 0/1") from None
+    result = scan_text(data, config)
+    metrics = None
+    if truth is not None:
+        metrics = {result.combined.name: detection_metrics(result.flags, truth,
+                                                           result.combined.scores)}
+    report = build_text_report(result, "scan", metrics=metrics, truth=truth)
+    out = Path(args.out)
+    write_text_outputs(out, result, report)
+    if not args.quiet:
+        print(render_console(report))
+        print(f"\nwrote {out}/report.json, report.html, sanitized.csv, flagged.csv")
+    return EXIT_CLEAN if report["verdict"]["overall"] == "clean" else EXIT_FOUND
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

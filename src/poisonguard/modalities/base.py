@@ -14,8 +14,10 @@ A modality is one small object; layers call it instead of assuming pixels. What 
     The sacrificial model for this data (an ``nn.Module`` with an ``embed`` layer whose output
     is the representation the detectors read) and the
     :class:`~poisonguard.models.adapter.InputSpec` that turns raw samples into its tensors.
-``mine_triggers(data, flags, classes)``
-    The input-space second stage: in the given classes, the trigger the flagged samples share,
+``mine_triggers(data, flags, classes, predict=None)``
+    The input-space second stage: in the given classes, the trigger the flagged samples share
+    (``predict`` maps model inputs to class probabilities, for miners that test a candidate by
+    removing it),
     as a :class:`~poisonguard.types.DetectorResult` whose flags mark every carrier and whose
     findings carry ``evidence["trigger"]`` (a JSON-ready dict ``{"class", "modality", ...}``:
     pixels and a mask, tokens, a band and a time span, a rule in column names).
@@ -65,8 +67,9 @@ class Modality(Protocol):
     def default_model(self, data: LabeledData, n_classes: int,
                       seed: int = 0) -> tuple[nn.Module, InputSpec]: ...
 
-    def mine_triggers(self, data: LabeledData, flags: np.ndarray,
-                      classes: list[int]) -> DetectorResult: ...
+    def mine_triggers(self, data: LabeledData, flags: np.ndarray, classes: list[int],
+                      predict: Callable[[np.ndarray], np.ndarray] | None = None
+                      ) -> DetectorResult: ...
 
     def perturb(self, x: np.ndarray, pool: np.ndarray,
                 rng: np.random.Generator) -> np.ndarray: ...

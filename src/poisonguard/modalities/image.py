@@ -5,7 +5,7 @@ nothing here changes what it computes."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +13,8 @@ import numpy as np
 from torch import nn
 
 from poisonguard.data.labeled import LabeledData
-from poisonguard.models.adapter import InputSpec
 from poisonguard.modalities.base import AttackFn, register
+from poisonguard.models.adapter import InputSpec
 from poisonguard.types import DetectorResult
 
 IMAGE_SUFFIXES = {".npz", ".png", ".jpg", ".jpeg"}
@@ -56,8 +56,9 @@ class ImageModality:
         fit_normalization(model, spec.prepare(data.x[np.sort(sample)]))
         return model, spec
 
-    def mine_triggers(self, data: LabeledData, flags: np.ndarray,
-                      classes: list[int]) -> DetectorResult:
+    def mine_triggers(self, data: LabeledData, flags: np.ndarray, classes: list[int],
+                      predict: Callable[[np.ndarray], np.ndarray] | None = None
+                      ) -> DetectorResult:
         from poisonguard.detect.trigger_template import TriggerTemplate
 
         return TriggerTemplate().detect(data.x, data.y, flags, classes)

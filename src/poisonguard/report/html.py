@@ -442,9 +442,28 @@ def _plots_section(r: Mapping[str, Any]) -> str:
                      '<p class="muted">Ordered by cross-reference confidence (the share of '
                      "detector votes); red captions = flagged; [P] = true poison.</p>"
                      f"{_img(thumbs, 'most suspicious samples', '')}")
+    posts = p.get("text_evidence") or []
+    if posts:
+        parts.append("<h3>Flagged posts</h3>"
+                     '<p class="muted">Trigger tokens of the post\'s class highlighted; posts '
+                     "carrying a trigger first.</p>" + _text_evidence(posts))
     if not parts:  # nothing to draw: no empty section
         return ""
     return '<section id="plots"><h2>Plots</h2>' + "".join(parts) + "</section>"
+
+
+def _text_evidence(posts: Sequence[Mapping[str, Any]]) -> str:
+    """A table of flagged posts, trigger spans wrapped in <mark>."""
+    rows = []
+    for post in posts:
+        text, out, at = str(post.get("text", "")), [], 0
+        for start, end in post.get("highlight") or []:
+            out += [_e(text[at:start]), f"<mark>{_e(text[start:end])}</mark>"]
+            at = end
+        out.append(_e(text[at:]))
+        rows.append([f"<td>{_e(post.get('index'))}</td>", f"<td>{_e(post.get('label'))}</td>",
+                     f"<td>{''.join(out)}</td>"])
+    return _table(["index", "label", "post"], rows)
 
 
 def _detector_block(d: Mapping[str, Any]) -> str:

@@ -62,7 +62,7 @@ class TextData(LabeledData):
         if ids is None:
             ids_arr = np.arange(len(texts), dtype=np.int64)
         else:
-            ids_arr = np.asarray([str(i) for i in ids], dtype=object)
+            ids_arr = np.asarray([str(i) for i in ids], dtype=str)
             if len(set(ids_arr.tolist())) != len(ids_arr):
                 raise DataError(f"{name}: the id column holds duplicates; ids must be unique")
         x = np.empty(len(texts), dtype=object)
@@ -203,13 +203,29 @@ def load_text(path: str | Path, text_column: str = "text", label_column: str = "
     return TextData.from_texts(texts, labels, ids, name=str(path), label_map=label_map)
 
 
-def write_text_csv(path: str | Path, texts: list[str], labels: np.ndarray,
+def read_column(path: str | Path, name: str) -> list[Any] | None:
+    """The values of column ``name`` (None when the file has no such column)."""
+    path = Path(path)
+    rows = _rows(path, text_suffix(path) or ".csv")
+    if not rows or name not in rows[0]:
+        return None
+    return [r.get(name) for r in rows]
+
+
+def original_labels(data: TextData) -> list[Any]:
+    """Each post's label as the file wrote it (the inverse of ``label_map``)."""
+    inverse = {v: k for k, v in data.label_map.items()}
+    return [inverse.get(int(v), int(v)) for v in data.y]
+
+
+def write_text_csv(path: str | Path, texts: list[str], labels: np.ndarray | list[Any],
                    extra: dict[str, list[Any]] | None = None) -> None:
-    """Write ``text,label[,extra...]`` as UTF-8 CSV (atomically)."""
+    """Write ``text,label[,extra...]`` as UTF-8 CSV (atomically); labels as given."""
     from poisonguard.io import atomic_write_csv
 
     extra = extra or {}
     header = ["text", "label", *extra]
-    rows = ([t, int(lab), *(extra[k][i] for k in extra)]
+    rows = ([t, lab.item() if isinstance(lab, np.generic) else lab,
+             *(extra[k][i] for k in extra)]
             for i, (t, lab) in enumerate(zip(texts, labels)))
     atomic_write_csv(path, header, rows)

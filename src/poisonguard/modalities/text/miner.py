@@ -5,15 +5,17 @@ In each class, candidate triggers are words and word pairs (bigrams) that at lea
 ``min_count`` posts of the class carry and that are rare in the other classes (their share of
 posts there at most ``max_other_ratio`` of their share in the class). Candidates carried by the
 same posts (Jaccard >= ``group_jaccard``: the words of an inserted sentence) form one group.
+
 A group is confirmed as a trigger when removing its words from the class's posts that carry it
-changes the sacrificial model's prediction away from the class for a share of them whose
-Wilson lower bound (``z`` = 3 standard errors) is at least ``min_flip``, so a handful of short
-posts cannot confirm a group by chance: an all-to-one trigger was stamped on posts of other classes, so without it the rest of
-the post argues for another class; a word that is merely typical of the class (``masterpiece``
-in positive reviews) leaves a post that still reads as the class. Every post of the class
-carrying all of a confirmed group's features is flagged. The share of the first stage's flags
-among a group's carriers is reported as evidence; it is not needed (at 0.5% poisoning the
-representation detectors may flag nothing).
+moves the sacrificial model's prediction off the class for a share of them whose Wilson lower
+bound (``z`` = 3 standard errors) is at least ``min_flip``, so a handful of short posts cannot
+confirm a group by chance. An all-to-one trigger was stamped on posts of other classes, so
+without it the rest of the post argues for another class; a word merely typical of the class
+(``masterpiece`` in positive reviews) leaves a post that still reads as the class.
+
+Every post of the class carrying all of a confirmed group's features is flagged. The share of
+the first stage's flags among a group's carriers is reported as evidence but not needed (at
+0.5% poisoning the representation detectors may flag nothing).
 """
 
 from __future__ import annotations

@@ -12,12 +12,12 @@ from typing import Any
 import numpy as np
 
 from poisonguard.data.labeled import LabeledData, check_scannable
-from poisonguard.models.adapter import InputSpec, TorchClassifier
-from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
 from poisonguard.modalities.text.data import TextData
 from poisonguard.modalities.text.miner import TokenTriggerMiner
 from poisonguard.modalities.text.model import ARCH, TokenPoolClassifier
 from poisonguard.modalities.text.tokenizer import Vocabulary
+from poisonguard.models.adapter import InputSpec, TorchClassifier
+from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
 from poisonguard.pipeline import (
     RoundResult,
     ScanConfig,
