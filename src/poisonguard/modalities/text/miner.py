@@ -2,8 +2,11 @@
 without a poison-rate input).
 
 In each class, candidate triggers are words and word pairs (bigrams) that at least
-``min_count`` posts of the class carry and that are rare in the other classes (their share of
-posts there at most ``max_other_ratio`` of their share in the class). Candidates carried by the
+``max(min_count, min_share * N)`` posts of the class carry (a floor on the size of a backdoor,
+not a poison rate: on SST-2's phrase-level data 19 overlapping sub-phrases of one review share
+"barely shocking") and that are rare in the other classes (their share of posts there at most
+``max_other_ratio`` of their share in the class); candidates whose posts are mostly a confirmed
+trigger's (``the cf``) are skipped. Candidates carried by the
 same posts (Jaccard >= ``group_jaccard``: the words of an inserted sentence) form one group.
 
 A group is confirmed as a trigger when removing its words from the class's posts that carry it
@@ -71,6 +74,7 @@ def _features(tokens: np.ndarray, vocab_size: int) -> _Features:
 @dataclass(frozen=True)
 class TokenTriggerMiner:
     min_count: int = 5
+    min_share: float = 0.0005
     max_other_ratio: float = 0.1
     group_jaccard: float = 0.7
     min_flip: float = 0.5
@@ -103,19 +107,23 @@ class TokenTriggerMiner:
             n_c, n_o = counts[c], counts.sum(0) - counts[c]
             rate_c = n_c / max(class_n[c], 1)
             rate_o = n_o / max(len(labels) - class_n[c], 1)
-            cand = np.flatnonzero((n_c >= self.min_count) & (rate_o <= self.max_other_ratio
-                                                             * rate_c))
+            floor = max(self.min_count, int(np.ceil(self.min_share * len(labels))))
+            cand = np.flatnonzero((n_c >= floor) & (rate_o <= self.max_other_ratio * rate_c))
             cand = cand[np.argsort(-n_c[cand], kind="stable")][:self.max_candidates]
             is_cand = np.zeros(n_f, dtype=bool)
             is_cand[cand] = True
             tested: list[dict[str, Any]] = []
             confirmed: list[dict[str, Any]] = []
             taken = np.zeros(n_f, dtype=bool)
+            covered = np.zeros(len(labels), dtype=bool)
             for f in cand:
                 if taken[f]:
                     continue
                 carriers = docs_by_feat[f_ptr[f]:f_ptr[f + 1]]
                 carriers = carriers[in_c[carriers]]
+                if covered[carriers].mean() >= 0.5:  # mostly a confirmed trigger's posts
+                    taken[f] = True
+                    continue
                 sub = np.concatenate([feats_by_doc[d_ptr[d]:d_ptr[d + 1]] for d in carriers])
                 overlap = np.bincount(sub, minlength=n_f)
                 jac = overlap / np.maximum(n_c + len(carriers) - overlap, 1)
@@ -139,6 +147,7 @@ class TokenTriggerMiner:
                 tested.append(entry)
                 if bound >= self.min_flip:
                     confirmed.append(entry)
+                    covered[carriers] = True
             hits = np.zeros(len(labels), dtype=bool)
             for e in confirmed:
                 has = np.ones(len(labels), dtype=bool)
@@ -166,14 +175,16 @@ class TokenTriggerMiner:
                                       + " of the posts carrying it")
             findings.append(ClassFinding(int(c), bool(confirmed), int(in_c.sum()),
                                          int(hits.sum()), evidence))
-        rule = {"rule": "words/bigrams carried by >= min_count posts of the class, rare in the "
+        rule = {"rule": "words/bigrams carried by >= max(min_count, min_share x N) posts of the "
+                        "class, not mostly a confirmed trigger's carriers, rare in the "
                         "others (rate <= max_other_ratio x the class's), grouped by shared "
                         "carriers (Jaccard >= group_jaccard); a group is a trigger when "
                         "removing it moves its carriers' predictions off the class for a "
                         "share whose Wilson lower bound (z) is >= min_flip (a post left empty "
                         "counts as not moved)",
                 "z": self.z,
-                "min_count": self.min_count, "max_other_ratio": self.max_other_ratio,
+                "min_count": self.min_count, "min_share": self.min_share,
+                "max_other_ratio": self.max_other_ratio,
                 "group_jaccard": self.group_jaccard, "min_flip": self.min_flip}
         return DetectorResult(self.name, scores, out, self.min_flip, rule, tuple(findings),
                               time.perf_counter() - t0)
