@@ -5,7 +5,8 @@ evaluation images), and ASR / clean accuracy after sanitising.
 
     python benchmarks/agnostic.py --dataset mnist --n-train 10000 --seeds 0 \
         --attacks badnets-a2a wanet sig adaptive-blend
-    python benchmarks/agnostic.py --attacks badnets10 blended10 --results agnostic_regression
+    python benchmarks/agnostic.py --attacks badnets10 --columns trusted --results agn_t && \
+        python benchmarks/agnostic.py --merge agn_t
 
 Results are merged into benchmarks/results/agnostic.json (one record per run) and summarised in
 benchmarks/results/agnostic.md. An attack whose ASR on the poisoned-set model is < 50% is
