@@ -151,6 +151,8 @@ def run_detectors(features: np.ndarray, labels: np.ndarray, losses: np.ndarray |
     results = list(extra_results)
     trusted = {"trusted_features": trusted_features, "trusted_labels": trusted_labels}
     for name in names:
+        if name in TRUSTED_MODEL_DETECTORS:
+            continue
         if name == "activation_clustering":
             results.append(ActivationClustering(seed=seed).detect(features, labels, losses,
                                                                   **trusted))
