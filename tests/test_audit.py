@@ -199,8 +199,19 @@ def test_cli_torchscript_roundtrip(zoo: dict, tmp_path: Path) -> None:
     rc = main(["repair", str(ts), "--clean", str(data), "--method", "fine-prune",
                "--steps", "60", "--epochs", "2", "--out", str(out), "--quiet"])
     assert rc == 0 and (out / "model.pt").exists()
+    manifest = json.loads((out / "model.json").read_text())
+    assert manifest["kind"] == "torchscript" and manifest["file"] == "model.pt"
+    assert manifest["inputs"]["sample_shape"] == list(zoo["clean"].x.shape[1:])
     assert main(["predict", str(out / "model.pt"), str(data), "--out",
                  str(tmp_path / "p.csv")]) == 0
+    # the repair folder itself loads wherever a model folder does
+    assert main(["predict", str(out), str(data), "--out", str(tmp_path / "q.csv")]) == 0
+    assert (tmp_path / "p.csv").read_text() == (tmp_path / "q.csv").read_text()
+    assert load_audit_model(out).kind == "torchscript"
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, x=np.zeros((4, 20, 20), np.uint8), y=np.zeros(4, np.int64))
+    assert main(["predict", str(out), str(wrong), "--out", str(tmp_path / "w.csv")]) == 2
+    assert not (tmp_path / "w.csv").exists()
 
 
 def test_cli_bad_inputs(zoo: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -216,6 +216,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
                              "budget at any learning rate; the model is written unchanged and "
                              "still carries the backdoor (try more clean samples, or "
                              "--method fine-prune)")
+    if model.classifier.expected_inputs is None:
+        from poisonguard.models.io import describe_inputs
+
+        model.classifier.expected_inputs = describe_inputs(clean.x)
     written = save_repaired(model, out, repair)
     repair["model"] = str(written)
     report = build_audit_report(result, clean, model, command=f"repair --method {args.method}",

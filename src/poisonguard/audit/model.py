@@ -9,7 +9,6 @@ poisonguard models; the values as they are, as float, for TorchScript models fed
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +157,8 @@ def check_clean_data(model: AuditModel, clean: LabeledData, min_samples: int = M
 
 def save_repaired(model: AuditModel, out_dir: str | Path, extra: dict[str, Any]) -> Path:
     """Write the repaired model where ``poisonguard predict`` loads it: a poisonguard model
-    folder (model.safetensors + model.json), or for TorchScript input ``model.pt``."""
-    from poisonguard.io import atomic_write_bytes
+    folder (model.safetensors + model.json), or for TorchScript input ``model.pt`` with a
+    ``model.json`` manifest beside it."""
     from poisonguard.models.adapter import InputSpec as _Spec
     from poisonguard.models.io import save_model
 
@@ -167,11 +166,11 @@ def save_repaired(model: AuditModel, out_dir: str | Path, extra: dict[str, Any])
     out.mkdir(parents=True, exist_ok=True)
     module = model.module.eval()
     if model.kind == "torchscript":
-        buf = io.BytesIO()
-        torch.jit.save(module, buf)
-        target = out / "model.pt"
-        atomic_write_bytes(target, buf.getvalue())
-        return target
+        from poisonguard.models.io import save_scripted
+
+        save_scripted(out, module, extra={"repair": extra},
+                      inputs=model.classifier.expected_inputs)
+        return out
     meta = model.meta
     save_model(out, module, meta["arch"], meta["arch_kwargs"], _Spec(**meta["input_spec"]),
                meta["n_classes"], meta.get("layer"),

@@ -23,6 +23,27 @@ from poisonguard.models.architectures import build_model
 MODEL_JSON = "model.json"
 WEIGHTS = "model.safetensors"
 FORMAT = "poisonguard-model"
+SCRIPTED = "model.pt"
+
+
+def save_scripted(out_dir: str | Path, module: torch.jit.ScriptModule,
+                  extra: dict[str, Any] | None = None,
+                  inputs: dict[str, Any] | None = None) -> Path:
+    """Write a TorchScript module as ``model.pt`` with a ``model.json`` manifest
+    (``"kind": "torchscript"``) into ``out_dir``, so the folder loads like any model folder."""
+    import io as _io
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = _io.BytesIO()
+    torch.jit.save(module, buf)
+    atomic_write_bytes(out / SCRIPTED, buf.getvalue())
+    atomic_write_json(out / MODEL_JSON, {
+        "format": FORMAT, "format_version": 1, "poisonguard_version": __version__,
+        "kind": "torchscript", "file": SCRIPTED, "extra": extra or {},
+        **({"inputs": inputs} if inputs else {}),
+    })
+    return out
 
 
 def describe_inputs(x: np.ndarray) -> dict[str, Any]:
@@ -118,7 +139,9 @@ def load_model(path: str | Path, batch_size: int = 512, progress: bool = False
     elif path.suffix == ".safetensors" or (path.parent / MODEL_JSON).exists():
         meta_path = path.parent / MODEL_JSON
     if meta_path is None or not meta_path.exists():
-        if path.is_dir():
+        if path.is_dir() and (path / SCRIPTED).exists():
+            path = path / SCRIPTED
+        elif path.is_dir():
             raise ModelError(f"{path}: folder has no {MODEL_JSON}")
         _refuse_pickle(path)
         if not _is_torchscript(path):
@@ -136,6 +159,8 @@ def load_model(path: str | Path, batch_size: int = 512, progress: bool = False
         raise ModelError(f"{meta_path}: unreadable model description ({exc})") from None
     if meta.get("format") != FORMAT:
         raise ModelError(f"{meta_path}: not a poisonguard model description")
+    if meta.get("kind") == "torchscript":
+        return _load_scripted_folder(meta_path, meta, batch_size, progress)
     model = build_model(meta["arch"], **meta["arch_kwargs"])
     weights = path if path.is_file() and path.suffix != ".json" else meta_path.parent / WEIGHTS
     if not weights.exists():
@@ -162,5 +187,31 @@ def load_model(path: str | Path, batch_size: int = 512, progress: bool = False
     spec = InputSpec(**meta["input_spec"])
     clf = TorchClassifier(model.eval(), spec, layer=meta.get("layer"), batch_size=batch_size,
                           progress=progress, n_classes=meta["n_classes"])
+    clf.expected_inputs = meta.get("inputs")
+    return clf
+
+
+def _load_jit(path: Path) -> torch.jit.ScriptModule:
+    _refuse_pickle(path)
+    if not _is_torchscript(path):
+        raise ModelError(f"{path}: not a TorchScript archive")
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise ModelError(f"{path}: not a loadable TorchScript archive ({_one_line(exc)})"
+                         ) from None
+
+
+def _load_scripted_folder(meta_path: Path, meta: dict[str, Any], batch_size: int,
+                          progress: bool) -> TorchClassifier:
+    """A folder written by :func:`save_scripted`: ``model.pt`` behind a ``model.json``."""
+    name = str(meta.get("file") or SCRIPTED)
+    if Path(name).name != name:
+        raise ModelError(f"{meta_path}: 'file' must name a file in the same folder")
+    target = meta_path.parent / name
+    if not target.exists():
+        raise ModelError(f"{target}: TorchScript file missing")
+    clf = TorchClassifier(_load_jit(target), InputSpec(layout="raw", scale=1.0), layer=None,
+                          batch_size=batch_size, progress=progress)
     clf.expected_inputs = meta.get("inputs")
     return clf
