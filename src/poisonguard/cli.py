@@ -48,6 +48,12 @@ def _is_text(path: str) -> bool:
     return text_suffix(path) is not None
 
 
+def _is_audio(path: str) -> bool:
+    from poisonguard.modalities.audio.data import is_audio_path
+
+    return is_audio_path(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="poisonguard",
@@ -390,6 +396,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     check_writable_dir(args.out)
     if _is_text(args.data):
         return cmd_scan_text(args)
+    if _is_audio(args.data):
+        return cmd_scan_audio(args)
     provenance = provenance_layer(args, args.data)  # verified first: a bad manifest stops here
     data = load_dataset(args.data)
     trusted = None
@@ -516,6 +524,47 @@ def cmd_scan_text(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(render_console(report))
         print(f"\nwrote {out}/report.json, report.html, sanitized.csv, flagged.csv")
+    return EXIT_CLEAN if report["verdict"]["overall"] == "clean" else EXIT_FOUND
+
+
+def cmd_scan_audio(args: argparse.Namespace) -> int:
+    """``scan`` on clips: a wav folder ROOT/<label>/*.wav or an audio .npz (see
+    :mod:`poisonguard.modalities.audio.scan`)."""
+    from poisonguard.errors import ConfigError
+    from poisonguard.metrics import detection_metrics
+    from poisonguard.modalities.audio.data import load_audio
+    from poisonguard.modalities.audio.report import build_audio_report, write_audio_outputs
+    from poisonguard.modalities.audio.scan import AUDIO_DETECTORS, scan_audio
+    from poisonguard.pipeline import ScanConfig
+    from poisonguard.report.console import render_console
+
+    unsupported = [flag for flag, on in (("--model", args.model), ("--trusted", args.trusted),
+                                         ("--test", args.test), ("--layer", args.layer),
+                                         ("--unlearn-flagged", args.unlearn_flagged),
+                                         ("--manifest", getattr(args, "manifest", None)))
+                   if on]
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)} not supported for audio data yet")
+    data = load_audio(args.data)
+    truth = None
+    gt = args.ground_truth or (args.data if str(args.data).endswith(".npz") else None)
+    if gt:
+        found = _read_optional(gt, ("is_poison",))
+        if "is_poison" in found and found["is_poison"].shape == (len(data),):
+            truth = found["is_poison"].astype(bool)
+    config = ScanConfig(seed=args.seed, epochs=args.epochs, detectors=AUDIO_DETECTORS,
+                        progress=not args.quiet)
+    result = scan_audio(data, config)
+    metrics = None
+    if truth is not None:
+        metrics = {result.combined.name: detection_metrics(result.flags, truth,
+                                                           result.combined.scores)}
+    report = build_audio_report(result, "scan", metrics=metrics, truth=truth)
+    out = Path(args.out)
+    write_audio_outputs(out, result, report)
+    if not args.quiet:
+        print(render_console(report))
+        print(f"\nwrote {out}/report.json, report.html, sanitized.npz, flagged.csv")
     return EXIT_CLEAN if report["verdict"]["overall"] == "clean" else EXIT_FOUND
 
 
