@@ -20,6 +20,7 @@ with no wavs.
 from __future__ import annotations
 
 import hashlib
+import struct
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ def read_wav(path: Path, name: str) -> tuple[np.ndarray, int, bool]:
             raise DataError(f"{name}: not a PCM or float wav ({msg}); convert it to 16-bit "
                             "PCM") from None
         raise DataError(f"{name}: unreadable wav ({msg})") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, struct.error) as exc:
         raise DataError(f"{name}: truncated or unreadable wav ({exc})") from None
     if samples.size == 0:
         raise DataError(f"{name}: 0-length clip (no samples); drop it")

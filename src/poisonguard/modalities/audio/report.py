@@ -44,8 +44,12 @@ def build_audio_report(result: AudioScanResult, command: str = "scan",
 def write_audio_outputs(out: Path, result: AudioScanResult, report: dict[str, Any]) -> None:
     """report.json/html, flagged.csv (id = path relative to ROOT, or the npz id) and
     sanitized.npz (x, lengths, y, ids, sample_rate) into ``out``."""
-    from poisonguard.io import atomic_save_npz, atomic_write_csv, atomic_write_json
-    from poisonguard.io import atomic_write_text
+    from poisonguard.io import (
+        atomic_save_npz,
+        atomic_write_csv,
+        atomic_write_json,
+        atomic_write_text,
+    )
     from poisonguard.pipeline import sanitize
     from poisonguard.report.html import render_html
 
