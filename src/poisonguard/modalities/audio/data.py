@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import warnings
+import zipfile
 from collections import Counter
 from dataclasses import dataclass, field
 from math import gcd
@@ -218,8 +219,8 @@ def is_audio_npz(path: str | Path) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
-    except (OSError, ValueError):
-        return False
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False  # not an audio archive; the image loader gives the error
     return set(FSDD_KEYS) <= keys or ("sample_rate" in keys and "x" in keys)
 
 
