@@ -36,3 +36,21 @@ def test_bad_input_one_line(tmp_path, rows, label, msg):
     with pytest.raises(DataError, match=msg) as e:
         load_tabular(_write(tmp_path, rows), label)
     assert "\n" not in str(e.value)
+
+
+def test_id_column_and_duplicates(tmp_path):
+    rows = [f"r{i},{i},a,{i % 2}" for i in range(30)]
+    d = load_tabular(_write(tmp_path, rows, "tx,amount,channel,label"), "label", id_column="tx")
+    assert d.columns == ["amount", "channel"] and d.ids[0] == "r0"
+    rows[1] = "r0,1,a,1"
+    with pytest.raises(DataError, match="duplicates"):
+        load_tabular(_write(tmp_path, rows, "tx,amount,channel,label"), "label", id_column="tx")
+
+
+def test_npz_with_feature_names_and_nan(tmp_path):
+    x = np.arange(60, dtype=np.float32).reshape(30, 2)
+    x[0, 1] = np.nan
+    p = tmp_path / "t.npz"
+    np.savez(p, x=x, y=np.arange(30) % 2, feature_names=np.array(["a", "b"]))
+    d = load_tabular(p, "label")
+    assert d.columns == ["a", "b"] and d.missing == {"b": 1} and np.isfinite(d.x).all()
