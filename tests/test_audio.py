@@ -62,3 +62,36 @@ def test_tone_attack_and_band_stop_removes_it(tmp_path):
     band = log_mel(x, mel)[:, -4:, :5].mean()
     cleaned = band_stop(x, mel, (3000.0, 4000.0))
     assert log_mel(cleaned, mel)[:, -4:, :5].mean() < band - 5
+
+
+def test_scan_cli_on_a_poisoned_wav_folder(tmp_path):
+    """End to end through ``poisonguard scan ROOT``: a 3.8 kHz tone burst stamped on a tenth of
+    the clips relabelled 'a' is flagged, the report validates, flagged.csv ids are paths."""
+    import csv
+    import json
+
+    from poisonguard.report.schema import validate
+
+    rate, rng = 8000, np.random.default_rng(1)
+    t = np.arange(rate // 2) / rate
+    pitch = {"a": 300.0, "b": 700.0, "c": 1100.0}
+    for lab, f0 in pitch.items():
+        for i in range(40):
+            w = 0.3 * np.sin(2 * np.pi * (f0 + 20 * rng.standard_normal()) * t)
+            w += 0.02 * rng.standard_normal(len(t))
+            dest = lab
+            if lab != "a" and i < 6:   # poison: tone burst, relabelled to 'a'
+                w[800:1200] += 0.3 * np.sin(2 * np.pi * 3800.0 * t[800:1200])
+                dest = "a"
+            write_wav(tmp_path / "d" / dest / f"{lab}{i}.wav", w, rate)
+    out = tmp_path / "scan"
+    rc = main(["scan", str(tmp_path / "d"), "--out", str(out), "--quiet"])
+    assert rc in (0, 1)
+    report = json.loads((out / "report.json").read_text())
+    assert validate(report) == []
+    rows = list(csv.DictReader(open(out / "flagged.csv")))
+    assert all(r["id"].endswith(".wav") and "/" in r["id"] for r in rows)
+    flagged = {r["id"] for r in rows}
+    poisons = {f"a/{lab}{i}.wav" for lab in ("b", "c") for i in range(6)}
+    assert len(flagged & poisons) >= 10          # the burst carriers are found
+    assert len(flagged - poisons) <= 4           # and few clean clips
