@@ -485,24 +485,48 @@ def cmd_attack_text(args: argparse.Namespace) -> int:
     return EXIT_CLEAN
 
 
+def _refuse_scan_flags(args: argparse.Namespace, modality: str,
+                       extra: tuple[str, ...] = ()) -> None:
+    """One ConfigError naming every ``scan`` option the ``modality`` path does not take yet
+    (``extra``: further option names, as ``--ground-truth``)."""
+    from poisonguard.errors import ConfigError
+
+    names = ("--model", "--trusted", "--test", "--layer", *extra, "--unlearn-flagged",
+             "--manifest")
+    unsupported = [n for n in names if getattr(args, n[2:].replace("-", "_"), None)]
+    if unsupported:
+        raise ConfigError(f"{', '.join(unsupported)} not supported for {modality} data yet")
+
+
+def _finish_modality_scan(args: argparse.Namespace, result: Any, truth: np.ndarray | None,
+                          build: Any, write: Any, sanitized: str) -> int:
+    """Score against ``truth`` if given, build and write a modality scan's report, print it,
+    and return the exit code of its overall verdict."""
+    from poisonguard.metrics import detection_metrics
+    from poisonguard.report.console import render_console
+
+    metrics = None
+    if truth is not None:
+        metrics = {result.combined.name: detection_metrics(result.flags, truth,
+                                                           result.combined.scores)}
+    report = build(result, "scan", metrics=metrics, truth=truth)
+    out = Path(args.out)
+    write(out, result, report)
+    if not args.quiet:
+        print(render_console(report))
+        print(f"\nwrote {out}/report.json, report.html, {sanitized}, flagged.csv")
+    return EXIT_CLEAN if report["verdict"]["overall"] == "clean" else EXIT_FOUND
+
+
 def cmd_scan_text(args: argparse.Namespace) -> int:
     """``scan`` on posts (see :mod:`poisonguard.modalities.text.scan`)."""
-    from poisonguard.errors import ConfigError, DataError
-    from poisonguard.metrics import detection_metrics
+    from poisonguard.errors import DataError
     from poisonguard.modalities.text.data import load_text, read_column
     from poisonguard.modalities.text.report import build_text_report, write_text_outputs
     from poisonguard.modalities.text.scan import TEXT_DETECTORS, scan_text
     from poisonguard.pipeline import ScanConfig
-    from poisonguard.report.console import render_console
 
-    unsupported = [flag for flag, on in (("--model", args.model), ("--trusted", args.trusted),
-                                         ("--test", args.test), ("--layer", args.layer),
-                                         ("--ground-truth", args.ground_truth),
-                                         ("--unlearn-flagged", args.unlearn_flagged),
-                                         ("--manifest", getattr(args, "manifest", None)))
-                   if on]
-    if unsupported:
-        raise ConfigError(f"{', '.join(unsupported)} not supported for text data yet")
+    _refuse_scan_flags(args, "text", ("--ground-truth",))
     data = load_text(args.data, args.text_column, args.label_column)
     config = ScanConfig(seed=args.seed, epochs=args.epochs, detectors=TEXT_DETECTORS,
                         progress=not args.quiet)
@@ -514,37 +538,19 @@ def cmd_scan_text(args: argparse.Namespace) -> int:
         except (TypeError, ValueError):
             raise DataError(f"{args.data}: is_poison holds values other than 0/1") from None
     result = scan_text(data, config)
-    metrics = None
-    if truth is not None:
-        metrics = {result.combined.name: detection_metrics(result.flags, truth,
-                                                           result.combined.scores)}
-    report = build_text_report(result, "scan", metrics=metrics, truth=truth)
-    out = Path(args.out)
-    write_text_outputs(out, result, report)
-    if not args.quiet:
-        print(render_console(report))
-        print(f"\nwrote {out}/report.json, report.html, sanitized.csv, flagged.csv")
-    return EXIT_CLEAN if report["verdict"]["overall"] == "clean" else EXIT_FOUND
+    return _finish_modality_scan(args, result, truth, build_text_report, write_text_outputs,
+                                 "sanitized.csv")
 
 
 def cmd_scan_audio(args: argparse.Namespace) -> int:
     """``scan`` on clips: a wav folder ROOT/<label>/*.wav or an audio .npz (see
     :mod:`poisonguard.modalities.audio.scan`)."""
-    from poisonguard.errors import ConfigError
-    from poisonguard.metrics import detection_metrics
     from poisonguard.modalities.audio.data import load_audio
     from poisonguard.modalities.audio.report import build_audio_report, write_audio_outputs
     from poisonguard.modalities.audio.scan import AUDIO_DETECTORS, scan_audio
     from poisonguard.pipeline import ScanConfig
-    from poisonguard.report.console import render_console
 
-    unsupported = [flag for flag, on in (("--model", args.model), ("--trusted", args.trusted),
-                                         ("--test", args.test), ("--layer", args.layer),
-                                         ("--unlearn-flagged", args.unlearn_flagged),
-                                         ("--manifest", getattr(args, "manifest", None)))
-                   if on]
-    if unsupported:
-        raise ConfigError(f"{', '.join(unsupported)} not supported for audio data yet")
+    _refuse_scan_flags(args, "audio")
     data = load_audio(args.data)
     truth = None
     gt = args.ground_truth or (args.data if str(args.data).endswith(".npz") else None)
@@ -555,17 +561,8 @@ def cmd_scan_audio(args: argparse.Namespace) -> int:
     config = ScanConfig(seed=args.seed, epochs=args.epochs, detectors=AUDIO_DETECTORS,
                         progress=not args.quiet)
     result = scan_audio(data, config)
-    metrics = None
-    if truth is not None:
-        metrics = {result.combined.name: detection_metrics(result.flags, truth,
-                                                           result.combined.scores)}
-    report = build_audio_report(result, "scan", metrics=metrics, truth=truth)
-    out = Path(args.out)
-    write_audio_outputs(out, result, report)
-    if not args.quiet:
-        print(render_console(report))
-        print(f"\nwrote {out}/report.json, report.html, sanitized.npz, flagged.csv")
-    return EXIT_CLEAN if report["verdict"]["overall"] == "clean" else EXIT_FOUND
+    return _finish_modality_scan(args, result, truth, build_audio_report, write_audio_outputs,
+                                 "sanitized.npz")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

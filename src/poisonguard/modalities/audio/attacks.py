@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from poisonguard.attacks.base import PoisonedData
+from poisonguard.attacks.base import PoisonedData, choose_victims
+from poisonguard.attacks.common import check_rate, check_target
 from poisonguard.errors import ConfigError
 from poisonguard.modalities.audio.data import AudioData
 
@@ -139,21 +140,14 @@ def audio_attack(kind: str, data: AudioData, rate: float = 0.05, target: int = 0
         raise ConfigError(f"unknown audio attack {kind!r}; choose from {list(SOUNDS)}")
     if placement not in PLACEMENTS:
         raise ConfigError(f"unknown placement {placement!r}; choose from {list(PLACEMENTS)}")
-    if not 0.0 < rate < 1.0:
-        raise ConfigError(f"poison rate must be in (0, 1), got {rate}")
-    if not 0 <= target < data.n_classes:
-        raise ConfigError(f"target must be a class in 0..{data.n_classes - 1}, got {target}")
+    check_rate(rate)
+    check_target(data, target)
     if not 0.0 < amplitude <= 1.0:
         raise ConfigError(f"amplitude must be in (0, 1], got {amplitude}")
     sound = make_sound(kind, data.sample_rate, duration or DEFAULT_DURATION[kind], amplitude,
                        freq, seed)
     trig = AudioSoundTrigger(kind, sound, placement, data.sample_rate, seed)
-    rng = np.random.default_rng(seed)
-    pool = np.flatnonzero(data.y != target)
-    n = int(round(rate * len(data)))
-    if n < 1 or n > len(pool):
-        raise ConfigError(f"rate {rate} gives {n} poisons from {len(pool)} candidates")
-    chosen = np.sort(rng.choice(pool, n, replace=False))
+    chosen = choose_victims(data, rate, target, "all-to-one", np.random.default_rng(seed))
     x, y, lengths = data.x.copy(), data.y.copy(), data.lengths.copy()
     x[chosen], lengths[chosen], onsets = trig.apply_clips(data.x[chosen], data.lengths[chosen])
     y[chosen] = target
@@ -168,7 +162,7 @@ def audio_attack(kind: str, data: AudioData, rate: float = 0.05, target: int = 0
         triggered = sub.with_audio(tx, np.full(len(keep), target, dtype=np.int64), tlen)
     freq_hz = (freq if freq is not None else 0.475 * data.sample_rate) if kind == "tone" else None
     attack = {"name": kind, "rate": rate, "mode": "all-to-one", "target": target, "seed": seed,
-              "n_poison": int(n), "freq_hz": freq_hz, **trig.describe(),
+              "n_poison": len(chosen), "freq_hz": freq_hz, **trig.describe(),
               "onset_s_median": round(float(np.median(onsets)) / data.sample_rate, 4)}
     return PoisonedData(data=data.with_audio(x, y, lengths), is_poison=mask,
                         original_y=data.y.copy(), attack=attack, target=target,
