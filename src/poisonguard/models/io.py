@@ -143,16 +143,9 @@ def load_model(path: str | Path, batch_size: int = 512, progress: bool = False
             path = path / SCRIPTED
         elif path.is_dir():
             raise ModelError(f"{path}: folder has no {MODEL_JSON}")
-        _refuse_pickle(path)
-        if not _is_torchscript(path):
-            raise ModelError(f"{path}: a state dict needs a {MODEL_JSON} beside it to rebuild "
-                             "the architecture")
-        try:
-            module = torch.jit.load(str(path), map_location="cpu")
-        except Exception as exc:  # noqa: BLE001
-            raise ModelError(f"{path}: not a loadable TorchScript archive ({exc})") from None
-        return TorchClassifier(module, InputSpec(layout="raw", scale=1.0), layer=None,
-                               batch_size=batch_size, progress=progress)
+        module = _load_jit(path, f"a state dict needs a {MODEL_JSON} beside it to rebuild "
+                                 "the architecture")
+        return _scripted_classifier(module, batch_size, progress, None)
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -191,10 +184,13 @@ def load_model(path: str | Path, batch_size: int = 512, progress: bool = False
     return clf
 
 
-def _load_jit(path: Path) -> torch.jit.ScriptModule:
+def _load_jit(path: Path, not_scripted: str = "not a TorchScript archive"
+              ) -> torch.jit.ScriptModule:
+    """A TorchScript archive (pickles refused first; ``not_scripted`` says what else is
+    wrong with a zip that holds no TorchScript)."""
     _refuse_pickle(path)
     if not _is_torchscript(path):
-        raise ModelError(f"{path}: not a TorchScript archive")
+        raise ModelError(f"{path}: {not_scripted}")
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
@@ -211,7 +207,14 @@ def _load_scripted_folder(meta_path: Path, meta: dict[str, Any], batch_size: int
     target = meta_path.parent / name
     if not target.exists():
         raise ModelError(f"{target}: TorchScript file missing")
-    clf = TorchClassifier(_load_jit(target), InputSpec(layout="raw", scale=1.0), layer=None,
+    return _scripted_classifier(_load_jit(target), batch_size, progress, meta.get("inputs"))
+
+
+def _scripted_classifier(module: torch.jit.ScriptModule, batch_size: int, progress: bool,
+                         inputs: dict[str, Any] | None) -> TorchClassifier:
+    """A TorchScript module fed the data as it is (``raw`` layout), checked against
+    ``inputs`` when a manifest recorded them."""
+    clf = TorchClassifier(module, InputSpec(layout="raw", scale=1.0), layer=None,
                           batch_size=batch_size, progress=progress)
-    clf.expected_inputs = meta.get("inputs")
+    clf.expected_inputs = inputs
     return clf
