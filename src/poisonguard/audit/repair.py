@@ -508,32 +508,74 @@ def _spatial_head(module: nn.Module, conv: nn.Module) -> tuple[str, nn.Module] |
     return None
 
 
-class _Units:
-    """The prunable units of the last conv layer: its channels (zeroed in the conv and its
-    batch-norm), or, when a linear layer reads its map position by position, each
-    (channel, cell) input of that layer (zeroed as a weight column)."""
+def _linears(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in module.named_modules() if _is(m, "Linear")]
 
-    def __init__(self, module: nn.Module) -> None:
-        self.conv_name, self.conv, self.bn_name, self.bn = last_conv(module)
-        self.head = _spatial_head(module, self.conv)
+
+def _reader_of(module: nn.Module, conv: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first linear layer after ``conv`` in module order (what reads its pooled map)."""
+    mods = list(module.named_modules())
+    idx = next((i for i, (_n, m) in enumerate(mods) if m is conv), None)
+    if idx is None:
+        return None
+    return next(((n, m) for n, m in mods[idx + 1:] if _is(m, "Linear")), None)
+
+
+class _Units:
+    """The prunable units of one layer: the last conv layer's channels (zeroed in the conv and
+    its batch-norm), or the inputs of a linear layer (zeroed as weight columns): the (channel,
+    cell) inputs of a linear layer that reads the last conv map position by position, the
+    pooled channels as the classifier reads them in a TorchScript model (whose conv outputs
+    no hook can observe), or the hidden units of a network with no convolution. ``layer``
+    names a linear layer to use instead of that default."""
+
+    def __init__(self, module: nn.Module, layer: str | None = None) -> None:
+        self.conv_name: str | None = None
+        self.bn_name: str | None = None
+        self.conv: nn.Module | None = None
+        self.bn: nn.Module | None = None
+        linears = dict(_linears(module))
+        spatial = False
+        if layer is not None:
+            self.head: tuple[str, nn.Module] | None = (layer, linears[layer])
+        elif not any(_is(m, "Conv2d") for m in module.modules()):
+            if not linears:
+                raise ModelError("fine-pruning needs a convolutional or linear layer; this "
+                                 "model has neither (use --method unlearn)")
+            self.head = list(linears.items())[-1]   # the classifier reads the last hidden layer
+        else:
+            conv_name, conv, bn_name, bn = last_conv(module)
+            self.head = _spatial_head(module, conv)
+            spatial = self.head is not None
+            if self.head is None and isinstance(module, torch.jit.ScriptModule):
+                self.head = _reader_of(module, conv)
+            self.conv_name, self.conv, self.bn_name, self.bn = conv_name, conv, bn_name, bn
         self.layer = self.head[0] if self.head else self.conv_name
         self.n = (int(self.head[1].weight.shape[1]) if self.head
                   else int(self.conv.weight.shape[0]))
-        self.kind = "channel x cell (inputs of the first linear layer)" if self.head \
-            else "channel"
+        self.kind = ("channel x cell (inputs of the first linear layer)" if spatial
+                     else "inputs of a linear layer" if self.head else "channel")
         self.fill: np.ndarray | None = None   # mean clean activation, folded into the bias
 
     def activation(self, model: AuditModel, xd: torch.Tensor, batch: int = 256) -> np.ndarray:
-        """Mean ReLU activation per unit over ``xd`` (RuntimeError without hook support)."""
+        """Mean ReLU activation per unit over ``xd``. Through forward hooks where the model
+        has them; a TorchScript model has none, so a linear layer's inputs are read off its
+        weight gradient instead (RuntimeError when neither works)."""
         sums: list[torch.Tensor] = []
-        if self.head is not None:
-            def pre(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
-                sums.append(inp[0].detach().clamp_min(0).sum(0))
-            handle = self.head[1].register_forward_pre_hook(pre)
-        else:
-            def hook(_m: nn.Module, _i: object, o: torch.Tensor) -> None:
-                sums.append(o.detach().clamp_min(0).mean(dim=(2, 3)).sum(0))
-            handle = (self.bn if self.bn is not None else self.conv).register_forward_hook(hook)
+        try:
+            if self.head is not None:
+                def pre(_m: nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+                    sums.append(inp[0].detach().clamp_min(0).sum(0))
+                handle = self.head[1].register_forward_pre_hook(pre)
+            else:
+                def hook(_m: nn.Module, _i: object, o: torch.Tensor) -> None:
+                    sums.append(o.detach().clamp_min(0).mean(dim=(2, 3)).sum(0))
+                handle = (self.bn if self.bn is not None else self.conv
+                          ).register_forward_hook(hook)
+        except RuntimeError:
+            if self.head is None:
+                raise
+            return linear_inputs(model, self.head[1], xd).clamp_min(0).mean(0).numpy()
         try:
             model.run_batches(xd, batch)
         finally:
@@ -589,6 +631,49 @@ def _restore(saved: list[tuple[torch.Tensor, tuple[Any, ...], torch.Tensor]]) ->
             p.data[where] = old
 
 
+def linear_inputs(model: AuditModel, lin: nn.Module, xd: torch.Tensor) -> torch.Tensor:
+    """The inputs a linear layer receives, per sample, without hooks: for one sample the
+    layer's weight gradient is the outer product of the output gradient and the input, so the
+    input is a row of it divided by that output's bias gradient (one backward pass per
+    sample; RuntimeError for a layer without bias or that the model never uses)."""
+    w, b = lin.weight, getattr(lin, "bias", None)
+    if b is None:
+        raise RuntimeError("a linear layer without bias")
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    flags = (w.requires_grad, b.requires_grad)
+    w.requires_grad_(True)
+    b.requires_grad_(True)
+    try:
+        for i in range(len(xd)):
+            out = model.logits(xd[i:i + 1])
+            weights = torch.rand(out.shape[1:], generator=gen) + 0.5
+            gw, gb = torch.autograd.grad((out[0] * weights).sum(), [w, b], allow_unused=True)
+            if gw is None or gb is None:
+                raise RuntimeError("the layer is not on the path to the output")
+            j = int(gb.abs().argmax())
+            rows.append(gw[j] / gb[j] if float(gb[j].abs()) > 1e-12
+                        else torch.zeros_like(gw[j]))
+    finally:
+        w.requires_grad_(flags[0])
+        b.requires_grad_(flags[1])
+    return torch.stack(rows).detach() if rows else torch.zeros(0, w.shape[1])
+
+
+def _trigger_units(units: _Units, model: AuditModel, x_others: torch.Tensor,
+                   nc: CleanseResult, classes: list[int]) -> list[int]:
+    """The units each flagged trigger (mask or additive, as the search that flagged its class
+    found it) excites far more than clean inputs do (robust z > 3 over the layer's units, the
+    largest across triggers), most excited first."""
+    act_o = units.activation(model, x_others)
+    z = np.full(units.n, -np.inf)
+    for k in classes:
+        for kind in trigger_kinds(nc, k):
+            excess = units.activation(model, nc.stamp_tensor(x_others, k, kind)) - act_o
+            z = np.maximum(z, robust_z(excess))
+    return [int(c) for c in np.argsort(-z) if z[c] > 3.0]
+
+
 def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | None = None,
                nc: CleanseResult | None = None, trigger_classes: list[int] | None = None
                ) -> dict[str, Any]:
@@ -596,7 +681,9 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
 
     The units are the last conv layer's channels, or its (channel, cell) outputs when the
     classifier reads the map position by position (a localised trigger's features live in one
-    cell; pruning whole channels there misses them). Units are pruned by increasing mean clean
+    cell; pruning whole channels there misses them), or the inputs of a linear layer (see
+    :class:`_Units`); when a reversed trigger excites none of them, the last linear layer whose
+    inputs it does excite is pruned instead. Units are pruned by increasing mean clean
     activation while the clean accuracy stays within ``prune_budget``; with a reversed trigger,
     the units it excites far more than clean inputs do (robust z > 3) go first, regardless of
     the budget (the fine-tuning then recovers the accuracy); for a class flagged by the
@@ -622,15 +709,25 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     classes = list(trigger_classes or [])
     if nc is not None and classes and ranking.startswith("mean"):
         others = tr[np.isin(clean.y[tr], classes, invert=True)][:256]
-        # the units each flagged trigger (mask or additive, as the search that flagged the
-        # class found it) excites far more than clean inputs do, across the triggers
-        act_o = units.activation(model, x_all[others])
-        z = np.full(n_ch, -np.inf)
-        for k in classes:
-            for kind in trigger_kinds(nc, k):
-                excess = units.activation(model, nc.stamp_tensor(x_all[others], k, kind)) - act_o
-                z = np.maximum(z, robust_z(excess))
-        trig_first = [int(c) for c in np.argsort(-z) if z[c] > 3.0]
+        trig_first = _trigger_units(units, model, x_all[others], nc, classes)
+        if not trig_first:
+            # the default layer does not respond to the trigger: the last linear layer
+            # whose inputs it excites instead (found by activation, whatever the names)
+            for name, _m in reversed(_linears(module)):
+                if name == units.layer:
+                    continue
+                cand = _Units(module, name)
+                try:
+                    found = _trigger_units(cand, model, x_all[others], nc, classes)
+                except RuntimeError:
+                    continue
+                if found:
+                    units, trig_first = cand, found
+                    n_ch = units.n
+                    act = units.activation(model, x_all[tr])
+                    units.fill = act
+                    order = list(np.argsort(act, kind="stable"))
+                    break
     base_pred = model.predict_data(xv)
     base_acc = float(np.mean(base_pred == yv)) if len(yv) else 0.0
     y_all = clean.y
