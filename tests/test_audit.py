@@ -257,6 +257,12 @@ def test_verdict_and_triggers_roundtrip(tmp_path: Path) -> None:
     back = load_triggers(tmp_path / "t.npz")
     assert back.flagged == [5] and back.value_range == (0.0, 255.0)
     np.testing.assert_allclose(back.norms, norms)
+    folder = tmp_path / "audit"
+    folder.mkdir()
+    with pytest.raises(DataError, match="no triggers.npz"):
+        load_triggers(folder)
+    save_triggers(folder / "triggers.npz", nc)
+    assert load_triggers(folder).flagged == [5]  # the audit-model folder itself
     nc.flagged = []
     v = make_verdict(nc)
     assert v["backdoored"] is False and v["target_class"] is None

@@ -63,7 +63,8 @@ def register(sub: Any) -> None:
                         "stamped under true labels; anp: prune the neurons that break under "
                         "adversarial weight perturbation (needs no trigger)")
     r.add_argument("--triggers", default=None,
-                   help="triggers.npz written by audit-model (skips the reverse-engineering)")
+                   help="triggers.npz written by audit-model, or its output folder (skips "
+                   "the reverse-engineering)")
     r.add_argument("--test", default=None,
                    help="test .npz: clean accuracy (and ASR if it holds x_triggered/"
                         "y_triggered) before and after the repair")

@@ -147,7 +147,13 @@ def save_triggers(path: str | Path, nc: CleanseResult) -> Path:
 
 
 def load_triggers(path: str | Path) -> CleanseResult:
-    """Read a ``triggers.npz`` written by ``save_triggers`` (no pickles)."""
+    """Read a ``triggers.npz`` written by ``save_triggers`` (no pickles); ``path`` may also be
+    the ``audit-model`` output folder that holds it."""
+    if Path(path).is_dir():
+        if not (Path(path) / "triggers.npz").is_file():
+            raise DataError(f"{path}: folder has no triggers.npz (an audit-model output "
+                            "folder holds one)")
+        path = Path(path) / "triggers.npz"
     try:
         with np.load(path, allow_pickle=False) as arc:
             arrays = {k: arc[k] for k in arc.files}

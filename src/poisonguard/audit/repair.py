@@ -56,7 +56,8 @@ class RepairConfig:
     tests); ``optimizer``: ``"sgd"`` (momentum 0.9) or ``"adam"``; ``drop_z``: standard
     errors of the paired held-out accuracy difference granted before an epoch counts as over
     budget; ``tune``: ``"linear"`` fine-tunes only the fully connected layers (the convolutional
-    features stay; far less clean accuracy lost with a few hundred samples) or ``"all"``;
+    features stay; far less clean accuracy lost with a few hundred samples; all layers when the
+    classifier is the only linear layer) or ``"all"``;
     ``trigger_stop``/``trigger_patience``/``max_trigger_units``: fine-pruning stops pruning the
     reversed trigger's units once its worst variant's success is at most ``trigger_stop``, or
     has not dropped by a point in ``trigger_patience`` steps (after falling below 50%; those
@@ -350,9 +351,12 @@ def _finetune_once(model: AuditModel, clean: LabeledData, config: RepairConfig, 
     xv, yv = x_all[va], clean.y[va]
     module = model.module
     params = [p for p in module.parameters() if p.requires_grad]
-    if config.tune == "linear":  # only the fully connected layers (features stay as they are)
-        lin = [p for m in module.modules() if _is(m, "Linear") for p in m.parameters()
-               if p.requires_grad]
+    linears = [m for m in module.modules() if _is(m, "Linear")]
+    if config.tune == "linear" and len(linears) > 1:
+        # only the fully connected layers (features stay as they are); a model whose only
+        # linear layer is its classifier (global pooling, then one layer) keeps its backdoor
+        # in the convolutions, so there everything is tuned
+        lin = [p for m in linears for p in m.parameters() if p.requires_grad]
         params = lin or params
     if not params:
         raise ModelError("the model has no trainable parameters to fine-tune")
@@ -661,17 +665,20 @@ def linear_inputs(model: AuditModel, lin: nn.Module, xd: torch.Tensor) -> torch.
 
 
 def _trigger_units(units: _Units, model: AuditModel, x_others: torch.Tensor,
-                   nc: CleanseResult, classes: list[int]) -> list[int]:
+                   nc: CleanseResult, classes: list[int]) -> tuple[list[int], list[int]]:
     """The units each flagged trigger (mask or additive, as the search that flagged its class
     found it) excites far more than clean inputs do (robust z > 3 over the layer's units, the
-    largest across triggers), most excited first."""
+    largest across triggers), most excited first; and those it excites less clearly (1 < z <=
+    3), for a trigger spread over many units (a pooled layer)."""
     act_o = units.activation(model, x_others)
     z = np.full(units.n, -np.inf)
     for k in classes:
         for kind in trigger_kinds(nc, k):
             excess = units.activation(model, nc.stamp_tensor(x_others, k, kind)) - act_o
             z = np.maximum(z, robust_z(excess))
-    return [int(c) for c in np.argsort(-z) if z[c] > 3.0]
+    order = np.argsort(-z)
+    return ([int(c) for c in order if z[c] > 3.0],
+            [int(c) for c in order if 1.0 < z[c] <= 3.0])
 
 
 def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | None = None,
@@ -706,10 +713,11 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
         ranking = "logit change when zeroed (no forward hooks on this model)"
     order = list(np.argsort(act, kind="stable"))
     trig_first: list[int] = []
+    trig_more: list[int] = []
     classes = list(trigger_classes or [])
     if nc is not None and classes and ranking.startswith("mean"):
         others = tr[np.isin(clean.y[tr], classes, invert=True)][:256]
-        trig_first = _trigger_units(units, model, x_all[others], nc, classes)
+        trig_first, trig_more = _trigger_units(units, model, x_all[others], nc, classes)
         if not trig_first:
             # the default layer does not respond to the trigger: the last linear layer
             # whose inputs it excites instead (found by activation, whatever the names)
@@ -718,11 +726,11 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
                     continue
                 cand = _Units(module, name)
                 try:
-                    found = _trigger_units(cand, model, x_all[others], nc, classes)
+                    found, more = _trigger_units(cand, model, x_all[others], nc, classes)
                 except RuntimeError:
                     continue
                 if found:
-                    units, trig_first = cand, found
+                    units, trig_first, trig_more = cand, found, more
                     n_ch = units.n
                     act = units.activation(model, x_all[tr])
                     units.fill = act
@@ -742,8 +750,11 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
         t_step = max(1, n_ch // 128)
         limit = max(1, int(cfg.max_trigger_units * n_ch))
         best, best_n, since, saved_after = np.inf, 0, 0, []
-        for start in range(0, min(len(trig_first), limit), t_step):
-            batch = trig_first[start:start + t_step]
+        queue = trig_first + trig_more
+        for start in range(0, min(len(queue), limit), t_step):
+            if start >= len(trig_first) and best <= 0.05:
+                break  # the less excited units only while the trigger still works
+            batch = queue[start:start + t_step]
             saved_after.append(units.zero(batch))
             pruned += batch
             rate = variants.worst_asr(model, x_all[tr], clean.y[tr])
