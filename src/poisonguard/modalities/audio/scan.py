@@ -1,12 +1,13 @@
 """The quarantine scan for audio: the built-in CNN (log-mel front end) trained on the clips,
 the representation detectors on its ``embed`` layer, then the audio trigger miner in every
 class, whose confirmed triggers make their class poisoned and flag every carrier. One round, as
-for text: the miner already flags every carrier."""
+for text: the miner already flags every carrier. A class without a confirmed trigger is not
+called and none of its clips is flagged, whatever the representation detectors say."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -97,9 +98,18 @@ def scan_audio(data: AudioData, config: ScanConfig | None = None,
     mined = options.miner.detect(data.x, data.y, combined.flags, list(range(k)),
                                  clf.predict_proba, mel, spec)
     confirmed = {f.label for f in mined.findings if f.suspicious}
-    results, combined = _join_stage(data, results, combined, mined,
-                                    combined.flags | mined.flags, confirmed,
-                                    {"second_stage": mined.name})
+    # no class is called, and no clip flagged, without a trigger the miner confirmed there:
+    # the representation detectors alone called a class on clean FSDD (3.3% of its clips)
+    in_confirmed = np.isin(data.y, sorted(confirmed))
+    first = replace(combined, flags=combined.flags & in_confirmed, findings=tuple(
+        replace(f, suspicious=f.suspicious and f.label in confirmed,
+                n_flagged=int((combined.flags & (data.y == f.label)).sum())
+                if f.label in confirmed else 0)
+        for f in combined.findings))
+    results, combined = _join_stage(data, results, first, mined,
+                                    first.flags | mined.flags, confirmed,
+                                    {"second_stage": mined.name,
+                                     "class_call": "a confirmed trigger is required"})
     timings["detectors_s"] = round(time.perf_counter() - t0, 3)
     rnd = RoundResult(np.arange(len(data)), results, combined, clf, train, timings)
     merged = _merge_rounds([rnd], data.y)
