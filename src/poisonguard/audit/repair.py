@@ -821,10 +821,11 @@ def unlearn(model: AuditModel, clean: LabeledData, nc: CleanseResult,
     ``config.soup`` runs are made from the same start with seeds ``seed``, ``seed + 1``, ...
     (sample order, held-out split, stamps) and their weights averaged (a "model soup",
     Wortsman et al. 2022): each run picks its epoch on a hundred or so held-out samples, and
-    the average of several is less at the mercy of that choice. Runs that kept no epoch are
-    left out; ``unchanged`` in the result: none kept one (no epoch stayed within the accuracy
-    budget at any learning rate), so the weights are the original ones and the backdoor
-    remains."""
+    the average of several is less at the mercy of that choice; an average that scores more
+    than a point below its runs on the trusted set is replaced by the best run. Runs that kept
+    no epoch are left out; ``unchanged`` in the result: none kept one (no epoch stayed within
+    the accuracy budget at any learning rate), so the weights are the original ones and the
+    backdoor remains."""
     cfg = config or RepairConfig()
     if not classes:
         raise ConfigError("unlearning needs at least one reversed trigger (class)")
@@ -840,10 +841,28 @@ def unlearn(model: AuditModel, clean: LabeledData, nc: CleanseResult,
         runs.append(ft)
         if cfg.epochs == 0 or ft["chosen_epoch"] > 0:
             kept.append(copy.deepcopy(module.state_dict()))
+    soup_note = None
+    if len(kept) > 1:
+        # runs at a high learning rate can land in different basins, and their average then
+        # loses accuracy no single run lost: judged on the whole trusted set (each sample
+        # was held out by some runs), a soup more than a point below its runs' mean gives way
+        # to the best single run
+        x_all = to_data_tensor(clean.x)
+        accs = []
+        for state in kept:
+            module.load_state_dict(state)
+            accs.append(_accuracy(model, x_all, clean.y))
+        module.load_state_dict(_average_states(kept))
+        soup_acc = _accuracy(model, x_all, clean.y)
+        if soup_acc < float(np.mean(accs)) - 0.01:
+            best = int(np.argmax(accs))
+            soup_note = {"soup_acc": soup_acc, "run_accs": accs, "used_run": best}
+            kept = [kept[best]]
     module.load_state_dict(_average_states(kept) if kept else start)
     module.eval()
     return {"method": "unlearn", "classes": [int(k) for k in classes],
             "unchanged": not kept and cfg.epochs > 0, "soup_kept": len(kept),
+            "soup_rejected": soup_note,
             "trigger_kinds": {int(k): list(trigger_kinds(nc, k)) for k in classes},
             "finetune": runs[0], "soup_runs": [{"chosen_epoch": r["chosen_epoch"],
                                                  "lr": r["lr"]} for r in runs],
