@@ -16,10 +16,7 @@ clip's active frames, resynthesised with ``torch.istft``) moves the sacrificial 
 prediction off the class for a share of its carriers whose Wilson lower bound (``z`` = 3) is at
 least ``min_flip``: without an all-to-one trigger the rest of the clip is speech of another
 class; a sound typical of the class (the fricative of "six") leaves a clip that still reads as
-the class. A group is also confirmed when the first stage (the representation detectors)
-flagged at least ``min_agreement`` of its carriers: two independent signals on the same clips
-(a sacrificial model that memorised its poisons can still read them as the class once the
-sound is gone). Every carrier of a confirmed group is flagged. The reported trigger is
+the class. Every carrier of a confirmed group is flagged. The reported trigger is
 ``{"class", "modality": "audio", "band_hz": [lo, hi], "time_s": [start, end], ...}`` with the
 carriers' median span and the spread of their onsets.
 """
@@ -48,7 +45,6 @@ class AudioTriggerMiner:
     min_ratio: float = 10.0
     group_jaccard: float = 0.5
     min_flip: float = 0.5
-    min_agreement: float = 0.8
     z: float = 3.0
     dilate_frames: int = 2
     max_groups: int = 8
@@ -129,11 +125,7 @@ class AudioTriggerMiner:
                          "flagged_share": round(float(flags[carriers].mean()), 4),
                          "_carriers": carriers}
                 tested.append(entry)
-                agreed = (len(carriers) >= self.min_count
-                          and entry["flagged_share"] >= self.min_agreement)
-                entry["confirmed_by"] = ("removal" if bound >= self.min_flip
-                                         else "first stage" if agreed else None)
-                if entry["confirmed_by"]:
+                if bound >= self.min_flip:
                     confirmed.append(entry)
                     covered[carriers] = True
             hits = np.zeros(n, dtype=bool)
@@ -153,11 +145,7 @@ class AudioTriggerMiner:
                     f"removing {e['band_hz'][0]:.0f}-{e['band_hz'][1]:.0f} Hz over "
                     f"{e['time_s'][0]:.2f}-{e['time_s'][1]:.2f} s moves the model's prediction "
                     f"off the class for {e['flip']:.0%} of the {e['n_carriers']} clips "
-                    "carrying it" if e["confirmed_by"] == "removal" else
-                    f"the first stage flagged {e['flagged_share']:.0%} of the "
-                    f"{e['n_carriers']} clips carrying {e['band_hz'][0]:.0f}-"
-                    f"{e['band_hz'][1]:.0f} Hz over {e['time_s'][0]:.2f}-{e['time_s'][1]:.2f} s, "
-                    "a pattern the other classes lack" for e in confirmed)
+                    "carrying it" for e in confirmed)
             findings.append(ClassFinding(int(c), bool(confirmed), int(in_c.sum()),
                                          int(hits.sum()), evidence))
         rule = {"rule": "per mel band, the clip's peak level above the other classes' "
@@ -166,12 +154,10 @@ class AudioTriggerMiner:
                         "shared carriers (Jaccard >= group_jaccard) into a band range; a group "
                         "is a trigger when band-stopping it over its active frames moves its "
                         "carriers' predictions off the class for a share whose Wilson lower "
-                        "bound (z) is >= min_flip, or when the first stage flagged at least "
-                        "min_agreement of its (>= min_count) carriers",
+                        "bound (z) is >= min_flip",
                 "other_quantile": self.other_quantile, "min_count": self.min_count,
                 "min_share": self.min_share, "min_ratio": self.min_ratio,
-                "group_jaccard": self.group_jaccard, "min_flip": self.min_flip,
-                "min_agreement": self.min_agreement, "z": self.z}
+                "group_jaccard": self.group_jaccard, "min_flip": self.min_flip, "z": self.z}
         return DetectorResult(self.name, scores, out, self.min_flip, rule, tuple(findings),
                               time.perf_counter() - t0)
 
