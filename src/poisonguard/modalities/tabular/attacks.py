@@ -153,7 +153,7 @@ def write_tabular_csv(path: Any, data: TabularData, label_column: str,
     def cell(j: int, v: float) -> Any:
         if j in inverse:
             return inverse[j].get(int(round(v)), "")
-        return int(v) if float(v).is_integer() else repr(float(v))
+        return int(v) if float(v).is_integer() else str(np.float32(v))
 
     rows = ([*([data.ids[i].item()] if id_column else []),
              *(cell(j, v) for j, v in enumerate(data.x[i])),

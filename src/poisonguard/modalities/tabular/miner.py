@@ -60,8 +60,8 @@ class RuleMiner:
     prune_growth: float = 0.1
     extend_share: float = 0.95
     extend_max_class_share: float = 0.2
-    max_other_ratio: float = 0.02
-    min_flip: float = 0.5
+    max_other_ratio: float = 0.05
+    min_flip: float = 0.6
     z: float = 3.0
     max_onehot: int = 32
     max_rules: int = 16
@@ -368,15 +368,27 @@ class _Bins:
 
 
 def contrast_cells(bins: _Bins, in_c: np.ndarray, floor: int, ratio: float,
-                   limit: int) -> list[Rule]:
+                   limit: int, marginal: float = 3.0) -> list[Rule]:
     """Interval search over column pairs: cells (one bin of each column) holding at least
     ``floor`` rows of the class and, per row, at most ``ratio`` times as many in the other
-    classes; neighbouring numeric bins of a candidate cell merge (a window of days). The
-    ``limit`` rarest elsewhere (then largest), as two-condition rules."""
+    classes, while neither column's range on its own is that rare (more than ``marginal`` x
+    ``ratio``: a range that alone separates the class is not a conjunction, and a strong
+    single feature would otherwise fill the list); neighbouring numeric bins of a candidate
+    cell merge (a window of days). The ``limit`` rarest elsewhere (then largest), as
+    two-condition rules."""
     idx = bins.index
     n_f = idx.shape[1]
     n_c, n_o = max(int(in_c.sum()), 1), max(int((~in_c).sum()), 1)
-    found: list[tuple[int, Rule]] = []
+    found: list[tuple[float, int, Rule]] = []
+    marg_c = [np.bincount(idx[in_c, j], minlength=int(idx[:, j].max()) + 1) for j in range(n_f)]
+    marg_o = [np.bincount(idx[~in_c, j], minlength=int(idx[:, j].max()) + 1)
+              for j in range(n_f)]
+
+    def alone(j: int, sel: list[int]) -> float:
+        """The other classes' rate over the class's of one column's range on its own."""
+        c = marg_c[j][sel].sum()
+        return float((marg_o[j][sel].sum() / n_o) / (c / n_c)) if c else np.inf
+
     for j in range(n_f):
         for k in range(j + 1, n_f):
             wj, wk = int(idx[:, j].max()) + 1, int(idx[:, k].max()) + 1
@@ -398,7 +410,9 @@ def contrast_cells(bins: _Bins, in_c: np.ndarray, floor: int, ratio: float,
                     keep[:] = list(range(start, stop + 1))
                 total = int(cc[np.ix_(ja, kb)].sum())
                 r = (co[np.ix_(ja, kb)].sum() / n_o) / (total / n_c)
-                if total >= floor and r <= ratio:
+                # a conjunction: neither column's range is rare elsewhere on its own
+                if (total >= floor and r <= ratio and alone(j, ja) > marginal * ratio
+                        and alone(k, kb) > marginal * ratio):
                     found.append((round(float(r), 3), -total,
                                   (bins.condition(j, np.array(ja)),
                                    bins.condition(k, np.array(kb)))))
