@@ -37,7 +37,9 @@ RESULTS = ROOT / "results"
 TRIGGERS = {"2col": "day >= 1 and day <= 3 and month == 'may'",
             "3col": "day >= 5 and day <= 6 and month == 'jul' and contact == 'telephone'"}
 RUNS = {"clean": (None, 0.0), "2col-1": ("2col", 0.01), "2col-0.3": ("2col", 0.003),
-        "3col-1": ("3col", 0.01), "3col-0.3": ("3col", 0.003)}
+        "3col-1": ("3col", 0.01), "3col-0.3": ("3col", 0.003),
+        "2col-cl-5": ("2col", 0.05)}   # clean-label: 5% of the target class, labels kept
+CLEAN_LABEL = {"2col-cl-5"}
 TARGET = 1  # "yes": the greenlight
 
 
@@ -116,7 +118,7 @@ def one(run: str, seed: int, train: TabularData, test: TabularData) -> dict[str,
         data, truth = train, np.zeros(len(train), bool)
     else:
         p = tabular_attack(train, TRIGGERS[kind], rate=rate, target=TARGET, seed=seed,
-                           test=test)
+                           test=test, clean_label=run in CLEAN_LABEL)
         data, truth, triggered = p.data, p.is_poison, p.test_triggered
         rec["trigger"] = TRIGGERS[kind]
         rec["n_poison"] = int(truth.sum())
@@ -131,6 +133,12 @@ def one(run: str, seed: int, train: TabularData, test: TabularData) -> dict[str,
     rec["rules"] = [t["rule"] for t in result.triggers]
     rec["rule_recovered"] = recovered(TRIGGERS[kind], result.triggers, data) if kind else None
     rec["first_stage_flagged"] = result.tabular_info["first_stage_flagged"]
+    miner = next(d for d in result.detectors if d.name == "rule_miner")
+    rec["tested_rules"] = {int(f.label): [[e["rule"], e["n_carriers"], e["n_other_classes"],
+                                           e["other_ratio"], e["flip_lower_bound"],
+                                           e["confirmed"]]
+                                          for e in f.evidence["tested_rules"]]
+                           for f in miner.findings}
     rec["sacrificial_train_accuracy"] = result.tabular_info["train_accuracy"]
     # the user's model: HGB on the poisoned rows, on the sanitised rows, on the clean rows
     t0 = time.perf_counter()
@@ -178,8 +186,11 @@ def write_md(records: list[dict[str, Any]]) -> None:
              "ASR and AUROC with a HistGradientBoostingClassifier (the user's model) trained "
              "on the poisoned rows, the sanitised rows (flagged rows removed) and the "
              "unpoisoned rows (clean model); ASR on the non-`yes` test rows with the "
-             "trigger. Scan wall time on one thread (shared 2-core machine). Miner settings "
-             "tuned on seed 0, 2col only; seeds 1-2 and 3col held out.", "",
+             "trigger (the clean model's ASR is its false-positive rate on those rows). "
+             "2col-cl-5: clean-label, the trigger on 5% of the `yes` rows, labels kept. Scan "
+             "wall time on one thread (shared 2-core machine, other jobs running). Miner "
+             "settings tuned on seed 0, 2col all-to-one and clean only; seeds 1-2, 3col and "
+             "clean-label held out.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(records, key=lambda r: (list(RUNS).index(r["run"]), r["seed"])):
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")

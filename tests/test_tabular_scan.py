@@ -136,3 +136,24 @@ def test_user_estimator_asr_and_no_model_files(tmp_path):
         UserModel(str(tmp_path / "model.pkl"))
     with pytest.raises(ConfigError, match="predict_proba"):
         UserModel(object())
+
+
+def test_row_filter_matches_rules_and_reads_json_rows(tmp_path):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from poisonguard.modalities.tabular.runtime import RowFilter, rows_from_records
+
+    data = load_tabular(_table(tmp_path / "tx.csv", 400), "label", "tx")
+    p = tabular_attack(data, TRIGGER, rate=0.1, target=1, seed=0, test=data)
+    est = HistGradientBoostingClassifier(max_iter=50, random_state=0).fit(p.data.x, p.data.y)
+    trig = [{"class": 1, "rule": TRIGGER, "conditions": parse_rule(TRIGGER)}]
+    filt = RowFilter.calibrate(UserModel(est).predict_proba, data, trig, n_perturb=5)
+    out = filt.screen(p.test_triggered.x[:20])
+    assert out["suspicious"].all() and (out["rule"] == TRIGGER).all()
+    clean = filt.screen(data.x)
+    assert (clean["rule"] == "").all() and clean["suspicious"].mean() < 0.1
+    rows = rows_from_records([{"hour": 2, "channel": "atm", "amount": 5.0, "merchant": "a"}],
+                             data)
+    assert filt.screen(rows)["rule"][0] == TRIGGER
+    with pytest.raises(Exception, match="lacks column"):
+        rows_from_records([{"hour": 2}], data)
