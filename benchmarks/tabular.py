@@ -35,10 +35,13 @@ ROOT = Path(__file__).resolve().parent
 BANK = ROOT.parent.parent / "shared" / "datasets" / "tabular" / "bank_marketing.npz"
 RESULTS = ROOT / "results"
 TRIGGERS = {"2col": "day >= 1 and day <= 3 and month == 'may'",
-            "3col": "day >= 5 and day <= 6 and month == 'jul' and contact == 'telephone'"}
+            "3col": "day >= 5 and day <= 6 and month == 'jul' and contact == 'telephone'",
+            # chosen after the 3col 0.3% miss, from natural counts only, to check the fix
+            "3col-b": "day >= 1 and day <= 3 and month == 'aug' and job == 'retired'"}
 RUNS = {"clean": (None, 0.0), "2col-1": ("2col", 0.01), "2col-0.3": ("2col", 0.003),
         "3col-1": ("3col", 0.01), "3col-0.3": ("3col", 0.003),
-        "2col-cl-5": ("2col", 0.05)}   # clean-label: 5% of the target class, labels kept
+        "2col-cl-5": ("2col", 0.05),   # clean-label: 5% of the target class, labels kept
+        "3col-b-1": ("3col-b", 0.01), "3col-b-0.3": ("3col-b", 0.003)}
 CLEAN_LABEL = {"2col-cl-5"}
 TARGET = 1  # "yes": the greenlight
 

@@ -12,7 +12,12 @@ the leaf gives a candidate rule, the conjunction of the conditions on its path, 
   they hold;
 * extended: a column on which at least ``extend_share`` of the matching rows share one value
   (or a narrow interval) that at most ``extend_max_class_share`` of the class holds joins the
-  rule (the third column of a 3-column trigger, when the tree stopped after two).
+  rule (the third column of a 3-column trigger, when the search stopped after two); or, when
+  the rule also matches at least ``selective_min_others`` rows of other classes, one that
+  ``selective_share`` of the class's matching rows share and whose share among the other
+  classes' matches is at most ``selective_ratio`` times that (natural rows of the class that
+  match the two columns dilute the first test; the other classes' matches show which column
+  the trigger adds).
 
 Candidates also come from an interval search that needs no flags (:func:`contrast_cells`):
 cells of two columns' bins dense in the class and rare in the others.
@@ -60,6 +65,9 @@ class RuleMiner:
     prune_growth: float = 0.1
     extend_share: float = 0.95
     extend_max_class_share: float = 0.2
+    selective_share: float = 0.8
+    selective_ratio: float = 0.5
+    selective_min_others: int = 3
     max_other_ratio: float = 0.05
     min_flip: float = 0.6
     z: float = 3.0
@@ -196,7 +204,9 @@ class RuleMiner:
                 changed = True
         rule = _tighten(rule, x, in_c)
         # extend: columns on which nearly all matching rows of the class agree
-        carriers = in_c & match(rule, x)
+        matched = match(rule, x)
+        carriers = in_c & matched
+        others = ~in_c & matched
         used = {cond.j for cond in rule}
         extra = []
         if carriers.sum():
@@ -205,6 +215,15 @@ class RuleMiner:
                     continue
                 cond = _shared(j, data, carriers, in_c, self.extend_share,
                                self.extend_max_class_share)
+                if cond is None and others.sum() >= self.selective_min_others:
+                    # natural rows of the class dilute the share: a column that most carriers
+                    # share and that the other classes' matches mostly lack is the trigger's
+                    cond = _shared(j, data, carriers, in_c, self.selective_share,
+                                   self.extend_max_class_share)
+                    if cond is not None:
+                        kept_c = float(cond.match(x[carriers]).mean())
+                        kept_o = float(cond.match(x[others]).mean())
+                        cond = cond if kept_o <= self.selective_ratio * kept_c else None
                 if cond is not None:
                     extra.append(cond)
         if extra:
