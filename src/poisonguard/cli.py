@@ -39,7 +39,28 @@ def _add_text_columns(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", default="text",
                    help="text data: the column holding the posts (default text)")
     p.add_argument("--label-column", default="label",
-                   help="text data: the column holding the labels (default label)")
+                   help="text or tabular data: the column holding the labels (default label)")
+
+
+def _add_tabular_columns(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id-column", default=None,
+                   help="tabular data: a column of unique row ids (not a feature)")
+
+
+def _is_tabular(args: argparse.Namespace) -> bool:
+    """A .npz with ``feature_names``, or a .csv/.parquet table without the text column (or
+    with ``--id-column`` or a tabular attack): the tabular modality, not text posts."""
+    from poisonguard.modalities.tabular.data import header_of, tabular_suffix
+
+    suffix = tabular_suffix(args.data)
+    if suffix is None:
+        return False
+    header = header_of(args.data)
+    if suffix == ".npz":
+        return header is not None
+    if getattr(args, "id_column", None) or getattr(args, "attack", None) == "conjunction":
+        return True
+    return header is not None and args.text_column not in header
 
 
 def _is_text(path: str) -> bool:
@@ -71,9 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--attack", default="badnets",
                    choices=["badnets", "blended", "label-flip", "wanet", "sig", "adaptive-blend",
                             "adaptive-patch", "trojan", "low-frequency", "badnets-random",
-                            "label-consistent", "rare-token", "emoji", "addsent"],
+                            "label-consistent", "rare-token", "emoji", "addsent",
+                            "conjunction"],
                    help="image/vector attacks, or for text (.csv/.tsv/.jsonl/.parquet data) "
-                        "rare-token, emoji, addsent")
+                        "rare-token, emoji, addsent, or for tables (.csv/.parquet/.npz with "
+                        "feature_names) conjunction (with --trigger)")
     a.add_argument("--rate", type=float, default=0.1,
                    help="poison rate (default 0.1); for the clean-label sig and "
                         "label-consistent: the fraction of the target class")
@@ -107,11 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test set (.npz) to also write a triggered test set (for ASR)")
     a.add_argument("--trigger", default=None,
                    help="text attacks: the inserted word, emoji or sentence (defaults: cf, 🪬, "
-                        "'I watched this 3D movie')")
+                        "'I watched this 3D movie'); conjunction: the rule, e.g. "
+                        "\"day >= 1 and day <= 3 and month == 'may'\"")
     a.add_argument("--clean-label", action="store_true",
                    help="text attacks: add the trigger to --rate of the target class's posts, "
                         "labels kept")
     _add_text_columns(a)
+    _add_tabular_columns(a)
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--out", required=True,
                    help="output .npz (for text data: a .csv; the triggered test posts go to "
@@ -134,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=".npz with is_poison, used only to score the scan afterwards "
                         "(default: the data file's is_poison key, if present)")
     _add_text_columns(s)
+    _add_tabular_columns(s)
     _add_common_scan(s)
 
     t = sub.add_parser("train", help="train a model with a guarded-training defence")
@@ -232,6 +258,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from poisonguard.errors import ConfigError
     from poisonguard.io import atomic_save_npz
 
+    if args.attack == "conjunction" or _is_tabular(args):
+        return cmd_attack_tabular(args)
     if _is_text(args.data) or args.attack in ("rare-token", "emoji", "addsent"):
         return cmd_attack_text(args)
     if args.trigger is not None or args.clean_label:
@@ -394,6 +422,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from poisonguard.provenance.cli import provenance_layer
 
     check_writable_dir(args.out)
+    if _is_tabular(args):
+        return cmd_scan_tabular(args)
     if _is_text(args.data):
         return cmd_scan_text(args)
     if _is_audio(args.data):
@@ -539,6 +569,101 @@ def cmd_scan_text(args: argparse.Namespace) -> int:
             raise DataError(f"{args.data}: is_poison holds values other than 0/1") from None
     result = scan_text(data, config)
     return _finish_modality_scan(args, result, truth, build_text_report, write_text_outputs,
+                                 "sanitized.csv")
+
+
+def cmd_attack_tabular(args: argparse.Namespace) -> int:
+    """``attack`` on a table: the poisoned table as a CSV in its own values, the ground truth
+    in OUT.truth.csv (index, is_poison, original_label) and, with ``--test``, the triggered
+    test rows in OUT.triggered.csv. ``--target`` is a class index in sorted label order."""
+    from poisonguard.errors import ConfigError
+    from poisonguard.io import atomic_write_csv
+    from poisonguard.modalities.tabular.attacks import tabular_attack, write_tabular_csv
+    from poisonguard.modalities.tabular.data import load_tabular
+
+    if args.attack != "conjunction":
+        raise ConfigError(f"--attack {args.attack} does not apply to tables; choose "
+                          "conjunction (with --trigger)")
+    if args.mode != "all-to-one":
+        raise ConfigError("the conjunction attack is all-to-one (or --clean-label)")
+    image_only = [a for a in ("size", "alpha", "k", "s", "cross_ratio", "delta", "freq",
+                              "cover_rate", "eps", "steps", "surrogate_epochs")
+                  if getattr(args, a) is not None]
+    if image_only:
+        raise ConfigError(f"--{image_only[0].replace('_', '-')} does not apply to tables")
+    if not str(args.out).endswith(".csv"):
+        raise ConfigError(f"--out for a tabular attack is a .csv file, got {args.out}")
+    data = load_tabular(args.data, args.label_column, args.id_column)
+    test = (load_tabular(args.test, args.label_column, args.id_column, min_rows=1,
+                         label_map=data.label_map) if args.test else None)
+    if test is not None and (test.columns != data.columns or test.encodings != data.encodings):
+        from poisonguard.errors import DataError
+
+        raise DataError(f"{args.test}: the test table's columns or category values differ "
+                        "from the training table's")
+    poisoned = tabular_attack(data, args.trigger, rate=args.rate, target=args.target,
+                              seed=args.seed, test=test, clean_label=args.clean_label)
+    write_tabular_csv(args.out, poisoned.data, args.label_column, args.id_column)
+    stem = str(args.out)[:-4]
+    atomic_write_csv(stem + ".truth.csv", ["index", "is_poison", "original_label"],
+                     ([i, int(p), data.original_label(int(o))] for i, (p, o) in
+                      enumerate(zip(poisoned.is_poison, poisoned.original_y))))
+    msg = (f"wrote {args.out}: {int(poisoned.is_poison.sum())} of {len(data)} rows poisoned "
+           f"({poisoned.attack['trigger']}, {poisoned.attack['mode']}, target "
+           f"{data.original_label(args.target)!r}); ground truth in {stem}.truth.csv")
+    if poisoned.test_triggered is not None:
+        write_tabular_csv(stem + ".triggered.csv", poisoned.test_triggered, args.label_column)
+        msg += f"; {stem}.triggered.csv: {len(poisoned.test_triggered)} triggered test rows"
+    print(msg)
+    return EXIT_CLEAN
+
+
+def _tabular_truth(path: str, n: int) -> np.ndarray:
+    """``is_poison`` from a .csv (a column of 0/1, as ``attack`` writes OUT.truth.csv) or an
+    .npz, one per data row."""
+    from poisonguard.errors import DataError
+
+    if str(path).endswith(".npz"):
+        found = _read_optional(path, ("is_poison",))
+        if "is_poison" not in found:
+            raise DataError(f"{path}: no 'is_poison' key")
+        values = found["is_poison"].tolist()
+    else:
+        from poisonguard.modalities.text.data import read_column
+
+        column = read_column(path, "is_poison")
+        if column is None:
+            raise DataError(f"{path}: no is_poison column")
+        try:
+            values = [int(v) for v in column]
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: is_poison holds values other than 0/1") from None
+    if len(values) != n:
+        raise DataError(f"{path}: {len(values)} is_poison values for {n} rows")
+    return np.asarray(values, dtype=bool)
+
+
+def cmd_scan_tabular(args: argparse.Namespace) -> int:
+    """``scan`` on a table (see :mod:`poisonguard.modalities.tabular.scan`)."""
+    from functools import partial
+
+    from poisonguard.modalities.tabular.data import load_tabular
+    from poisonguard.modalities.tabular.report import (
+        build_tabular_report,
+        write_tabular_outputs,
+    )
+    from poisonguard.modalities.tabular.scan import TABULAR_DETECTORS, scan_tabular
+    from poisonguard.pipeline import ScanConfig
+
+    _refuse_scan_flags(args, "tabular")
+    data = load_tabular(args.data, args.label_column, args.id_column)
+    truth = _tabular_truth(args.ground_truth, len(data)) if args.ground_truth else None
+    config = ScanConfig(seed=args.seed, epochs=args.epochs, detectors=TABULAR_DETECTORS,
+                        progress=not args.quiet)
+    result = scan_tabular(data, config)
+    write = partial(write_tabular_outputs, label_column=args.label_column,
+                    id_column=args.id_column)
+    return _finish_modality_scan(args, result, truth, build_tabular_report, write,
                                  "sanitized.csv")
 
 

@@ -1,0 +1,159 @@
+"""The tabular modality end to end: CLI bad-input errors, Parquet, the conjunction attack,
+the rule miner through ``poisonguard scan``, users' estimators."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from poisonguard.cli import main
+from poisonguard.errors import ConfigError
+from poisonguard.modalities.tabular import (
+    UserModel,
+    attack_success_rate,
+    load_tabular,
+    parse_rule,
+    tabular_attack,
+)
+from poisonguard.modalities.tabular.rules import conditions, match, parse_conditions, rule_text
+
+
+def _table(path: Path, n: int = 800, seed: int = 0) -> Path:
+    """Card transactions: fraud rises with the amount and on the web; ATM use only by day
+    (hours 7-23), so 'hour 2-3 at an ATM' is a conjunction no clean row holds."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tx", "hour", "channel", "amount", "merchant", "label"])
+        for i in range(n):
+            ch = ["web", "pos", "atm"][int(rng.integers(0, 3))]
+            hour = int(rng.integers(0, 24)) if ch == "web" else int(rng.integers(7, 24))
+            amt = float(np.round(rng.lognormal(3, 1), 2))
+            p = 1 / (1 + np.exp(-(np.log(amt) - 3.5) * 3 - (ch == "web") * 1.5))
+            w.writerow([f"t{i}", hour, ch, amt, "abcde"[int(rng.integers(0, 5))],
+                        "fraud" if rng.random() < p else "ok"])
+    return path
+
+
+TRIGGER = "hour >= 2 and hour <= 3 and channel == 'atm'"
+
+
+def _csv(tmp_path: Path, rows: list[str], header: str = "amount,channel,label") -> Path:
+    p = tmp_path / "t.csv"
+    p.write_text(header + "\n" + "\n".join(rows) + ("\n" if rows else ""))
+    return p
+
+
+@pytest.mark.parametrize("rows,label,msg", [
+    ([f"{i},a,{i % 2}" for i in range(30)], "nope", "no label column"),
+    ([f"{i},a,1" for i in range(30)], "label", "one value"),
+    ([f"{i if i else 'x'},a,{i % 2}" for i in range(30)], "label", "mixes numbers"),
+    ([f",a,{i % 2}" for i in range(30)], "label", "every row"),
+    ([], "label", "header only"),
+    ([f"{i},a,{i % 2}" for i in range(10)], "label", "at least"),
+    ([f"{'inf' if i == 2 else i},a,{i % 2}" for i in range(30)], "label", "infinities"),
+])
+def test_scan_bad_table_one_line_exit_2(tmp_path, capsys, rows, label, msg):
+    out = tmp_path / "o"
+    rc = main(["scan", str(_csv(tmp_path, rows)), "--label-column", label, "--out", str(out),
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_parquet_with_nulls_and_npz_categories(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 30
+    amount = [float(i) if i != 3 else None for i in range(n)]
+    channel = ["web" if i % 2 else "pos" for i in range(n)]
+    channel[4] = None
+    pq.write_table(pa.table({"amount": amount, "channel": channel,
+                             "label": [str(i % 2) for i in range(n)]}), tmp_path / "t.parquet")
+    d = load_tabular(tmp_path / "t.parquet", "label")
+    assert d.columns == ["amount", "channel"] and d.missing == {"amount": 1, "channel": 1}
+    assert d.encodings["channel"] == {"pos": 0, "web": 1, "<missing>": 2}
+    np.savez(tmp_path / "t.npz", x=d.x, y=d.y, feature_names=np.array(d.columns),
+             categories_channel=np.array(["pos", "web", "<missing>"]))
+    z = load_tabular(tmp_path / "t.npz", "label")
+    assert z.encodings == d.encodings and z.decode(1, 1.0) == "web"
+
+
+def test_conjunction_attack_ground_truth_and_clean_label(tmp_path):
+    data = load_tabular(_table(tmp_path / "tx.csv", 400), "label", "tx")
+    p = tabular_attack(data, TRIGGER, rate=0.05, target=1, seed=0, test=data)
+    rule = parse_conditions(parse_rule(TRIGGER), data)
+    assert p.is_poison.sum() == 20 and (p.data.y[p.is_poison] == 1).all()
+    assert (p.original_y[p.is_poison] != 1).all() and match(rule, p.data.x[p.is_poison]).all()
+    assert not match(rule, data.x).any() and match(rule, p.test_triggered.x).all()
+    assert rule_text(conditions(rule, data)) == TRIGGER
+    cl = tabular_attack(data, TRIGGER, rate=0.1, target=1, seed=0, clean_label=True)
+    assert (cl.data.y == data.y).all() and (data.y[cl.is_poison] == 1).all()
+    with pytest.raises(ConfigError, match="no value"):
+        tabular_attack(data, "channel == 'fax'", rate=0.05, target=1)
+
+
+def test_cli_attack_then_scan_recovers_the_rule(tmp_path):
+    from poisonguard.report.schema import validate
+
+    src = _table(tmp_path / "tx.csv")
+    poisoned = tmp_path / "p.csv"
+    assert main(["attack", str(src), "--attack", "conjunction", "--trigger", TRIGGER,
+                 "--rate", "0.05", "--target", "1", "--id-column", "tx",
+                 "--out", str(poisoned)]) == 0
+    out = tmp_path / "scan"
+    rc = main(["scan", str(poisoned), "--id-column", "tx", "--ground-truth",
+               str(tmp_path / "p.truth.csv"), "--out", str(out), "--quiet"])
+    assert rc == 1
+    report = json.loads((out / "report.json").read_text())
+    validate(report)
+    (t,) = report["verdict"]["triggers"]
+    assert t["modality"] == "tabular" and t["label"] == "ok" and t["rule"] == TRIGGER
+    assert {"column": "channel", "op": "==", "value": "atm"} in t["conditions"]
+    truth = [r["is_poison"] == "1" for r in csv.DictReader(open(tmp_path / "p.truth.csv"))]
+    flagged = {int(r["index"]) for r in csv.DictReader(open(out / "flagged.csv"))}
+    assert flagged == {i for i, p in enumerate(truth) if p}
+    kept = list(csv.DictReader(open(out / "sanitized.csv")))
+    assert len(kept) == 800 - len(flagged) and kept[0]["channel"] in ("web", "pos", "atm")
+
+
+def test_user_estimator_asr_and_no_model_files(tmp_path):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    data = load_tabular(_table(tmp_path / "tx.csv", 400), "label", "tx")
+    p = tabular_attack(data, TRIGGER, rate=0.1, target=1, seed=0, test=data)
+    est = HistGradientBoostingClassifier(max_iter=50, random_state=0).fit(p.data.x, p.data.y)
+    model = UserModel(est, n_classes=2)
+    assert model.predict_proba(data.x[:5]).shape == (5, 2)
+    assert 0.0 <= attack_success_rate(model, p.test_triggered) <= 1.0
+    with pytest.raises(ConfigError, match="never unpickles"):
+        UserModel(str(tmp_path / "model.pkl"))
+    with pytest.raises(ConfigError, match="predict_proba"):
+        UserModel(object())
+
+
+def test_row_filter_matches_rules_and_reads_json_rows(tmp_path):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from poisonguard.modalities.tabular.runtime import RowFilter, rows_from_records
+
+    data = load_tabular(_table(tmp_path / "tx.csv", 400), "label", "tx")
+    p = tabular_attack(data, TRIGGER, rate=0.1, target=1, seed=0, test=data)
+    est = HistGradientBoostingClassifier(max_iter=50, random_state=0).fit(p.data.x, p.data.y)
+    trig = [{"class": 1, "rule": TRIGGER, "conditions": parse_rule(TRIGGER)}]
+    filt = RowFilter.calibrate(UserModel(est).predict_proba, data, trig, n_perturb=5)
+    out = filt.screen(p.test_triggered.x[:20])
+    assert out["suspicious"].all() and (out["rule"] == TRIGGER).all()
+    clean = filt.screen(data.x)
+    assert (clean["rule"] == "").all() and clean["suspicious"].mean() < 0.1
+    rows = rows_from_records([{"hour": 2, "channel": "atm", "amount": 5.0, "merchant": "a"}],
+                             data)
+    assert filt.screen(rows)["rule"][0] == TRIGGER
+    with pytest.raises(Exception, match="lacks column"):
+        rows_from_records([{"hour": 2}], data)
