@@ -171,6 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_runtime(sub)
 
+    from poisonguard.federated.cli import register as register_federated
+
+    register_federated(sub)
+
     au = sub.add_parser(
         "audit", help="run every layer the inputs allow (provenance, quarantine scan, guarded "
                       "training, model audit, runtime filter) and give one verdict",

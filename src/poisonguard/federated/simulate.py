@@ -49,11 +49,11 @@ class SimConfig:
     malicious: int = 1
     attack: str = "data"
     defense: str = "cluster"
-    rounds: int = 12
-    attack_start: int = 4
+    rounds: int = 15
+    attack_start: int = 5
     seed: int = 0
-    samples_per_client: int = 500
-    test_size: int = 2000
+    samples_per_client: int = 1000
+    test_size: int = 5000
     model: str = "mlp"
     cnn_width: int = 8
     local_epochs: int = 1
