@@ -61,8 +61,12 @@ def register(sub: Any) -> None:
                    help="trimmed: share dropped at each end (at least one client)")
     p.add_argument("--krum-f", type=int, default=None,
                    help="krum: assumed attackers (default (clients - 3) // 2)")
-    p.add_argument("--z", type=float, default=3.5,
-                   help="cluster: robust z-score above which a client is named")
+    p.add_argument("--z", type=float, default=None,
+                   help="cluster: robust z-score above which a client is named (default: "
+                        "calibrated for the client count at --alpha; 6.1 for 10 clients)")
+    p.add_argument("--alpha", type=float, default=0.001,
+                   help="cluster: false-alarm rate per honest client and feature that sets the "
+                        "default --z (0.001)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--threads", type=int, default=None,
@@ -81,7 +85,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
         local_epochs=args.local_epochs, local_lr=args.local_lr, server_lr=args.server_lr,
         poison_fraction=args.poison_fraction, attack_epochs=args.attack_epochs,
         target=args.target, noise=args.noise, trim_fraction=args.trim_fraction,
-        krum_f=args.krum_f, z=args.z)
+        krum_f=args.krum_f, z=args.z, alpha=args.alpha)
 
 
 def cmd_federated(args: argparse.Namespace) -> int:

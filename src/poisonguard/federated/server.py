@@ -60,15 +60,16 @@ class FederatedServer:
 
     ``clip_norm`` (clip: the bound; default the round's median norm), ``noise`` (clip, cluster:
     Gaussian noise std as a multiple of the clipping bound), ``trim_fraction`` (trimmed),
-    ``krum_f`` / ``krum_m`` (krum), ``z`` and ``clip_accepted`` (cluster), ``seed`` (noise).
+    ``krum_f`` / ``krum_m`` (krum), ``z`` (default: calibrated for the round's client count
+    at false-alarm rate ``alpha``) and ``clip_accepted`` (cluster), ``seed`` (noise).
     The constructor only checks and stores them; nothing is learnt across rounds except the
     update layout.
     """
 
     def __init__(self, defense: str = "cluster", *, clip_norm: float | None = None,
                  noise: float = 0.0, trim_fraction: float = 0.1, krum_f: int | None = None,
-                 krum_m: int | None = None, z: float = 3.5, clip_accepted: bool = True,
-                 seed: int = 0) -> None:
+                 krum_m: int | None = None, z: float | None = None, alpha: float = 0.001,
+                 clip_accepted: bool = True, seed: int = 0) -> None:
         if defense not in DEFENSES:
             raise ConfigError(f"unknown defense {defense!r}; expected one of {list(DEFENSES)}")
         if clip_norm is not None and not clip_norm > 0:
@@ -79,12 +80,15 @@ class FederatedServer:
             raise ConfigError(f"trim_fraction must be in (0, 0.5), got {trim_fraction}")
         if krum_f is not None and krum_f < 0:
             raise ConfigError(f"krum_f must be >= 0, got {krum_f}")
-        if not z > 0:
+        if z is not None and not z > 0:
             raise ConfigError(f"z must be > 0, got {z}")
+        if not 0.0 < alpha < 0.5:
+            raise ConfigError(f"alpha must be in (0, 0.5), got {alpha}")
         self.defense = defense
         self.params: dict[str, Any] = {"clip_norm": clip_norm, "noise": noise,
                                        "trim_fraction": trim_fraction, "krum_f": krum_f,
-                                       "krum_m": krum_m, "z": z, "clip_accepted": clip_accepted,
+                                       "krum_m": krum_m, "z": z, "alpha": alpha,
+                                       "clip_accepted": clip_accepted,
                                        "seed": seed}
         self.layout: UpdateLayout | None = None
         self.rounds = 0
@@ -102,7 +106,8 @@ class FederatedServer:
             return agg.trimmed_mean(u, p["trim_fraction"])
         if self.defense == "krum":
             return agg.krum(u, p["krum_f"], p["krum_m"])
-        return agg.cluster(u, w, p["z"], p["clip_accepted"], p["noise"], self._rng)
+        return agg.cluster(u, w, p["z"], p["clip_accepted"], p["noise"], self._rng,
+                           alpha=p["alpha"])
 
     def aggregate(self, updates: Mapping[Any, Update],
                   weights: Mapping[Any, float] | None = None) -> RoundResult:

@@ -67,7 +67,8 @@ class SimConfig:
     noise: float = 0.0
     trim_fraction: float = 0.1
     krum_f: int | None = None
-    z: float = 3.5
+    z: float | None = None
+    alpha: float = 0.001
 
     def check(self) -> None:
         """ConfigError on any bad setting, before data is loaded."""
@@ -112,7 +113,7 @@ class SimConfig:
                 raise ConfigError(f"Krum with f={f} needs at least {2 * f + 3} clients, got "
                                   f"{self.clients}")
         FederatedServer(self.defense, noise=self.noise, trim_fraction=self.trim_fraction,
-                        krum_f=self.krum_f, z=self.z)
+                        krum_f=self.krum_f, z=self.z, alpha=self.alpha)
 
     @property
     def attack_target(self) -> int:
@@ -210,7 +211,7 @@ def simulate(cfg: SimConfig, progress: Any = None) -> dict[str, Any]:
     keys = _float_keys(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     server = FederatedServer(cfg.defense, noise=cfg.noise, trim_fraction=cfg.trim_fraction,
-                             krum_f=cfg.krum_f, z=cfg.z, seed=cfg.seed)
+                             krum_f=cfg.krum_f, z=cfg.z, alpha=cfg.alpha, seed=cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     weights = {cid: len(s) for cid, s in zip(ids, shards)}
     records = []
