@@ -38,7 +38,7 @@ TARGETS = {"named_rate": 0.9, "asr": 0.05, "cost_points": 1.0}
 PRESETS: dict[str, dict[str, Any]] = {
     "mnist": {},
     # reduced CIFAR-10: fewer, smaller shards and a narrow CNN so it fits the CPU budget
-    "cifar10": {"model": "cnn", "cnn_width": 8, "samples_per_client": 1000, "test_size": 2000,
+    "cifar10": {"model": "cnn", "cnn_width": 8, "samples_per_client": 500, "test_size": 2000,
                 "local_lr": 0.02},
 }
 
@@ -164,6 +164,8 @@ def main() -> None:
                 for defense in defenses:
                     rec = run_one(dataset, seed, attack, defense, Path(args.root))
                     records.append(rec)
+                    RESULTS.mkdir(exist_ok=True)  # partial records, in case the run is cut
+                    atomic_write_json(RESULTS / f"{args.name}.partial.json", records)
                     print(f"{dataset} seed {seed} {attack:>7} {defense:>7}: acc "
                           f"{rec['accuracy_last3']:.4f} ASR {rec['final_asr']:.4f} named "
                           f"{rec['named_rate']} fp {rec['false_positives']} "
@@ -180,7 +182,7 @@ def main() -> None:
     settings += (f"; defaults: {cfg.samples_per_client} samples/client, model {cfg.model}, "
                  f"local lr {cfg.local_lr} (SGD, momentum 0.9, batch {cfg.batch_size}), "
                  f"{cfg.local_epochs} local epoch, test subset {cfg.test_size}, cluster z "
-                 f"calibrated at alpha {cfg.alpha} (6.1 for 10 clients), trimmed fraction "
+                 f"calibrated at alpha {cfg.alpha} (6.8 for 10 clients), trimmed fraction "
                  f"{cfg.trim_fraction}")
     out = {"benchmark": "federated", "commit": COMMIT, "seeds": args.seeds,
            "datasets": args.datasets, "presets": {d: PRESETS[d] for d in args.datasets},
@@ -191,6 +193,7 @@ def main() -> None:
     md = HEADER.format(commit=COMMIT, n_clients=cfg.clients, start=cfg.attack_start,
                        rounds=cfg.rounds, settings=settings, wall=wall)
     atomic_write_text(RESULTS / f"{args.name}.md", md + "\n" + "\n\n".join(tables) + "\n")
+    (RESULTS / f"{args.name}.partial.json").unlink(missing_ok=True)
     print("\n\n".join(tables))
 
 

@@ -63,10 +63,10 @@ def register(sub: Any) -> None:
                    help="krum: assumed attackers (default (clients - 3) // 2)")
     p.add_argument("--z", type=float, default=None,
                    help="cluster: robust z-score above which a client is named (default: "
-                        "calibrated for the client count at --alpha; 6.1 for 10 clients)")
-    p.add_argument("--alpha", type=float, default=0.001,
-                   help="cluster: false-alarm rate per honest client and feature that sets the "
-                        "default --z (0.001)")
+                        "calibrated for the client count at --alpha; 6.8 for 10 clients)")
+    p.add_argument("--alpha", type=float, default=0.002,
+                   help="cluster: false-alarm rate per honest client that sets the default --z "
+                        "(0.002)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--threads", type=int, default=None,

@@ -68,7 +68,7 @@ class FederatedServer:
 
     def __init__(self, defense: str = "cluster", *, clip_norm: float | None = None,
                  noise: float = 0.0, trim_fraction: float = 0.1, krum_f: int | None = None,
-                 krum_m: int | None = None, z: float | None = None, alpha: float = 0.001,
+                 krum_m: int | None = None, z: float | None = None, alpha: float = 0.002,
                  clip_accepted: bool = True, seed: int = 0) -> None:
         if defense not in DEFENSES:
             raise ConfigError(f"unknown defense {defense!r}; expected one of {list(DEFENSES)}")

@@ -7,7 +7,8 @@ From ``attack_start`` on, the malicious clients attack every round:
 - ``data``: they train on their shard with a BadNets patch stamped on ``poison_fraction`` of it
   (relabelled to the target), otherwise like everyone else;
 - ``replace``: model replacement (Bagdasaryan et al. 2020): they train on that poisoned shard
-  and scale the delta by gamma = n_clients / server_lr, so that FedAvg's mean is about the
+  and scale the delta of the weights (not of BatchNorm's running statistics, which scaled
+  could turn negative) by gamma = n_clients / server_lr, so that FedAvg's mean is about the
   backdoored model.
 
 Every round records clean accuracy, ASR (the triggered test set's share classified as the
@@ -68,7 +69,7 @@ class SimConfig:
     trim_fraction: float = 0.1
     krum_f: int | None = None
     z: float | None = None
-    alpha: float = 0.001
+    alpha: float = 0.002
 
     def check(self) -> None:
         """ConfigError on any bad setting, before data is loaded."""
@@ -209,6 +210,7 @@ def simulate(cfg: SimConfig, progress: Any = None) -> dict[str, Any]:
     x_trig, y_trig = spec.prepare(triggered.x), torch.from_numpy(triggered.y)
     model = _build(cfg, shards[0].x, spec)
     keys = _float_keys(model)
+    params = {name for name, _ in model.named_parameters()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     server = FederatedServer(cfg.defense, noise=cfg.noise, trim_fraction=cfg.trim_fraction,
                              krum_f=cfg.krum_f, z=cfg.z, alpha=cfg.alpha, seed=cfg.seed)
@@ -224,9 +226,9 @@ def simulate(cfg: SimConfig, progress: Any = None) -> dict[str, Any]:
                 epochs = cfg.local_epochs if cfg.attack == "data" else cfg.attack_epochs
                 delta = local_update(model, state, x, y, epochs, cfg.local_lr,
                                      cfg.batch_size, gen, keys)
-                if cfg.attack == "replace":
+                if cfg.attack == "replace":  # weights scaled; BatchNorm statistics kept
                     gamma = cfg.clients / cfg.server_lr
-                    delta = {k: v * gamma for k, v in delta.items()}
+                    delta = {k: v * gamma if k in params else v for k, v in delta.items()}
             else:
                 x, y = clean_xy[i]
                 delta = local_update(model, state, x, y, cfg.local_epochs, cfg.local_lr,
