@@ -164,7 +164,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model with a guarded-training defence")
     t.add_argument("data", help="training set (.npz with x and y, image folder, …)")
-    t.add_argument("--defense", default="none", choices=["none", "trim", "abl"])
+    t.add_argument("--defense", default="none", choices=["none", "trim", "abl", "noise"],
+                   help="none; trim (trimmed loss); abl (anti-backdoor learning); noise "
+                        "(Gaussian noise on every training input)")
+    t.add_argument("--noise-sigma", type=float, default=None,
+                   help="noise: the noise's standard deviation on the model-input scale (0-1 "
+                        "for images; default 0.5)")
     t.add_argument("--trim-fraction", type=float, default=None,
                    help="share of each batch's highest losses to drop, in [0, 0.5) (default: "
                         "estimated from the loss distribution after one warm-up epoch)")
@@ -196,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     from poisonguard.runtime.cli import register as register_runtime
 
     register_runtime(sub)
+
+    from poisonguard.federated.cli import register as register_federated
+
+    register_federated(sub)
 
     au = sub.add_parser(
         "audit", help="run every layer the inputs allow (provenance, quarantine scan, guarded "
@@ -709,6 +718,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from poisonguard.data import load_dataset
+    from poisonguard.errors import ConfigError
     from poisonguard.io import atomic_write_json, atomic_write_text, check_writable_dir
     from poisonguard.metrics import accuracy, detection_metrics
     from poisonguard.models.io import describe_inputs, save_model
@@ -719,8 +729,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from poisonguard.train import GuardConfig, train_guarded
 
     check_writable_dir(args.out)
+    if args.noise_sigma is not None and args.defense != "noise":
+        raise ConfigError("--noise-sigma applies to --defense noise only")
     guard = GuardConfig(defense=args.defense, trim_fraction=args.trim_fraction,
-                        monitor_gradients=args.monitor_gradients)
+                        monitor_gradients=args.monitor_gradients,
+                        **({} if args.noise_sigma is None else {"noise_sigma": args.noise_sigma}))
     data = load_dataset(args.data)
     from poisonguard.data.labeled import check_label_range
 

@@ -27,7 +27,8 @@ from poisonguard.models.architectures import (
 @dataclass(frozen=True)
 class TrainConfig:
     """Training hyper-parameters. ``augment`` adds random crops (pad 2) and, for colour images
-    when ``flip`` is on, horizontal flips."""
+    when ``flip`` is on, horizontal flips. ``input_noise`` > 0 adds Gaussian noise of that
+    standard deviation to every training input, on the model-input scale (0-1 for images)."""
 
     epochs: int = 4
     batch_size: int = 128
@@ -37,6 +38,7 @@ class TrainConfig:
     augment: bool = False
     label_smoothing: float = 0.0
     flip: bool = True
+    input_noise: float = 0.0
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
@@ -45,6 +47,8 @@ class TrainConfig:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not self.input_noise >= 0:
+            raise ConfigError(f"input_noise must be >= 0, got {self.input_noise}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -146,6 +150,8 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
             xb = spec.prepare(data.x[idx])
             if config.augment and xb.ndim == 4:
                 xb = _augment(xb, gen, flip)
+            if config.input_noise > 0 and xb.is_floating_point():
+                xb = xb + config.input_noise * torch.randn(xb.shape, generator=gen)
             yb = y_all[idx]
             logits = model(xb)
             if logits.ndim != 2 or logits.shape[1] < n_classes:

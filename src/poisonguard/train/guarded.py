@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from poisonguard.train.relabel import RELABEL_MODES, other_class_targets, relabe
 from poisonguard.train.seeded import expand_from_seed, loss_floor_ascent, loss_floor_epochs
 from poisonguard.types import DetectorResult
 
-DEFENSES = ("none", "trim", "abl")
+DEFENSES = ("none", "trim", "abl", "noise")
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,10 @@ class GuardConfig:
     training continues on the rest and the isolated samples are unlearned afterwards for up to
     ``abl_unlearn_steps`` at ``abl_unlearn_lr`` (see :func:`_unlearn`), which also runs when
     the in-training relabelling left the isolated samples on their labels.
+    noise: every training input gets Gaussian noise of standard deviation ``noise_sigma``
+    (model-input scale: 0-1 for images) at every visit, so that a small trigger must stand out
+    of the noise to be learnt (noise injection, as RAB's training does, Weber et al. 2023);
+    the model is evaluated on clean inputs.
     monitor_gradients: record per-sample gradient norms of ``monitor_params`` every epoch.
     """
 
@@ -70,6 +74,7 @@ class GuardConfig:
     abl_expand_rounds: int = 2
     abl_expand_seed: bool = True
     abl_relabel_in_training: bool = True
+    noise_sigma: float = 0.5
     monitor_gradients: bool = False
     monitor_params: tuple[str, ...] = ("embed", "head")
 
@@ -84,6 +89,8 @@ class GuardConfig:
         if self.abl_relabel not in RELABEL_MODES:
             raise ConfigError(f"abl_relabel must be soft, second or uniform, got "
                               f"{self.abl_relabel!r}")
+        if not self.noise_sigma > 0:
+            raise ConfigError(f"noise sigma must be > 0, got {self.noise_sigma}")
         if self.abl_gamma < 0:
             raise ConfigError(f"abl_gamma must be >= 0, got {self.abl_gamma}")
 
@@ -158,6 +165,8 @@ def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
                     and epoch + 1 == guard.trim_warmup_epochs):
                 state["fraction"] = _estimate_trim(model, data, guard)
 
+        if guard.defense == "noise":
+            config = replace(config, input_noise=guard.noise_sigma)
         if guard.defense == "trim" and guard.trim_warmup_epochs == 0 and state["fraction"] is None:
             raise ConfigError("an estimated trim fraction needs trim_warmup_epochs >= 1")
         train = train_classifier(data, config, model=model, n_classes=n_classes,
