@@ -29,6 +29,16 @@ def run_task(source: Any, ref: Any, fn: Callable, model: Any, config: Any, batch
     return fn(source.read(ref, batch_rows), model, config, **kwargs)
 
 
+def _const(value: Any) -> Any:
+    return value
+
+
+def _run_shared(shared: tuple, ref: Any, fn: Callable, batch_rows: int,
+                kwargs: dict[str, Any]) -> Any:
+    source, model, config = shared
+    return run_task(source, ref, fn, model, config, batch_rows, kwargs)
+
+
 def _progress(total: int, desc: str, show: bool) -> Any:
     from tqdm import tqdm
 
@@ -119,12 +129,12 @@ class DaskEngine:
         from distributed import KilledWorker
 
         client = self.client
-        try:
-            shared = client.scatter([source, model, config], broadcast=True, hash=False)
-        except Exception as exc:  # noqa: BLE001 - any comm failure: one line
-            raise EngineError(f"dask: could not send the model to the workers ({exc})") from None
-        pending: deque = deque()
+        # Not client.scatter: scattered data lost with a worker cannot be recovered, while a
+        # task's result can be recomputed, so a retried chunk still finds the model.
         token = uuid.uuid4().hex[:10]
+        shared = client.submit(_const, (source, model, config), pure=False,
+                               key=f"{desc}-model-{token}")
+        pending: deque = deque()
         it = iter(enumerate(refs))
         with _progress(len(refs), desc, self.progress) as bar:
             try:
@@ -134,9 +144,8 @@ class DaskEngine:
                         if nxt is None:
                             break
                         i, ref = nxt
-                        pending.append((i, client.submit(run_task, shared[0], ref, fn,
-                                                         shared[1], shared[2], batch_rows,
-                                                         kwargs, pure=False,
+                        pending.append((i, client.submit(_run_shared, shared, ref, fn,
+                                                         batch_rows, kwargs, pure=False,
                                                          key=f"{desc}-{i}-{token}")))
                     if not pending:
                         return
@@ -159,6 +168,7 @@ class DaskEngine:
             finally:
                 for _, fut in pending:
                     fut.cancel()
+                shared.cancel()
 
     def close(self) -> None:
         try:
