@@ -72,8 +72,12 @@ class ClassModel:
     n: int
     mean: np.ndarray
     comps: np.ndarray  # (k, d)
+    var: np.ndarray  # (k,) variances along comps
+    ss_dir: np.ndarray | None = None  # (k,) tail direction in the whitened space
+    ss_kurtosis: float = 0.0
     ss_cut: float = 0.0
     ss_poison_right: bool = True
+    ac_white: bool = False
     ac_m: int = 0
     ac_centroids: np.ndarray | None = None  # (2, m)
     ac_poison: int = 1
@@ -93,10 +97,16 @@ class ClassModel:
         return self.ss_suspicious and self.ac_suspicious
 
     def project(self, x: np.ndarray) -> np.ndarray:
-        return (x - self.mean) @ self.comps.T
+        """Whitened coordinates in the reduced space: unit variance along each direction."""
+        return ((x - self.mean) @ self.comps.T) / np.sqrt(self.var)
+
+    def ac_space(self, w: np.ndarray) -> np.ndarray:
+        """The 2-means split's space: whitened, or the plain principal coordinates."""
+        return w if self.ac_white else w * np.sqrt(self.var)
 
     def assign(self, z: np.ndarray) -> np.ndarray:
-        """Index of the nearer 2-means centroid (in the split's leading ``ac_m`` dims)."""
+        """Index of the nearer 2-means centroid (``z`` in the split's space; its leading
+        ``ac_m`` dims)."""
         assert self.ac_centroids is not None
         d = ((z[:, :self.ac_m, None] - self.ac_centroids.T[None]) ** 2).sum(axis=1)
         return np.argmin(d, axis=1)
@@ -135,8 +145,8 @@ def merge_moments(a: dict[int, Moments], b: dict[int, Moments]) -> dict[int, Mom
 
 def fit_projection(moments: dict[int, Moments], config: ScaleConfig
                    ) -> tuple[Model, dict[int, str]]:
-    """Per class: mean and top principal directions; classes with < 4 rows or no variance are
-    returned as skipped (label -> reason)."""
+    """Per class: mean, top principal directions and their variances; classes with < 4 rows
+    or no variance are returned as skipped (label -> reason)."""
     model, skipped = {}, {}
     for c in sorted(moments):
         m = moments[c]
@@ -145,25 +155,47 @@ def fit_projection(moments: dict[int, Moments], config: ScaleConfig
             continue
         k = max(1, min(config.n_components, len(m.mean), m.n - 1))
         w, v = np.linalg.eigh(m.covariance)
-        comps = v[:, np.argsort(w)[::-1][:k]].T
+        order = np.argsort(w)[::-1][:k]
+        comps = v[:, order].T
         signs = np.sign(comps[np.arange(k), np.argmax(np.abs(comps), axis=1)])
-        model[c] = ClassModel(c, m.n, m.mean, comps * signs[:, None])
+        var = np.maximum(w[order], 1e-12 * max(float(w.max()), 1e-300))
+        model[c] = ClassModel(c, m.n, m.mean, comps * signs[:, None], var=var)
     return model, skipped
 
 
-# ----- pass 2: hash sample in the reduced space ------------------------------------------------
+# ----- pass 2: hash sample and fourth moments in the reduced space ----------------------------
 
-def sample_partial(batches: Any, model: Model, config: ScaleConfig) -> dict[int, HashSample]:
-    out: dict[int, HashSample] = {}
+@dataclass(frozen=True)
+class ClassSample:
+    """A class's hash sample of reduced coordinates, and the sum over all its rows of
+    |w|^2 w w^T for the whitened coordinates w (the fourth-moment matrix)."""
+
+    sample: HashSample
+    n: int
+    m4: np.ndarray
+
+    def merge(self, o: ClassSample) -> ClassSample:
+        return ClassSample(self.sample.merge(o.sample), self.n + o.n, self.m4 + o.m4)
+
+
+def sample_partial(batches: Any, model: Model, config: ScaleConfig) -> dict[int, ClassSample]:
+    out: dict[int, ClassSample] = {}
     for batch in batches:
-        part = {c: HashSample.of(rows, model[c].project(xc), config.sample_rows, config.seed)
-                for c, rows, xc in _by_class(batch) if c in model}
-        out = merge_by_key(out, part, HashSample.merge)
+        part = {}
+        for c, rows, xc in _by_class(batch):
+            if c not in model:
+                continue
+            w = model[c].project(xc)
+            m4 = (w * (w * w).sum(axis=1, keepdims=True)).T @ w
+            part[c] = ClassSample(HashSample.of(rows, w, config.sample_rows, config.seed),
+                                  len(w), m4)
+        out = merge_by_key(out, part, ClassSample.merge)
     return out
 
 
-def merge_samples(a: dict[int, HashSample], b: dict[int, HashSample]) -> dict[int, HashSample]:
-    return merge_by_key(a, b, HashSample.merge)
+def merge_samples(a: dict[int, ClassSample], b: dict[int, ClassSample]
+                  ) -> dict[int, ClassSample]:
+    return merge_by_key(a, b, ClassSample.merge)
 
 
 def _padded(v: np.ndarray) -> tuple[float, float]:
@@ -172,48 +204,127 @@ def _padded(v: np.ndarray) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def fit_splits(model: Model, samples: dict[int, HashSample], config: ScaleConfig) -> Model:
-    """The spectral cut and the 2-means split of each class, fit on its sample."""
-    from sklearn.cluster import KMeans
+def tail_direction(cs: ClassSample) -> tuple[np.ndarray, float]:
+    """The whitened direction along which the class departs most from a Gaussian: the
+    eigenvector of E[|w|^2 w w^T] furthest from its
+    Gaussian value k + 2. A small far cluster makes a heavy tail (above), a large one a
+    bimodal, light-tailed direction (below). Returns (direction, eigenvalue deviation)."""
+    k = len(cs.m4)
+    ev, vec = np.linalg.eigh(cs.m4 / max(cs.n, 1))
+    j = int(np.argmax(np.abs(ev - (k + 2))))
+    u = vec[:, j] * np.sign(vec[np.argmax(np.abs(vec[:, j])), j])
+    return u, float(ev[j] - (k + 2))
+
+
+def _two_medians_1d(v: np.ndarray, cut: float, iters: int = 200) -> float | None:
+    """1-D 2-medians from ``cut`` (the cut moves to the midpoint of the two sides' medians,
+    which a few bulk rows crossing it do not drag as they drag means); None when a side
+    empties."""
+    for _ in range(iters):
+        right = v > cut
+        if right.all() or not right.any():
+            return None
+        new = 0.5 * (float(np.median(v[right])) + float(np.median(v[~right])))
+        if new == cut:
+            break
+        cut = new
+    return cut
+
+
+def _sep_at(v: np.ndarray, cut: float) -> float:
+    right = v > cut
+    if right.sum() < 2 or (~right).sum() < 2:
+        return 0.0
+    pooled = np.sqrt(0.5 * (v[right].var() + v[~right].var())) + 1e-12
+    return float((v[right].mean() - v[~right].mean()) / pooled)
+
+
+def split_tail(v: np.ndarray, tail_z: float) -> float:
+    """The 1-D two-group cut: Otsu's (best split overall), or 2-medians started at robust z
+    ``tail_z`` on either side (a small far group, which Otsu's split passes over for a
+    cut through the bulk), whichever separates its groups more."""
+    cut, _ = split_1d(v)
+    best = (_sep_at(v, cut), cut)
+    med = float(np.median(v))
+    scale = max(MAD_TO_SIGMA * float(np.median(np.abs(v - med))), 1e-12)
+    z = (v - med) / scale
+    for side in (1.0, -1.0):
+        if int((side * z > tail_z).sum()) >= 2:
+            start = _two_medians_1d(v, med + side * tail_z * scale)
+            if start is not None and _sep_at(v, start) > best[0]:
+                best = (_sep_at(v, start), start)
+    return best[1]
+
+
+def _split_candidate(cm: ClassModel, z: np.ndarray, white: bool, m: int, cents: np.ndarray,
+                     n_sil: int) -> dict | None:
+    """A 2-means split of the sample ``z`` (in its space) by its centroids: the smaller
+    cluster is the poison; separation along the centroid line; silhouette on ``n_sil`` rows."""
     from sklearn.metrics import silhouette_score
+
+    trial = replace(cm, ac_white=white, ac_m=m, ac_centroids=cents)
+    assign = trial.assign(z)
+    groups = [np.flatnonzero(assign == g) for g in (0, 1)]
+    if min(len(g) for g in groups) < 2:
+        return None
+    poison = int(np.argmin([len(g) for g in groups]))
+    pg, cg = groups[poison], groups[1 - poison]
+    direction = z[pg].mean(0) - z[cg].mean(0)
+    direction /= np.linalg.norm(direction) + 1e-12
+    proj = z @ direction
+    pooled = np.sqrt(0.5 * (proj[pg].var() + proj[cg].var())) + 1e-12
+    sep = float((proj[pg].mean() - proj[cg].mean()) / pooled)
+    s = min(n_sil, len(z))
+    sil = (float(silhouette_score(z[:s], assign[:s])) if len(np.unique(assign[:s])) == 2
+           else 0.0)
+    return {"sep": sep, "sil": sil, "white": white, "m": m, "cents": cents, "poison": poison,
+            "direction": direction, "clean_proj": proj[cg]}
+
+
+def fit_splits(model: Model, samples: dict[int, ClassSample], config: ScaleConfig) -> Model:
+    """On each class's sample: the 1-D cut along the tail direction, and 2-means splits in the
+    plain and the whitened principal coordinates (k-means++ in the leading
+    ``search_components`` and all reduced dims, and k-means started from the tail cut's two
+    groups). The split kept is the most separated among those with silhouette >=
+    ``min_silhouette`` (else the most separated): whitening brings out a small far cluster,
+    the plain coordinates a large one."""
+    from sklearn.cluster import KMeans
 
     out = {}
     for c, cm in model.items():
-        z = samples[c].values
-        p = z[:, 0]
-        cut, _ = split_1d(p)
+        w = samples[c].sample.values
+        ss_dir, kurt = tail_direction(samples[c])
+        p = w @ ss_dir
+        cut = split_tail(p, config.tail_z)
         right = p > cut
         poison_right = bool(right.sum() <= (~right).sum())
         ss_clean = p[~right] if poison_right else p[right]
-        best = None
-        for m in sorted({min(k, z.shape[1]) for k in config.search_components} | {z.shape[1]}):
-            km = KMeans(n_clusters=2, n_init=3, random_state=config.seed).fit(z[:, :m])
-            cents = km.cluster_centers_
-            trial = replace(cm, ac_m=m, ac_centroids=cents)
-            assign = trial.assign(z)
-            groups = [np.flatnonzero(assign == g) for g in (0, 1)]
-            if min(len(g) for g in groups) < 2:
-                continue
-            poison = int(np.argmin([len(g) for g in groups]))
-            pg, cg = groups[poison], groups[1 - poison]
-            direction = z[pg].mean(0) - z[cg].mean(0)
-            direction /= np.linalg.norm(direction) + 1e-12
-            proj = z @ direction
-            pooled = np.sqrt(0.5 * (proj[pg].var() + proj[cg].var())) + 1e-12
-            sep = float((proj[pg].mean() - proj[cg].mean()) / pooled)
-            if best is None or sep > best[0]:
-                best = (sep, m, cents, poison, direction, assign, proj[cg])
-        if best is None:  # one cluster: a degenerate split that is never suspicious
-            best = (0.0, z.shape[1], np.stack([z.mean(0), z.mean(0) + 1e-9]), 1,
-                    np.eye(z.shape[1])[0], np.zeros(len(z), dtype=np.int64), z[:, 0])
-        _, m, cents, poison, direction, assign, clean_proj = best
-        s = min(config.silhouette_samples, len(z))
-        sil = (float(silhouette_score(z[:s, :], assign[:s]))
-               if len(np.unique(assign[:s])) == 2 else 0.0)
-        out[c] = replace(cm, ss_cut=float(cut), ss_poison_right=poison_right, ac_m=m,
-                         ac_centroids=cents, ac_poison=poison, ac_dir=direction,
-                         silhouette=sil, ss_range=_padded(ss_clean),
-                         ac_range=_padded(clean_proj))
+        candidates = []
+        for white in (False, True):
+            z = replace(cm, ac_white=white).ac_space(w)
+            for m in sorted({min(k, z.shape[1]) for k in config.search_components}
+                            | {z.shape[1]}):
+                km = KMeans(n_clusters=2, n_init=3, random_state=config.seed).fit(z[:, :m])
+                candidates.append(_split_candidate(cm, z, white, m, km.cluster_centers_,
+                                                   config.silhouette_samples))
+            if right.any() and (~right).any():
+                init = np.stack([z[~right].mean(0), z[right].mean(0)])
+                km = KMeans(n_clusters=2, init=init, n_init=1).fit(z)
+                candidates.append(_split_candidate(cm, z, white, z.shape[1],
+                                                   km.cluster_centers_,
+                                                   config.silhouette_samples))
+        candidates = [cand for cand in candidates if cand is not None]
+        if candidates:
+            best = max(candidates, key=lambda d: (d["sil"] >= config.min_silhouette, d["sep"]))
+        else:  # one cluster: a degenerate split that is never suspicious
+            best = {"sil": 0.0, "white": True, "m": w.shape[1],
+                    "cents": np.stack([w.mean(0), w.mean(0) + 1e-9]), "poison": 1,
+                    "direction": np.eye(w.shape[1])[0], "clean_proj": w[:, 0]}
+        out[c] = replace(cm, ss_dir=ss_dir, ss_kurtosis=kurt, ss_cut=float(cut),
+                         ss_poison_right=poison_right, ac_white=best["white"], ac_m=best["m"],
+                         ac_centroids=best["cents"], ac_poison=best["poison"],
+                         ac_dir=best["direction"], silhouette=best["sil"],
+                         ss_range=_padded(ss_clean), ac_range=_padded(best["clean_proj"]))
     return out
 
 
@@ -236,8 +347,10 @@ def _class_scores(cm: ClassModel, xc: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(spectral projection, spectral group, cluster projection, cluster) of a class's rows."""
     assert cm.ac_dir is not None
-    z = cm.project(xc)
-    p = z[:, 0]
+    assert cm.ss_dir is not None
+    w = cm.project(xc)
+    p = w @ cm.ss_dir
+    z = cm.ac_space(w)
     return p, cm.ss_groups(p), z @ cm.ac_dir, cm.assign(z)
 
 
@@ -300,7 +413,8 @@ def fit_thresholds(model: Model, stats: dict[int, ClassStats], config: ScaleConf
                                       "silhouette": round(cm.silhouette, 4),
                                       "separation": round(ac_sep, 3),
                                       "poison_cluster_size": round(ac_rel, 4),
-                                      "split_components": cm.ac_m}}
+                                      "split_components": cm.ac_m,
+                                      "whitened": cm.ac_white}}
     return out, evidence
 
 
