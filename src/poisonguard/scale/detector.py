@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 
-from poisonguard.detect.common import MAD_TO_SIGMA, split_1d
 from poisonguard.scale.moments import Moments, merge_by_key
 from poisonguard.scale.sketch import HashSample, Histogram
 from poisonguard.scale.sources import Batch
+
+MAD_TO_SIGMA = 1.4826  # as poisonguard.detect.common (not imported: workers skip sklearn)
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,8 @@ def split_tail(v: np.ndarray, tail_z: float) -> float:
     """The 1-D two-group cut: Otsu's (best split overall), or 2-medians started at robust z
     ``tail_z`` on either side (a small far group, which Otsu's split passes over for a
     cut through the bulk), whichever separates its groups more."""
+    from poisonguard.detect.common import split_1d
+
     cut, _ = split_1d(v)
     best = (_sep_at(v, cut), cut)
     med = float(np.median(v))
@@ -257,9 +260,11 @@ def split_tail(v: np.ndarray, tail_z: float) -> float:
 
 
 def _split_candidate(cm: ClassModel, z: np.ndarray, white: bool, m: int, cents: np.ndarray,
-                     n_sil: int) -> dict | None:
+                     config: ScaleConfig) -> dict | None:
     """A 2-means split of the sample ``z`` (in its space) by its centroids: the smaller
-    cluster is the poison; separation along the centroid line; silhouette on ``n_sil`` rows."""
+    cluster is the poison; separation along the centroid line; silhouette on the first
+    ``silhouette_samples`` rows, computed only when the separation could make the class
+    suspicious (0 otherwise)."""
     from sklearn.metrics import silhouette_score
 
     trial = replace(cm, ac_white=white, ac_m=m, ac_centroids=cents)
@@ -274,9 +279,9 @@ def _split_candidate(cm: ClassModel, z: np.ndarray, white: bool, m: int, cents: 
     proj = z @ direction
     pooled = np.sqrt(0.5 * (proj[pg].var() + proj[cg].var())) + 1e-12
     sep = float((proj[pg].mean() - proj[cg].mean()) / pooled)
-    s = min(n_sil, len(z))
-    sil = (float(silhouette_score(z[:s], assign[:s])) if len(np.unique(assign[:s])) == 2
-           else 0.0)
+    s = min(config.silhouette_samples, len(z))
+    sil = (float(silhouette_score(z[:s], assign[:s]))
+           if sep >= config.ac_min_separation and len(np.unique(assign[:s])) == 2 else 0.0)
     return {"sep": sep, "sil": sil, "white": white, "m": m, "cents": cents, "poison": poison,
             "direction": direction, "clean_proj": proj[cg]}
 
@@ -306,13 +311,12 @@ def fit_splits(model: Model, samples: dict[int, ClassSample], config: ScaleConfi
                             | {z.shape[1]}):
                 km = KMeans(n_clusters=2, n_init=3, random_state=config.seed).fit(z[:, :m])
                 candidates.append(_split_candidate(cm, z, white, m, km.cluster_centers_,
-                                                   config.silhouette_samples))
+                                                   config))
             if right.any() and (~right).any():
                 init = np.stack([z[~right].mean(0), z[right].mean(0)])
                 km = KMeans(n_clusters=2, init=init, n_init=1).fit(z)
                 candidates.append(_split_candidate(cm, z, white, z.shape[1],
-                                                   km.cluster_centers_,
-                                                   config.silhouette_samples))
+                                                   km.cluster_centers_, config))
         candidates = [cand for cand in candidates if cand is not None]
         if candidates:
             best = max(candidates, key=lambda d: (d["sil"] >= config.min_silhouette, d["sep"]))

@@ -171,18 +171,13 @@ class ParquetSource:
             if y.null_count:
                 raise DataError(f"{path}: label column {self.label!r} has missing values "
                                 f"(rows {rows[0]}..{rows[-1]})")
-            x = (_list_to_matrix(batch.column(1), self.dims, path) if self.list_column
-                 else np.column_stack([_to_float(batch.column(i + 1))
-                                       for i in range(len(self.columns))]))
+            if self.list_column:
+                x = _list_to_matrix(batch.column(1), self.dims, path)
+            else:
+                x = np.empty((n, len(self.columns)))
+                for i in range(len(self.columns)):
+                    x[:, i] = batch.column(i + 1).to_numpy(zero_copy_only=False)
             yield check_batch(rows, x, y.to_numpy(zero_copy_only=False), path)
-
-
-def _to_float(arr: object) -> np.ndarray:
-    """A numeric Arrow array as float64; nulls become NaN (caught as bad features)."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return pc.cast(arr, pa.float64()).to_numpy(zero_copy_only=False)
 
 
 def _list_to_matrix(arr: object, dims: int, path: str) -> np.ndarray:
