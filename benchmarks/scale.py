@@ -14,7 +14,8 @@ MNIST (``--mnist N``): a sacrificial model trained on N MNIST images with BadNet
 (one chunk), streamed from Parquet (local and Dask engines), and by the repository's in-memory
 activation clustering + spectral signatures (cross-referenced, no losses): flag Jaccard.
 
-    python benchmarks/scale.py --sizes 1000000 3000000 10000000 --mnist 10000
+    python benchmarks/scale.py --sizes 1000000 3000000 10000000 --mnist 10000 \
+        --sweep 6 8 10 12 16
 
 Results: benchmarks/results/scale.json and scale.md.
 """
@@ -108,7 +109,7 @@ def run_tracked(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
-    peak = [0, 0]
+    peak: list[Any] = [0, 0, []]
     done = threading.Event()
 
     def sample() -> None:
@@ -117,19 +118,18 @@ def run_tracked(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, 
         except psutil.NoSuchProcess:
             return
         while not done.is_set():
-            total, count = 0, 0
+            sizes = []
             try:
                 procs = [root, *root.children(recursive=True)]
             except psutil.NoSuchProcess:
                 break
             for p in procs:
                 try:
-                    total += p.memory_info().rss
-                    count += 1
+                    sizes.append(p.memory_info().rss)
                 except psutil.NoSuchProcess:
                     pass
-            if total > peak[0]:
-                peak[0], peak[1] = total, count
+            if sum(sizes) > peak[0]:
+                peak[:] = [sum(sizes), len(sizes), sizes]
             time.sleep(0.1)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -139,6 +139,7 @@ def run_tracked(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, 
     thread.join()
     return {"rc": proc.returncode, "wall_s": round(time.perf_counter() - t0, 2),
             "peak_rss_mb": round(peak[0] / 2**20, 1), "processes_at_peak": peak[1],
+            "rss_per_process_at_peak_mb": [round(v / 2**20) for v in peak[2]],
             "stdout_tail": out[-600:], "stderr_tail": err[-600:]}
 
 
@@ -191,6 +192,26 @@ def planted_run(n: int, tmp: Path, shift: float, engines: list[str], workers: in
         shutil.rmtree(out, ignore_errors=True)
     path.unlink()
     return rec
+
+
+def shift_sweep(shifts: list[float], n: int = 300_000) -> dict[str, Any]:
+    """How far a cluster must sit for the detector to find it: the in-memory path on ``n``
+    planted rows per shift (the shift's length; the class spread is about 1.1 along a random
+    direction)."""
+    from poisonguard.scale import detect_in_memory
+
+    rows = []
+    for shift in shifts:
+        x, y, poison = Planted(shift).group(0, n)
+        r = detect_in_memory(x.astype(np.float64), y)
+        per_class = {str(c): round(float((r.flags & poison & (y == c)).sum()
+                                         / max((poison & (y == c)).sum(), 1)), 3)
+                     for c in POISON}
+        rows.append({"shift": shift, **score(np.flatnonzero(r.flags), np.flatnonzero(poison),
+                                             n),
+                     "recall_by_class": per_class, "poisoned_classes": r.poisoned_classes})
+        print("sweep", rows[-1], flush=True)
+    return {"kind": "sweep", "n_rows": n, "rows": rows, "code": _code_version()}
 
 
 def mnist_run(n: int, tmp: Path, chunk_rows: int) -> dict[str, Any]:
@@ -282,6 +303,15 @@ def summarise(records: list[dict[str, Any]]) -> str:
                   for k, v in r["flags"].items()]
         lines += ["", "| Jaccard | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in r["jaccard"].items()]
+    for r in (r for r in records if r["kind"] == "sweep"):
+        lines += ["", f"## Separation needed (in memory, {r['n_rows']:,} planted rows)", "",
+                  "Length of the poison clusters' shift (the class spread along a random "
+                  "direction is about 1.1; the poison cluster's half that).", "",
+                  "| shift | recall | FP rate | recall 10% / 3% / 1% class | poisoned classes |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {x['shift']:g} | {x['recall']} | {x['fp_rate']} | "
+                  f"{' / '.join(str(x['recall_by_class'][str(c)]) for c in POISON)} | "
+                  f"{x['poisoned_classes']} |" for x in r["rows"]]
     notes = [r for r in records if r["kind"] == "note"]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {r['text']}" for r in notes]
@@ -299,6 +329,8 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=131_072)
     ap.add_argument("--shift", type=float, default=10.0)
     ap.add_argument("--mnist", type=int, default=0, help="MNIST images (0: skip)")
+    ap.add_argument("--sweep", nargs="*", type=float, default=[],
+                    help="shifts for the in-memory separation sweep (none: skip)")
     ap.add_argument("--tmp", default="/tmp/poisonguard-scale-bench")
     ap.add_argument("--out", default=str(RESULTS / "scale.json"))
     ap.add_argument("--summarise-only", action="store_true")
@@ -322,6 +354,8 @@ def main() -> None:
         for n in args.sizes:
             save(planted_run(n, tmp, args.shift, args.engines, args.workers,
                              args.memory_limit, args.chunk_rows))
+        if args.sweep:
+            save(shift_sweep(args.sweep))
         if args.mnist:
             save(mnist_run(args.mnist, tmp, 2000))
     finally:
