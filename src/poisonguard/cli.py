@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     from poisonguard.runtime.cli import register as register_runtime
 
     register_runtime(sub)
+    from poisonguard.scale.cli import register as register_scale
+
+    register_scale(sub)
 
     from poisonguard.federated.cli import register as register_federated
 
@@ -834,7 +837,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
-        if args.command not in ("pin", "verify", "keygen", "report"):  # no torch needed
+        no_torch = ("pin", "verify", "keygen", "report", "scan-features")
+        if args.command not in no_torch:
             from poisonguard.threads import set_threads
 
             set_threads(getattr(args, "threads", None))

@@ -1,0 +1,113 @@
+"""``poisonguard scan-features``: the streamed representation scan of precomputed features."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from poisonguard.errors import ConfigError, DataError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "scan-features",
+        help="scan precomputed features (Parquet, folder of Parquet shards, .npy) in bounded "
+             "chunks, locally or on a Dask cluster; write flagged.csv and summary.json",
+        description="Exit 0: no class poisoned; 1: poisoned classes found; 2: bad input. "
+                    "Parquet: every column but the label is a feature unless "
+                    "--feature-columns names them (or one list column holds the vector). "
+                    ".npy: a 2-D array; labels from --labels, default the sibling "
+                    "STEM.LABEL_COLUMN.npy (emb.npy -> emb.label.npy).")
+    p.add_argument("features", help="features.parquet, a folder of *.parquet shards, or .npy")
+    p.add_argument("--label-column", default="label", help="label column (default label)")
+    p.add_argument("--feature-columns", nargs="+", default=None,
+                   help="feature columns (space- or comma-separated; default: all but the "
+                        "label)")
+    p.add_argument("--labels", default=None, help=".npy features: the labels .npy")
+    p.add_argument("--engine", choices=["local", "dask"], default="local",
+                   help="local: chunks in this process; dask: chunks as tasks on Dask workers")
+    p.add_argument("--scheduler", default=None,
+                   help="address of a running Dask scheduler (default: start a LocalCluster)")
+    p.add_argument("--workers", type=int, default=2, help="LocalCluster workers (default 2)")
+    p.add_argument("--memory-limit", default="2GiB",
+                   help="LocalCluster memory limit per worker (default 2GiB)")
+    p.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to wait for --scheduler (default 5)")
+    p.add_argument("--chunk-rows", type=int, default=131072,
+                   help="rows per task and per batch read (default 131072)")
+    p.add_argument("--sample-rows", type=int, default=50_000,
+                   help="rows per class in the hash sample the splits are fit on "
+                        "(default 50000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars or summary table")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(handler=cmd_scan_features)
+
+
+def open_source(args: argparse.Namespace) -> Any:
+    from poisonguard.scale.sources import NpySource, open_parquet
+
+    path = Path(args.features)
+    cols = None
+    if args.feature_columns:
+        cols = [c for item in args.feature_columns for c in item.split(",") if c]
+    if path.suffix == ".npy":
+        if cols:
+            raise ConfigError("--feature-columns applies to Parquet; a .npy holds only "
+                              "features")
+        if not path.is_file():
+            raise DataError(f"{path}: no such file")
+        labels = Path(args.labels) if args.labels else path.with_name(
+            f"{path.stem}.{args.label_column}.npy")
+        if not labels.is_file():
+            raise DataError(f"{path}: no labels file {labels}; give one with --labels")
+        src = NpySource(str(path), str(labels), args.chunk_rows)
+        src.validate()
+        return src
+    if args.labels:
+        raise ConfigError("--labels applies to .npy features; Parquet uses --label-column")
+    return open_parquet(path, args.label_column, cols, args.chunk_rows)
+
+
+def cmd_scan_features(args: argparse.Namespace) -> int:
+    from poisonguard.io import check_writable_dir
+    from poisonguard.scale.detector import ScaleConfig
+    from poisonguard.scale.engine import make_engine
+    from poisonguard.scale.run import scan_features
+
+    if args.chunk_rows < 1:
+        raise ConfigError(f"--chunk-rows must be >= 1, got {args.chunk_rows}")
+    if args.sample_rows < 100:
+        raise ConfigError(f"--sample-rows must be >= 100, got {args.sample_rows}")
+    if args.scheduler and args.engine != "dask":
+        raise ConfigError("--scheduler needs --engine dask")
+    check_writable_dir(args.out)
+    source = open_source(args)
+    engine = make_engine(args.engine, args.scheduler, args.workers, args.memory_limit,
+                         args.connect_timeout, progress=not args.quiet)
+    try:
+        if not args.quiet and getattr(engine, "dashboard", None):
+            print(f"dask dashboard: {engine.dashboard}", file=sys.stderr)
+        desc = engine.describe()
+        summary = scan_features(source, engine, Path(args.out),
+                                ScaleConfig(sample_rows=args.sample_rows, seed=args.seed),
+                                batch_rows=args.chunk_rows, describe=desc)
+    finally:
+        engine.close()
+    if not args.quiet:
+        print(f"{summary['n_rows']} rows x {summary['n_features']} features, "
+              f"{summary['n_chunks']} chunks, engine {desc['engine']} "
+              f"({desc['workers']} worker(s)), {summary['timings']['total_s']:.1f} s")
+        for c in summary["classes"]:
+            if "spectral" not in c:
+                print(f"  class {c['label']}: skipped ({c['reason']})")
+                continue
+            print(f"  class {c['label']}: {'POISONED' if c['poisoned'] else 'clean':<9}"
+                  f" n={c['n']:<9} flagged={c['n_flagged']:<8} "
+                  f"spectral sep {c['spectral']['separation']:.1f}, clusters sep "
+                  f"{c['clustering']['separation']:.1f} sil "
+                  f"{c['clustering']['silhouette']:.2f}")
+        print(f"wrote {args.out}/flagged.csv ({summary['n_flagged']} rows), summary.json")
+    return 1 if summary["verdict"] == "poisoned" else 0
