@@ -48,8 +48,9 @@ def _add_tabular_columns(p: argparse.ArgumentParser) -> None:
 
 
 def _is_tabular(args: argparse.Namespace) -> bool:
-    """A .npz with ``feature_names``, or a .csv/.parquet table without the text column (or
-    with ``--id-column`` or a tabular attack): the tabular modality, not text posts."""
+    """A .npz with ``feature_names``, or a .csv/.parquet table without the text column and
+    with more than one column besides the label (or with ``--id-column`` or a tabular
+    attack): the tabular modality, not text posts."""
     from poisonguard.modalities.tabular.data import header_of, tabular_suffix
 
     suffix = tabular_suffix(args.data)
@@ -60,7 +61,11 @@ def _is_tabular(args: argparse.Namespace) -> bool:
         return header is not None
     if getattr(args, "id_column", None) or getattr(args, "attack", None) == "conjunction":
         return True
-    return header is not None and args.text_column not in header
+    if header is None or args.text_column in header:
+        return False
+    # a label and one other column reads as posts whose text column is misnamed: the text
+    # path then names the missing column (a one-feature table is not worth a backdoor scan)
+    return len([c for c in header if c != args.label_column]) > 1
 
 
 def _is_text(path: str) -> bool:
