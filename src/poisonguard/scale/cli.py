@@ -36,7 +36,8 @@ def register(sub: Any) -> None:
     p.add_argument("--connect-timeout", type=float, default=5.0,
                    help="seconds to wait for --scheduler (default 5)")
     p.add_argument("--chunk-rows", type=int, default=131072,
-                   help="rows per task and per batch read (default 131072)")
+                   help="rows per task (default 131072); a task reads them in batches of at "
+                        "most 64 MiB of float64 features")
     p.add_argument("--sample-rows", type=int, default=50_000,
                    help="rows per class in the hash sample the splits are fit on "
                         "(default 50000)")
@@ -91,9 +92,10 @@ def cmd_scan_features(args: argparse.Namespace) -> int:
         if not args.quiet and getattr(engine, "dashboard", None):
             print(f"dask dashboard: {engine.dashboard}", file=sys.stderr)
         desc = engine.describe()
+        batch_rows = min(args.chunk_rows, max(1024, (64 << 20) // (8 * source.n_features)))
         summary = scan_features(source, engine, Path(args.out),
                                 ScaleConfig(sample_rows=args.sample_rows, seed=args.seed),
-                                batch_rows=args.chunk_rows, describe=desc)
+                                batch_rows=batch_rows, describe=desc)
     finally:
         engine.close()
     if not args.quiet:

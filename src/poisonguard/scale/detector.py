@@ -43,6 +43,7 @@ class ScaleConfig:
     n_components: int = 10
     search_components: tuple[int, ...] = (2,)
     sample_rows: int = 50_000
+    sample_budget: int = 2_000_000
     bins: int = 4096
     ss_k: float = 3.0
     ss_min_separation: float = 4.0
@@ -162,6 +163,13 @@ def fit_projection(moments: dict[int, Moments], config: ScaleConfig
         var = np.maximum(w[order], 1e-12 * max(float(w.max()), 1e-300))
         model[c] = ClassModel(c, m.n, m.mean, comps * signs[:, None], var=var)
     return model, skipped
+
+
+def sized_for(config: ScaleConfig, n_classes: int) -> ScaleConfig:
+    """Per-class sample size for ``n_classes``: at most ``sample_budget`` rows over all
+    classes (the client holds them), at least 5,000 per class, at most ``sample_rows``."""
+    per_class = min(config.sample_rows, max(5000, config.sample_budget // max(n_classes, 1)))
+    return replace(config, sample_rows=per_class)
 
 
 # ----- pass 2: hash sample and fourth moments in the reduced space ----------------------------

@@ -34,6 +34,7 @@ class FitResult:
     skipped: dict[int, str]
     n_rows: int
     timings: dict[str, float]
+    config: D.ScaleConfig
 
 
 def _fold(engine: Any, source: Any, refs: list, fn: Callable, merge: Callable, model: Any,
@@ -49,6 +50,7 @@ def fit(source: Any, engine: Any, config: D.ScaleConfig, batch_rows: int) -> Fit
     moments = _fold(engine, source, refs, D.moments_partial, D.merge_moments, None, config,
                     batch_rows, "pass 1/4 moments")
     model, skipped = D.fit_projection(moments, config)
+    config = D.sized_for(config, len(model))
     timings["moments_s"] = time.perf_counter() - t
     t = time.perf_counter()
     samples = _fold(engine, source, refs, D.sample_partial, D.merge_samples, model, config,
@@ -60,7 +62,8 @@ def fit(source: Any, engine: Any, config: D.ScaleConfig, batch_rows: int) -> Fit
                   batch_rows, "pass 3/4 stats")
     model, evidence = D.fit_thresholds(model, stats, config)
     timings["stats_s"] = time.perf_counter() - t
-    return FitResult(model, evidence, skipped, sum(m.n for m in moments.values()), timings)
+    return FitResult(model, evidence, skipped, sum(m.n for m in moments.values()), timings,
+                     config)
 
 
 def score(source: Any, engine: Any, fitted: FitResult, config: D.ScaleConfig,
@@ -168,7 +171,7 @@ def scan_features(source: Any, engine: Any, out: Path, config: D.ScaleConfig | N
         "poisoned_classes": [c for c, cm in fitted.model.items() if cm.poisoned],
         "verdict": "poisoned" if any(cm.poisoned for cm in fitted.model.values()) else "clean",
         "classes": findings(fitted, per_class),
-        "threshold_rule": config.rule(),
+        "threshold_rule": fitted.config.rule(),
         "engine": describe or engine.describe(),
         "timings": {k: round(v, 3) for k, v in fitted.timings.items()},
         "flagged_file": "flagged.csv",
