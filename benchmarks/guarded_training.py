@@ -44,8 +44,6 @@ MODES = {
     "abl": GuardConfig(defense="abl"),
     "monitor": GuardConfig(monitor_gradients=True),
     "noise": GuardConfig(defense="noise"),
-    "noise0.2": GuardConfig(defense="noise", noise_sigma=0.2),
-    "noise0.1": GuardConfig(defense="noise", noise_sigma=0.1),
 }
 
 
