@@ -43,6 +43,7 @@ MODES = {
     "trim-auto": GuardConfig(defense="trim"),
     "abl": GuardConfig(defense="abl"),
     "monitor": GuardConfig(monitor_gradients=True),
+    "noise": GuardConfig(defense="noise"),
 }
 
 
