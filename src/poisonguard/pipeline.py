@@ -137,6 +137,23 @@ class ScanResult:
         return banner_and_cards(build_scan_report(self, "scan (Python)"))
 
 
+def embed_and_detect(clf: TorchClassifier, x: np.ndarray, labels: np.ndarray,
+                     config: ScanConfig, allowed: tuple[str, ...], timings: dict[str, float]
+                     ) -> tuple[dict[str, np.ndarray], list[DetectorResult], DetectorResult]:
+    """A modality scan's first stage: the model's ``embed`` representations and losses of ``x``,
+    then the configured detectors among ``allowed`` on them, cross-referenced; the two steps'
+    seconds go into ``timings`` (``representations_s``, ``detectors_s``)."""
+    t0 = time.perf_counter()
+    out = clf.forward_all(x, labels, layer="embed")
+    timings["representations_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    names = tuple(n for n in config.detectors if n in allowed)
+    results, combined = run_detectors(out["representations"], labels, out["losses"], names,
+                                      config.seed, config.min_class_votes)
+    timings["detectors_s"] = round(time.perf_counter() - t0, 3)
+    return out, results, combined
+
+
 def run_detectors(features: np.ndarray, labels: np.ndarray, losses: np.ndarray | None,
                   names: tuple[str, ...] = DETECTORS,
                   seed: int = 0, min_class_votes: int = 2,

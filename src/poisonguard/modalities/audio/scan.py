@@ -25,7 +25,7 @@ from poisonguard.pipeline import (
     ScanResult,
     _join_stage,
     _merge_rounds,
-    run_detectors,
+    embed_and_detect,
 )
 
 WAVE_SPEC = InputSpec(layout="raw", scale=1.0, dtype="float32")
@@ -86,13 +86,9 @@ def scan_audio(data: AudioData, config: ScanConfig | None = None,
                               BATCH_SIZE)
     clf: TorchClassifier = train.classifier
     timings: dict[str, float] = {"training_s": round(time.perf_counter() - t_start, 3)}
+    out, results, combined = embed_and_detect(clf, data.x, data.y, config, AUDIO_DETECTORS,
+                                              timings)
     t0 = time.perf_counter()
-    out = clf.forward_all(data.x, data.y, layer="embed")
-    timings["representations_s"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
-    names = tuple(n for n in config.detectors if n in AUDIO_DETECTORS)
-    results, combined = run_detectors(out["representations"], data.y, out["losses"], names,
-                                      config.seed, config.min_class_votes)
     mel = clf.model.mel_config
     spec = log_mel(data.x, mel)
     mined = options.miner.detect(data.x, data.y, combined.flags, list(range(k)),
@@ -110,7 +106,7 @@ def scan_audio(data: AudioData, config: ScanConfig | None = None,
                                     first.flags | mined.flags, confirmed,
                                     {"second_stage": mined.name,
                                      "class_call": "a confirmed trigger is required"})
-    timings["detectors_s"] = round(time.perf_counter() - t0, 3)
+    timings["detectors_s"] = round(timings["detectors_s"] + time.perf_counter() - t0, 3)
     rnd = RoundResult(np.arange(len(data)), results, combined, clf, train, timings)
     merged = _merge_rounds([rnd], data.y)
     triggers = [t for f in mined.findings for t in f.evidence["triggers"]]

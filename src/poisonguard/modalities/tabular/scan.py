@@ -20,7 +20,7 @@ from poisonguard.modalities.tabular.miner import RuleMiner
 from poisonguard.modalities.tabular.model import ARCH, TabularMLP
 from poisonguard.models.adapter import InputSpec, TorchClassifier
 from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
-from poisonguard.pipeline import RoundResult, ScanConfig, ScanResult, run_detectors
+from poisonguard.pipeline import RoundResult, ScanConfig, ScanResult, embed_and_detect
 from poisonguard.types import ClassFinding, DetectorResult
 
 ROW_SPEC = InputSpec(layout="raw", scale=1.0, dtype="float32")
@@ -136,19 +136,15 @@ def scan_tabular(data: TabularData, config: ScanConfig | None = None,
     train = train_tabular_model(data, k, config.seed, config.epochs, options, config.progress)
     clf: TorchClassifier = train.classifier
     timings: dict[str, float] = {"training_s": round(time.perf_counter() - t_start, 3)}
+    out, results, first = embed_and_detect(clf, data.x, data.y, config, TABULAR_DETECTORS,
+                                           timings)
     t0 = time.perf_counter()
-    out = clf.forward_all(data.x, data.y, layer="embed")
-    timings["representations_s"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
-    names = tuple(n for n in config.detectors if n in TABULAR_DETECTORS)
-    results, first = run_detectors(out["representations"], data.y, out["losses"], names,
-                                   config.seed, config.min_class_votes)
     targets = {"cross_reference": first.flags,
                **{r.name: score_outliers(r.scores, data.y, options.outlier_z) for r in results}}
     mined = options.miner.detect(data, targets, list(range(k)), predict or clf.predict_proba)
     combined = _rule_verdict(data, results, first, mined)
     results = [*results, mined]
-    timings["detectors_s"] = round(time.perf_counter() - t0, 3)
+    timings["detectors_s"] = round(timings["detectors_s"] + time.perf_counter() - t0, 3)
     rnd = RoundResult(np.arange(len(data)), results, combined, clf, train, timings)
     triggers = [t for f in mined.findings for t in f.evidence["triggers"]]
     timings = {"total_s": round(time.perf_counter() - t_start, 3), "rounds": 1, **timings}

@@ -25,7 +25,7 @@ from poisonguard.pipeline import (
     _join_stage,
     _merge_rounds,
     auto_epochs,
-    run_detectors,
+    embed_and_detect,
 )
 
 TOKEN_SPEC = InputSpec(layout="tokens", scale=1.0, dtype="int64")
@@ -88,20 +88,16 @@ def scan_text(data: TextData, config: ScanConfig | None = None,
     train = train_text_model(encoded, vocab, config, options, k)
     clf: TorchClassifier = train.classifier
     timings["training_s"] = round(time.perf_counter() - t0, 3)
+    out, results, combined = embed_and_detect(clf, tokens, data.y, config, TEXT_DETECTORS,
+                                              timings)
     t0 = time.perf_counter()
-    out = clf.forward_all(tokens, data.y, layer="embed")
-    timings["representations_s"] = round(time.perf_counter() - t0, 3)
-    t0 = time.perf_counter()
-    names = tuple(n for n in config.detectors if n in TEXT_DETECTORS)
-    results, combined = run_detectors(out["representations"], data.y, out["losses"], names,
-                                      config.seed, config.min_class_votes)
     mined = options.miner.detect(tokens, data.y, combined.flags, list(range(k)),
                                  clf.predict_proba, vocab)
     confirmed = {f.label for f in mined.findings if f.suspicious}
     results, combined = _join_stage(encoded, results, combined, mined,
                                     combined.flags | mined.flags, confirmed,
                                     {"second_stage": mined.name})
-    timings["detectors_s"] = round(time.perf_counter() - t0, 3)
+    timings["detectors_s"] = round(timings["detectors_s"] + time.perf_counter() - t0, 3)
     rnd = RoundResult(np.arange(len(data)), results, combined, clf, train, timings)
     merged = _merge_rounds([rnd], data.y)
     triggers = [t for f in mined.findings for t in f.evidence["triggers"]]
