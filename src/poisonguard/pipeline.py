@@ -272,9 +272,6 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
         if seed_mask is not None:
             results, combined = _add_seed_template(subset, seed_mask, results, combined,
                                                    classifier)
-    if seed_mask is not None:
-        results, combined = _add_seed_unlearning(subset, seed_mask, results, combined,
-                                                 classifier)
     timings["detectors_s"] = round(time.perf_counter() - t0, 3)
     return RoundResult(kept, results, combined, classifier, train, timings), out
 
@@ -383,27 +380,6 @@ def _add_seed_template(data: LabeledData, seed: np.ndarray, results: list[Detect
                            findings, tt.runtime_s, params={"loss_seed": int(seed.sum())})
     return _join_stage(data, results, combined, stage, combined.flags | new, found,
                        {"third_stage": tt.name, "loss_seed_classes": claimed})
-
-
-def _add_seed_unlearning(data: LabeledData, seed: np.ndarray, results: list[DetectorResult],
-                         combined: DetectorResult, classifier: TorchClassifier,
-                         min_claim: float = 0.1
-                         ) -> tuple[list[DetectorResult], DetectorResult]:
-    """Input-agnostic third stage: in each class holding at least ``min_claim`` of the loss seed
-    and not already judged poisoned, unlearn the class's seed samples
-    (:class:`~poisonguard.detect.seed_unlearning.SeedUnlearning`); a class whose label falls
-    from a group of samples at almost no cost to the other classes is poisoned, and that group
-    is flagged. Needs no template, so it sees warps and other triggers with no fixed pixels."""
-    from poisonguard.detect.seed_unlearning import SeedUnlearning
-
-    classes, counts = np.unique(data.y[seed], return_counts=True)
-    judged = set(combined.suspicious_classes)
-    claimed = [int(c) for c, n in zip(classes, counts)
-               if n >= min_claim * seed.sum() and int(c) not in judged]
-    stage = SeedUnlearning().detect(classifier, data, seed, claimed)
-    found = set(stage.suspicious_classes)
-    return _join_stage(data, results, combined, stage, combined.flags | stage.flags, found,
-                       {"seed_unlearning_classes": claimed})
 
 
 def _confirm_later_round(data: LabeledData, rnd: RoundResult, features: np.ndarray,
