@@ -77,6 +77,7 @@ class ClassModel:
     var: np.ndarray  # (k,) variances along comps
     ss_dir: np.ndarray | None = None  # (k,) tail direction in the whitened space
     ss_kurtosis: float = 0.0
+    ss_source: str = ""
     ss_cut: float = 0.0
     ss_poison_right: bool = True
     ac_white: bool = False
@@ -267,6 +268,28 @@ def split_tail(v: np.ndarray, tail_z: float) -> float:
     return best[1]
 
 
+def spectral_split(cs: ClassSample, config: ScaleConfig
+                   ) -> tuple[np.ndarray, float, np.ndarray, float, str]:
+    """The spectral half's direction and 1-D cut on a class's sample: the top principal
+    direction (Tran et al.'s spectral signature: a large poison group stretches it) or the
+    fourth-moment tail direction (a small far group, which need not be the top direction),
+    whichever splits its projection into more separated groups. Returns (direction in the
+    whitened space, its fourth-moment deviation, the sample's projections, cut, which)."""
+    w = cs.sample.values
+    tail_dir, kurt = tail_direction(cs)
+    best = None
+    for name, u in (("top principal direction", np.eye(w.shape[1])[0]),
+                    ("fourth-moment direction", tail_dir)):
+        p = w @ u
+        cut = split_tail(p, config.tail_z)
+        sep = abs(_sep_at(p, cut))
+        if best is None or sep > best[0]:
+            best = (sep, u, p, cut, name)
+    assert best is not None
+    _, u, p, cut, name = best
+    return u, kurt, p, cut, name
+
+
 def _split_candidate(cm: ClassModel, z: np.ndarray, white: bool, m: int, cents: np.ndarray,
                      config: ScaleConfig) -> dict | None:
     """A 2-means split of the sample ``z`` (in its space) by its centroids: the smaller
@@ -306,9 +329,7 @@ def fit_splits(model: Model, samples: dict[int, ClassSample], config: ScaleConfi
     out = {}
     for c, cm in model.items():
         w = samples[c].sample.values
-        ss_dir, kurt = tail_direction(samples[c])
-        p = w @ ss_dir
-        cut = split_tail(p, config.tail_z)
+        ss_dir, kurt, p, cut, ss_source = spectral_split(samples[c], config)
         right = p > cut
         poison_right = bool(right.sum() <= (~right).sum())
         ss_clean = p[~right] if poison_right else p[right]
@@ -332,7 +353,8 @@ def fit_splits(model: Model, samples: dict[int, ClassSample], config: ScaleConfi
             best = {"sil": 0.0, "white": True, "m": w.shape[1],
                     "cents": np.stack([w.mean(0), w.mean(0) + 1e-9]), "poison": 1,
                     "direction": np.eye(w.shape[1])[0], "clean_proj": w[:, 0]}
-        out[c] = replace(cm, ss_dir=ss_dir, ss_kurtosis=kurt, ss_cut=float(cut),
+        out[c] = replace(cm, ss_dir=ss_dir, ss_kurtosis=kurt, ss_source=ss_source,
+                         ss_cut=float(cut),
                          ss_poison_right=poison_right, ac_white=best["white"], ac_m=best["m"],
                          ac_centroids=best["cents"], ac_poison=best["poison"],
                          ac_dir=best["direction"], silhouette=best["sil"],
@@ -420,7 +442,8 @@ def fit_thresholds(model: Model, stats: dict[int, ClassStats], config: ScaleConf
                          ss_suspicious=bool(ss_susp), ac_suspicious=bool(ac_susp))
         evidence[c] = {"n": cm.n, "spectral": {"suspicious": bool(ss_susp),
                                                "separation": round(ss_sep, 3),
-                                               "poison_side_size": round(ss_rel, 4)},
+                                               "poison_side_size": round(ss_rel, 4),
+                                               "direction": cm.ss_source},
                        "clustering": {"suspicious": bool(ac_susp),
                                       "silhouette": round(cm.silhouette, 4),
                                       "separation": round(ac_sep, 3),
