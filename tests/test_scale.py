@@ -83,6 +83,24 @@ def test_clean_data_no_class_poisoned() -> None:
     assert r.poisoned_classes == [] and not r.flags.any()
 
 
+def test_large_group_on_top_direction_beside_heavy_tail() -> None:
+    """A 45% poison group along the top principal direction, and a heavy-tailed clean
+    direction that draws the fourth-moment direction away (as in MNIST BadNets
+    representations): the spectral half takes the top direction and the class is found."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, 12)) + y[:, None] * 0.5
+    x[:, 5] = rng.standard_t(3, n)
+    poison = (y == 1) & (rng.random(n) < 0.45)
+    x[poison, 0] += 5.0
+    r = detect_in_memory(x, y)
+    assert r.poisoned_classes == [1]
+    assert r.findings[1]["spectral"]["direction"] == "top principal direction"
+    assert (r.flags & poison).sum() >= 0.95 * poison.sum()
+    assert (r.flags & ~poison).sum() <= 0.01 * (~poison).sum()
+
+
 def _flagged(out: Path) -> np.ndarray:
     lines = (out / "flagged.csv").read_text().splitlines()
     assert lines[0].startswith("index,label,")
