@@ -63,13 +63,14 @@ class ScaleConfig:
 
     def rule(self) -> dict[str, Any]:
         return {"rule": "per class: spectral signature (1-D split of the top principal "
-                        "direction) and 2-means in the reduced space; the class is poisoned "
-                        "when both call it suspicious (separation >= min separation, poison "
-                        "group between min_size and max_size of the class, and for 2-means "
-                        "silhouette >= min_silhouette or Jaccard >= min_agreement between its "
-                        "poison cluster and the spectral poison side); flagged: the 2-means poison cluster, cluster z > "
-                        "tail_z, or spectral z > ss_k; robust z from the clean group's "
-                        "histogram median and MAD",
+                        "or the fourth-moment direction, the more separated) and 2-means in "
+                        "the reduced space; the class is poisoned when both call it "
+                        "suspicious (separation >= min separation, poison group between "
+                        "min_size and max_size of the class, and for 2-means silhouette >= "
+                        "min_silhouette or Jaccard >= min_agreement between its poison "
+                        "cluster and the spectral poison side); flagged: the 2-means poison "
+                        "cluster, cluster z > tail_z, or spectral z > ss_k; robust z from "
+                        "the clean group's histogram median and MAD",
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}}
 
 
