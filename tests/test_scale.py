@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -230,3 +231,39 @@ def test_dask_matches_local_and_worker_death_leaves_no_flagged(tmp_path: Path) -
             assert not list(out.glob(".flagged.csv*"))
         finally:
             engine.close()
+
+
+def _tiny_images(path: Path, n: int = 360) -> Path:
+    """3 classes of 8x8 images (a bright square per class), 10% of class 0 with a corner
+    patch; written as x, y, is_poison."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, 8, 8)).astype(np.uint8)
+    for c in range(3):
+        x[y == c, 2 * c:2 * c + 3, 2:5] = 220
+    poison = (y == 0) & (rng.random(n) < 0.1)
+    x[poison, 6:, 6:] = 255
+    np.savez(path, x=x, y=y, is_poison=poison)
+    return path
+
+
+def test_scan_engine_local_writes_shards_and_flags(tmp_path: Path) -> None:
+    data = _tiny_images(tmp_path / "d.npz")
+    out = tmp_path / "o"
+    rc = main(["scan", str(data), "--engine", "local", "--epochs", "1", "--shard-rows", "150",
+               "--threads", "1", "--quiet", "--out", str(out)])
+    assert rc in (0, 1)
+    assert sorted(p.name for p in (out / "representations").iterdir()) == [
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_rows"] == 360 and summary["command"] == "scan --engine"
+    assert set(summary["timings"]) >= {"train_s", "extract_s", "total_s"}
+    assert (out / "flagged.csv").read_text().startswith("index,label")
+
+
+def test_scan_engine_refuses_options(tmp_path: Path, capsys) -> None:
+    data = _tiny_images(tmp_path / "d.npz")
+    for extra, match in [(["--engine", "local", "--trusted", str(data)], "--trusted"),
+                         (["--scheduler", "tcp://x:1"], "--engine dask")]:
+        assert main(["scan", str(data), *extra, "--out", str(tmp_path / "o")]) == 2
+        assert match in capsys.readouterr().err
