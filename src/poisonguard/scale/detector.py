@@ -83,9 +83,9 @@ class ClassModel:
     mean: np.ndarray
     comps: np.ndarray  # (k, d)
     var: np.ndarray  # (k,) variances along comps
-    ss_dir: np.ndarray | None = None  # (k,) tail direction in the whitened space
+    ss_dir: np.ndarray | None = None  # (k,) spectral direction in the whitened space
     ss_kurtosis: float = 0.0
-    ss_source: str = ""
+    ss_source: str = ""  # which direction: top principal or fourth-moment
     ss_cut: float = 0.0
     ss_poison_right: bool = True
     ac_white: bool = False
