@@ -240,7 +240,8 @@ def mnist_run(n: int, tmp: Path, chunk_rows: int) -> dict[str, Any]:
                            "code": _code_version()}
     sets: dict[str, np.ndarray] = {}
     t = time.perf_counter()
-    sets["in_memory"] = np.flatnonzero(detect_in_memory(reps.astype(np.float64), data.y).flags)
+    in_mem = detect_in_memory(reps.astype(np.float64), data.y)
+    sets["in_memory"] = np.flatnonzero(in_mem.flags)
     rec["in_memory_s"] = round(time.perf_counter() - t, 2)
     path = tmp / "mnist_reps.parquet"
     pq.write_table(pa.table({"label": data.y, **{f"r{i}": reps[:, i]
@@ -267,7 +268,35 @@ def mnist_run(n: int, tmp: Path, chunk_rows: int) -> dict[str, Any]:
 
     rec["jaccard"] = {f"in_memory vs {k}": jac(sets["in_memory"], v)
                       for k, v in sets.items() if k != "in_memory"}
+    rec["target_class_evidence"] = next(f for f in in_mem.findings if f["label"] == 1)
     print("mnist", rec["flags"], rec["jaccard"], flush=True)
+    return rec
+
+
+def mnist_clean_run(n: int) -> dict[str, Any]:
+    """False positives on clean data: the scale detector (in memory) on the representations
+    of a sacrificial model trained on the same ``n`` MNIST images without poison."""
+    import torch
+
+    from poisonguard.data import load_shared
+    from poisonguard.models.training import TrainConfig, train_classifier
+    from poisonguard.pipeline import auto_epochs
+    from poisonguard.scale import detect_in_memory
+
+    torch.set_num_threads(1)
+    train = load_shared("mnist", SHARED)
+    data = train.subset(np.sort(np.random.default_rng(0).choice(len(train), n, replace=False)))
+    trained = train_classifier(data, TrainConfig(epochs=auto_epochs(n), seed=0))
+    reps = trained.classifier.representations(data.x).astype(np.float64)
+    r = detect_in_memory(reps, data.y)
+    rec = {"kind": "mnist_clean", "n_rows": n, "n_features": int(reps.shape[1]),
+           "poisoned_classes": r.poisoned_classes, "n_flagged": int(r.flags.sum()),
+           "flagged_share": round(float(r.flags.mean()), 5),
+           "max_separation": {
+               "spectral": max(f["spectral"]["separation"] for f in r.findings),
+               "clustering": max(f["clustering"]["separation"] for f in r.findings)},
+           "code": _code_version()}
+    print("mnist clean", rec, flush=True)
     return rec
 
 
@@ -303,6 +332,12 @@ def summarise(records: list[dict[str, Any]]) -> str:
                   for k, v in r["flags"].items()]
         lines += ["", "| Jaccard | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in r["jaccard"].items()]
+    for r in (r for r in records if r["kind"] == "mnist_clean"):
+        lines += ["", f"## Clean MNIST representations ({r['n_rows']:,} images, no poison)", "",
+                  f"Scale detector in memory: poisoned classes {r['poisoned_classes']}, "
+                  f"{r['n_flagged']} flagged ({r['flagged_share']:.2%}); largest separation "
+                  f"over the classes: spectral {r['max_separation']['spectral']}, 2-means "
+                  f"{r['max_separation']['clustering']} (threshold 4)."]
     for r in (r for r in records if r["kind"] == "sweep"):
         lines += ["", f"## Separation needed (in memory, {r['n_rows']:,} planted rows)", "",
                   "Length of the poison clusters' shift (the class spread along a random "
@@ -312,6 +347,9 @@ def summarise(records: list[dict[str, Any]]) -> str:
         lines += [f"| {x['shift']:g} | {x['recall']} | {x['fp_rate']} | "
                   f"{' / '.join(str(x['recall_by_class'][str(c)]) for c in POISON)} | "
                   f"{x['poisoned_classes']} |" for x in r["rows"]]
+    lines += ["", "Code (commit of `src`) per record: " + "; ".join(
+        f"{r['kind']} {r.get('n_rows', '')}: {r.get('code', 'unknown')}" for r in records
+        if r["kind"] != "note") + "."]
     notes = [r for r in records if r["kind"] == "note"]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {r['text']}" for r in notes]
@@ -358,6 +396,7 @@ def main() -> None:
             save(shift_sweep(args.sweep))
         if args.mnist:
             save(mnist_run(args.mnist, tmp, 2000))
+            save(mnist_clean_run(args.mnist))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

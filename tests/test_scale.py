@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -81,6 +82,24 @@ def test_clean_data_no_class_poisoned() -> None:
     x, y = x[:, 4:], y  # the shift lives in the first 4 dims
     r = detect_in_memory(x, y)
     assert r.poisoned_classes == [] and not r.flags.any()
+
+
+def test_large_group_on_top_direction_beside_heavy_tail() -> None:
+    """A 45% poison group along the top principal direction, and a heavy-tailed clean
+    direction that draws the fourth-moment direction away (as in MNIST BadNets
+    representations): the spectral half takes the top direction and the class is found."""
+    rng = np.random.default_rng(0)
+    n = 6000
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, 12)) + y[:, None] * 0.5
+    x[:, 5] = rng.standard_t(3, n)
+    poison = (y == 1) & (rng.random(n) < 0.45)
+    x[poison, 0] += 5.0
+    r = detect_in_memory(x, y)
+    assert r.poisoned_classes == [1]
+    assert r.findings[1]["spectral"]["direction"] == "top principal direction"
+    assert (r.flags & poison).sum() >= 0.95 * poison.sum()
+    assert (r.flags & ~poison).sum() <= 0.01 * (~poison).sum()
 
 
 def _flagged(out: Path) -> np.ndarray:
@@ -212,3 +231,39 @@ def test_dask_matches_local_and_worker_death_leaves_no_flagged(tmp_path: Path) -
             assert not list(out.glob(".flagged.csv*"))
         finally:
             engine.close()
+
+
+def _tiny_images(path: Path, n: int = 360) -> Path:
+    """3 classes of 8x8 images (a bright square per class), 10% of class 0 with a corner
+    patch; written as x, y, is_poison."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, n)
+    x = rng.integers(0, 60, (n, 8, 8)).astype(np.uint8)
+    for c in range(3):
+        x[y == c, 2 * c:2 * c + 3, 2:5] = 220
+    poison = (y == 0) & (rng.random(n) < 0.1)
+    x[poison, 6:, 6:] = 255
+    np.savez(path, x=x, y=y, is_poison=poison)
+    return path
+
+
+def test_scan_engine_local_writes_shards_and_flags(tmp_path: Path) -> None:
+    data = _tiny_images(tmp_path / "d.npz")
+    out = tmp_path / "o"
+    rc = main(["scan", str(data), "--engine", "local", "--epochs", "1", "--shard-rows", "150",
+               "--threads", "1", "--quiet", "--out", str(out)])
+    assert rc in (0, 1)
+    assert sorted(p.name for p in (out / "representations").iterdir()) == [
+        "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_rows"] == 360 and summary["command"] == "scan --engine"
+    assert set(summary["timings"]) >= {"train_s", "extract_s", "total_s"}
+    assert (out / "flagged.csv").read_text().startswith("index,label")
+
+
+def test_scan_engine_refuses_options(tmp_path: Path, capsys) -> None:
+    data = _tiny_images(tmp_path / "d.npz")
+    for extra, match in [(["--engine", "local", "--trusted", str(data)], "--trusted"),
+                         (["--scheduler", "tcp://x:1"], "--engine dask")]:
+        assert main(["scan", str(data), *extra, "--out", str(tmp_path / "o")]) == 2
+        assert match in capsys.readouterr().err

@@ -166,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_text_columns(s)
     _add_tabular_columns(s)
     _add_common_scan(s)
+    from poisonguard.scale.cli import add_engine_options
+
+    add_engine_options(s, default=None,
+                       help="streamed scan of image data: train the sacrificial model once, "
+                            "extract its representations in shards (on Dask workers with "
+                            "dask), scan them with the mergeable detector (as scan-features); "
+                            "default: the in-memory scan")
+    s.add_argument("--shard-rows", type=int, default=50_000,
+                   help="--engine: rows per extraction task and shard (default 50000)")
 
     t = sub.add_parser("train", help="train a model with a guarded-training defence")
     t.add_argument("data", help="training set (.npz with x and y, image folder, …)")
@@ -439,6 +448,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
     from poisonguard.provenance.cli import provenance_layer
 
     check_writable_dir(args.out)
+    from poisonguard.errors import ConfigError
+
+    if args.engine is not None:
+        from poisonguard.scale.cli import cmd_scan_streamed
+
+        if _is_tabular(args) or _is_text(args.data) or _is_audio(args.data):
+            raise ConfigError("scan --engine applies to image data (.npz or a folder of "
+                              "images); for other features use scan-features")
+        return cmd_scan_streamed(args)
+    if args.scheduler:
+        raise ConfigError("--scheduler needs --engine dask")
     if _is_tabular(args):
         return cmd_scan_tabular(args)
     if _is_text(args.data):

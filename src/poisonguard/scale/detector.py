@@ -8,7 +8,8 @@ class a sample is flagged when either flags it). Four passes over the rows:
 1. **moments**: per-class count, mean and scatter; per class the top ``n_components``
    principal directions of the merged covariance (signs fixed: largest entry positive).
 2. **sample**: a hash-keyed uniform sample (``sample_rows`` per class) of the rows' coordinates
-   in that reduced space. On it: the 1-D split of the top direction (spectral signature) and
+   in that reduced space. On it: the 1-D split of the top principal direction (spectral
+   signature) or of the fourth-moment tail direction, whichever separates more, and
    k-means 2-split in the leading ``search_components`` and all reduced dimensions
    (activation clustering; the split whose centroids stand furthest apart is kept), the
    silhouette, and the histogram ranges.
@@ -19,6 +20,10 @@ class a sample is flagged when either flags it). Four passes over the rows:
 
 Thresholds are the in-memory detectors' (separation >= 4 pooled SDs, poison group 0.5%-67% of
 its class, silhouette >= 0.25, spectral z > 3, cluster tail z > 4): nothing uses a poison rate.
+The 2-means half also passes without the silhouette when its poison cluster and the spectral
+poison side are mostly the same rows (Jaccard >= ``min_agreement``, counted on every row in
+pass 3): in 10 whitened dimensions a cluster separated along one direction has a low
+silhouette though both halves find it.
 The poison group is the smaller one (no losses or trusted samples here). Not carried over: the
 cross-reference's extra 0.99-quantile class tail, and activation clustering's dataset-wide rule
 (which only applies when losses choose the larger group).
@@ -49,6 +54,7 @@ class ScaleConfig:
     ss_min_separation: float = 4.0
     ac_min_separation: float = 4.0
     min_silhouette: float = 0.25
+    min_agreement: float = 0.5
     min_size: float = 0.005
     max_size: float = 0.67
     tail_z: float = 4.0
@@ -57,12 +63,14 @@ class ScaleConfig:
 
     def rule(self) -> dict[str, Any]:
         return {"rule": "per class: spectral signature (1-D split of the top principal "
-                        "direction) and 2-means in the reduced space; the class is poisoned "
-                        "when both call it suspicious (separation >= min separation, poison "
-                        "group between min_size and max_size of the class, silhouette >= "
-                        "min_silhouette); flagged: the 2-means poison cluster, cluster z > "
-                        "tail_z, or spectral z > ss_k; robust z from the clean group's "
-                        "histogram median and MAD",
+                        "or the fourth-moment direction, the more separated) and 2-means in "
+                        "the reduced space; the class is poisoned when both call it "
+                        "suspicious (separation >= min separation, poison group between "
+                        "min_size and max_size of the class, and for 2-means silhouette >= "
+                        "min_silhouette or Jaccard >= min_agreement between its poison "
+                        "cluster and the spectral poison side); flagged: the 2-means poison "
+                        "cluster, cluster z > tail_z, or spectral z > ss_k; robust z from "
+                        "the clean group's histogram median and MAD",
                 **{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(self).items()}}
 
 
@@ -75,8 +83,9 @@ class ClassModel:
     mean: np.ndarray
     comps: np.ndarray  # (k, d)
     var: np.ndarray  # (k,) variances along comps
-    ss_dir: np.ndarray | None = None  # (k,) tail direction in the whitened space
+    ss_dir: np.ndarray | None = None  # (k,) spectral direction in the whitened space
     ss_kurtosis: float = 0.0
+    ss_source: str = ""  # which direction: top principal or fourth-moment
     ss_cut: float = 0.0
     ss_poison_right: bool = True
     ac_white: bool = False
@@ -267,6 +276,34 @@ def split_tail(v: np.ndarray, tail_z: float) -> float:
     return best[1]
 
 
+def spectral_split(cs: ClassSample, config: ScaleConfig
+                   ) -> tuple[np.ndarray, float, np.ndarray, float, str]:
+    """The spectral half's direction and 1-D cut on a class's sample: the top principal
+    direction (Tran et al.'s spectral signature: a large poison group stretches it) or the
+    fourth-moment tail direction (a small far group, which need not be the top direction),
+    whichever splits its projection into more separated groups. Returns (direction in the
+    whitened space, its fourth-moment deviation, the sample's projections, cut, which)."""
+    w = cs.sample.values
+    tail_dir, kurt = tail_direction(cs)
+    best = None
+    for name, u in (("top principal direction", np.eye(w.shape[1])[0]),
+                    ("fourth-moment direction", tail_dir)):
+        p = w @ u
+        cut = split_tail(p, config.tail_z)
+        sep = abs(_sep_at(p, cut))
+        if best is None or sep > best[0]:
+            best = (sep, u, p, cut, name)
+    assert best is not None
+    _, u, p, cut, name = best
+    return u, kurt, p, cut, name
+
+
+def jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """|a & b| / |a | b| of two boolean masks (0 when both are empty)."""
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 0.0
+
+
 def _split_candidate(cm: ClassModel, z: np.ndarray, white: bool, m: int, cents: np.ndarray,
                      config: ScaleConfig) -> dict | None:
     """A 2-means split of the sample ``z`` (in its space) by its centroids: the smaller
@@ -291,7 +328,7 @@ def _split_candidate(cm: ClassModel, z: np.ndarray, white: bool, m: int, cents: 
     sil = (float(silhouette_score(z[:s], assign[:s]))
            if sep >= config.ac_min_separation and len(np.unique(assign[:s])) == 2 else 0.0)
     return {"sep": sep, "sil": sil, "white": white, "m": m, "cents": cents, "poison": poison,
-            "direction": direction, "clean_proj": proj[cg]}
+            "direction": direction, "clean_proj": proj[cg], "assign": assign}
 
 
 def fit_splits(model: Model, samples: dict[int, ClassSample], config: ScaleConfig) -> Model:
@@ -299,16 +336,15 @@ def fit_splits(model: Model, samples: dict[int, ClassSample], config: ScaleConfi
     plain and the whitened principal coordinates (k-means++ in the leading
     ``search_components`` and all reduced dims, and k-means started from the tail cut's two
     groups). The split kept is the most separated among those with silhouette >=
-    ``min_silhouette`` (else the most separated): whitening brings out a small far cluster,
+    ``min_silhouette`` or sample Jaccard >= ``min_agreement`` with the spectral poison side
+    (else the most separated): whitening brings out a small far cluster,
     the plain coordinates a large one."""
     from sklearn.cluster import KMeans
 
     out = {}
     for c, cm in model.items():
         w = samples[c].sample.values
-        ss_dir, kurt = tail_direction(samples[c])
-        p = w @ ss_dir
-        cut = split_tail(p, config.tail_z)
+        ss_dir, kurt, p, cut, ss_source = spectral_split(samples[c], config)
         right = p > cut
         poison_right = bool(right.sum() <= (~right).sum())
         ss_clean = p[~right] if poison_right else p[right]
@@ -326,13 +362,19 @@ def fit_splits(model: Model, samples: dict[int, ClassSample], config: ScaleConfi
                 candidates.append(_split_candidate(cm, z, white, z.shape[1],
                                                    km.cluster_centers_, config))
         candidates = [cand for cand in candidates if cand is not None]
+        ss_poison = right if poison_right else ~right
+        for cand in candidates:
+            cand["agree"] = jaccard(ss_poison, cand["assign"] == cand["poison"])
         if candidates:
-            best = max(candidates, key=lambda d: (d["sil"] >= config.min_silhouette, d["sep"]))
+            best = max(candidates, key=lambda d: (d["sil"] >= config.min_silhouette
+                                                  or d["agree"] >= config.min_agreement,
+                                                  d["sep"]))
         else:  # one cluster: a degenerate split that is never suspicious
             best = {"sil": 0.0, "white": True, "m": w.shape[1],
                     "cents": np.stack([w.mean(0), w.mean(0) + 1e-9]), "poison": 1,
                     "direction": np.eye(w.shape[1])[0], "clean_proj": w[:, 0]}
-        out[c] = replace(cm, ss_dir=ss_dir, ss_kurtosis=kurt, ss_cut=float(cut),
+        out[c] = replace(cm, ss_dir=ss_dir, ss_kurtosis=kurt, ss_source=ss_source,
+                         ss_cut=float(cut),
                          ss_poison_right=poison_right, ac_white=best["white"], ac_m=best["m"],
                          ac_centroids=best["cents"], ac_poison=best["poison"],
                          ac_dir=best["direction"], silhouette=best["sil"],
@@ -348,11 +390,13 @@ class ClassStats:
     ac: tuple[Moments, Moments]  # cluster 0, cluster 1 (projection on the centroid line)
     ss_hist: Histogram
     ac_hist: Histogram
+    both: int = 0  # rows in the spectral poison side and the 2-means poison cluster
 
     def merge(self, o: ClassStats) -> ClassStats:
         return ClassStats((self.ss[0].merge(o.ss[0]), self.ss[1].merge(o.ss[1])),
                           (self.ac[0].merge(o.ac[0]), self.ac[1].merge(o.ac[1])),
-                          self.ss_hist.merge(o.ss_hist), self.ac_hist.merge(o.ac_hist))
+                          self.ss_hist.merge(o.ss_hist), self.ac_hist.merge(o.ac_hist),
+                          self.both + o.both)
 
 
 def _class_scores(cm: ClassModel, xc: np.ndarray
@@ -380,7 +424,8 @@ def stats_partial(batches: Any, model: Model, config: ScaleConfig) -> dict[int, 
                 (Moments.of(p[sg == 0]), Moments.of(p[sg == 1])),
                 (Moments.of(q[ag == 0]), Moments.of(q[ag == 1])),
                 Histogram.of(p[sg == 0], *cm.ss_range, config.bins),
-                Histogram.of(q[ag == clean_ac], *cm.ac_range, config.bins))
+                Histogram.of(q[ag == clean_ac], *cm.ac_range, config.bins),
+                int(((sg == 1) & (ag == cm.ac_poison)).sum()))
         out = merge_by_key(out, part, ClassStats.merge)
     return out
 
@@ -412,17 +457,22 @@ def fit_thresholds(model: Model, stats: dict[int, ClassStats], config: ScaleConf
         ac_poison, ac_clean = st.ac[cm.ac_poison], st.ac[1 - cm.ac_poison]
         ac_sep = _sep(ac_poison, ac_clean)
         ac_rel = ac_poison.n / cm.n
+        union = ss_poison.n + ac_poison.n - st.both
+        agree = st.both / union if union else 0.0
         ss_susp = ss_sep >= config.ss_min_separation and config.min_size <= ss_rel <= \
             config.max_size
-        ac_susp = (cm.silhouette >= config.min_silhouette and ac_sep >= config.ac_min_separation
+        ac_susp = ((cm.silhouette >= config.min_silhouette or agree >= config.min_agreement)
+                   and ac_sep >= config.ac_min_separation
                    and config.min_size <= ac_rel <= config.max_size)
         out[c] = replace(cm, ss_med=ss_med, ss_scale=ss_scale, ac_med=ac_med, ac_scale=ac_scale,
                          ss_suspicious=bool(ss_susp), ac_suspicious=bool(ac_susp))
         evidence[c] = {"n": cm.n, "spectral": {"suspicious": bool(ss_susp),
                                                "separation": round(ss_sep, 3),
-                                               "poison_side_size": round(ss_rel, 4)},
+                                               "poison_side_size": round(ss_rel, 4),
+                                               "direction": cm.ss_source},
                        "clustering": {"suspicious": bool(ac_susp),
                                       "silhouette": round(cm.silhouette, 4),
+                                      "agreement_with_spectral": round(agree, 4),
                                       "separation": round(ac_sep, 3),
                                       "poison_cluster_size": round(ac_rel, 4),
                                       "split_components": cm.ac_m,
