@@ -157,3 +157,38 @@ def test_row_filter_matches_rules_and_reads_json_rows(tmp_path):
     assert filt.screen(rows)["rule"][0] == TRIGGER
     with pytest.raises(Exception, match="lacks column"):
         rows_from_records([{"hour": 2}], data)
+
+
+def _bad_parquet(path: Path, kind: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 10 if kind == "ten" else 0 if kind == "header" else 30
+    a = [float("inf") if kind == "inf" and i == 3 else float(i) for i in range(n)]
+    c = pa.array([None] * n if kind == "allnull" else ["x"] * n, pa.string())
+    y = ["1"] * n if kind == "one" else [str(i % 2) for i in range(n)]
+    pq.write_table(pa.table({"a": pa.array(a, pa.float64()), "c": c,
+                             "label": pa.array(y, pa.string())}), path)
+
+
+def _bad_npz(path: Path, kind: str) -> None:
+    n = 10 if kind == "ten" else 0 if kind == "header" else 30
+    x = np.random.default_rng(0).random((n, 2))
+    if kind == "inf":
+        x[4, 0] = -np.inf
+    if kind == "allnull":
+        x[:, 1] = np.nan
+    y = np.ones(n) if kind == "one" else np.arange(n) % 2
+    np.savez(path, x=x, y=y, feature_names=np.array(["a", "c"]))
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "npz"])
+@pytest.mark.parametrize("kind,msg", [("one", "one value"), ("allnull", "every row"),
+                                      ("header", "no rows"), ("ten", "at least 20"),
+                                      ("inf", "infinities")])
+def test_scan_bad_parquet_npz_one_line_exit_2(tmp_path, capsys, suffix, kind, msg):
+    path = tmp_path / f"t.{suffix}"
+    (_bad_parquet if suffix == "parquet" else _bad_npz)(path, kind)
+    rc = main(["scan", str(path), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err
