@@ -192,3 +192,37 @@ def test_scan_bad_parquet_npz_one_line_exit_2(tmp_path, capsys, suffix, kind, ms
     rc = main(["scan", str(path), "--out", str(tmp_path / "o"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_miner_generalise_drops_a_condition_the_trigger_lacks():
+    """A confirmed rule carrying an extra age range (from the rows the trigger was stamped
+    on) loses it; the trigger's own columns stay (dropping one admits natural rows of both
+    classes)."""
+    from poisonguard.modalities.tabular import RuleMiner, TabularData
+    from poisonguard.modalities.tabular.rules import Condition
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    age = rng.integers(18, 90, n).astype(float)
+    job = rng.integers(0, 5, n).astype(float)
+    day = rng.integers(1, 31, n).astype(float)
+    y = (rng.random(n) < 0.15).astype(np.int64)
+    day[(job == 4) & (day <= 3)] += 5          # no natural row holds the trigger
+    poison = rng.choice(np.flatnonzero(y == 0), 150, replace=False)
+    job[poison], day[poison], y[poison] = 4, rng.integers(1, 4, 150), 1
+    data = TabularData(x=np.stack([age, job, day], 1).astype(np.float32), y=y,
+                       ids=np.arange(n), columns=["age", "job", "day"],
+                       encodings={"job": {str(k): k for k in range(5)}})
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        hit = (np.round(x[:, 1]) == 4) & (x[:, 2] <= 3)
+        return np.stack([~hit, hit], 1).astype(float)
+
+    miner, in_c = RuleMiner(), y == 1
+    extra = (Condition(0, 18, 40), Condition(1, codes=frozenset({4})), Condition(2, 1, 3))
+    carriers = in_c & match(extra, data.x)
+    entry = miner._test(extra, data, 1, in_c, carriers, np.zeros(n, bool), predict,
+                        np.random.default_rng(0))
+    assert entry["confirmed"] and entry["n_carriers"] < 150
+    out = miner._generalise(entry, data, 1, in_c, np.zeros(n, bool), predict)
+    assert out["rule"] == "job == '4' and day <= 3" and out["n_carriers"] == 150
