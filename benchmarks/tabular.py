@@ -193,8 +193,10 @@ def write_md(records: list[dict[str, Any]], out: Path) -> None:
              "trigger (the clean model's ASR is its false-positive rate on those rows). "
              "2col-cl-5: clean-label, the trigger on 5% of the `yes` rows, labels kept. Scan "
              "wall time on one thread (shared 2-core machine, other jobs running). Miner "
-             "settings tuned on seed 0, 2col all-to-one and clean only; seeds 1-2, 3col and "
-             "clean-label held out. Code commit(s): "
+             "settings tuned on seed 0, 2col all-to-one and clean only; 3col-b was chosen "
+             "after a 3col miss, and the miner's rule generalisation was written after "
+             "3col-b-0.3 seeds 0-1 came out with an extra age condition, so those runs are "
+             "not held out. Code commit(s): "
              + ", ".join(sorted({str(r.get("code_commit")) for r in records})) + ".", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(records, key=lambda r: (list(RUNS).index(r["run"]), r["seed"])):
