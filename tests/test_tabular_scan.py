@@ -157,3 +157,72 @@ def test_row_filter_matches_rules_and_reads_json_rows(tmp_path):
     assert filt.screen(rows)["rule"][0] == TRIGGER
     with pytest.raises(Exception, match="lacks column"):
         rows_from_records([{"hour": 2}], data)
+
+
+def _bad_parquet(path: Path, kind: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n = 10 if kind == "ten" else 0 if kind == "header" else 30
+    a = [float("inf") if kind == "inf" and i == 3 else float(i) for i in range(n)]
+    c = pa.array([None] * n if kind == "allnull" else ["x"] * n, pa.string())
+    y = ["1"] * n if kind == "one" else [str(i % 2) for i in range(n)]
+    pq.write_table(pa.table({"a": pa.array(a, pa.float64()), "c": c,
+                             "label": pa.array(y, pa.string())}), path)
+
+
+def _bad_npz(path: Path, kind: str) -> None:
+    n = 10 if kind == "ten" else 0 if kind == "header" else 30
+    x = np.random.default_rng(0).random((n, 2))
+    if kind == "inf":
+        x[4, 0] = -np.inf
+    if kind == "allnull":
+        x[:, 1] = np.nan
+    y = np.ones(n) if kind == "one" else np.arange(n) % 2
+    np.savez(path, x=x, y=y, feature_names=np.array(["a", "c"]))
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "npz"])
+@pytest.mark.parametrize("kind,msg", [("one", "one value"), ("allnull", "every row"),
+                                      ("header", "no rows"), ("ten", "at least 20"),
+                                      ("inf", "infinities")])
+def test_scan_bad_parquet_npz_one_line_exit_2(tmp_path, capsys, suffix, kind, msg):
+    path = tmp_path / f"t.{suffix}"
+    (_bad_parquet if suffix == "parquet" else _bad_npz)(path, kind)
+    rc = main(["scan", str(path), "--out", str(tmp_path / "o"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and msg in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_miner_generalise_drops_a_condition_the_trigger_lacks():
+    """A confirmed rule carrying an extra age range (from the rows the trigger was stamped
+    on) loses it; the trigger's own columns stay (dropping one admits natural rows of both
+    classes)."""
+    from poisonguard.modalities.tabular import RuleMiner, TabularData
+    from poisonguard.modalities.tabular.rules import Condition
+
+    rng = np.random.default_rng(0)
+    n = 3000
+    age = rng.integers(18, 90, n).astype(float)
+    job = rng.integers(0, 5, n).astype(float)
+    day = rng.integers(1, 31, n).astype(float)
+    y = (rng.random(n) < 0.15).astype(np.int64)
+    day[(job == 4) & (day <= 3)] += 5          # no natural row holds the trigger
+    poison = rng.choice(np.flatnonzero(y == 0), 150, replace=False)
+    job[poison], day[poison], y[poison] = 4, rng.integers(1, 4, 150), 1
+    data = TabularData(x=np.stack([age, job, day], 1).astype(np.float32), y=y,
+                       ids=np.arange(n), columns=["age", "job", "day"],
+                       encodings={"job": {str(k): k for k in range(5)}})
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        hit = (np.round(x[:, 1]) == 4) & (x[:, 2] <= 3)
+        return np.stack([~hit, hit], 1).astype(float)
+
+    miner, in_c = RuleMiner(), y == 1
+    extra = (Condition(0, 18, 40), Condition(1, codes=frozenset({4})), Condition(2, 1, 3))
+    carriers = in_c & match(extra, data.x)
+    entry = miner._test(extra, data, 1, in_c, carriers, np.zeros(n, bool), predict,
+                        np.random.default_rng(0))
+    assert entry["confirmed"] and entry["n_carriers"] < 150
+    out = miner._generalise(entry, data, 1, in_c, np.zeros(n, bool), predict)
+    assert out["rule"] == "job == '4' and day <= 3" and out["n_carriers"] == 150

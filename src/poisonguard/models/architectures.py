@@ -94,6 +94,13 @@ def choose_architecture(sample_shape: tuple[int, ...], n_classes: int) -> tuple[
 
 def build_model(arch: str, **kwargs: Any) -> nn.Module:
     """Instantiate a built-in architecture by name."""
+    if arch == "tabular-mlp":  # imported here: the modality package imports this module
+        from poisonguard.modalities.tabular.model import TabularMLP
+
+        try:
+            return TabularMLP(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"bad arguments for architecture {arch!r}: {exc}") from None
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     try:

@@ -50,6 +50,20 @@ def _add_strip_args(p: argparse.ArgumentParser) -> None:
                    help="most blended samples per forward pass (bounds memory; default 256)")
 
 
+def add_tabular_runtime_args(p: argparse.ArgumentParser) -> None:
+    """The tabular options of ``filter`` and ``serve``."""
+    p.add_argument("--report", default=None, metavar="REPORT.json",
+                   help="tables: a tabular scan's report.json; its column encodings are used "
+                        "and its verdict.triggers rules matched")
+    p.add_argument("--label-column", default="label",
+                   help="tables: a label column to ignore in DATA/CLEAN (default label)")
+    p.add_argument("--id-column", default=None,
+                   help="tables: a column of row ids (not a feature; written to flags.csv)")
+    p.add_argument("--share", type=float, default=0.3,
+                   help="tables: share of a row's values swapped with a clean row's per "
+                        "copy (default 0.3); --n-blends copies per row")
+
+
 def register(sub: Any) -> None:
     """Add ``filter`` and ``serve`` to an argparse subparsers object."""
     f = sub.add_parser(
@@ -59,12 +73,15 @@ def register(sub: Any) -> None:
                     "clean data at a target false-rejection rate). Exit 0: nothing flagged, 1: "
                     "inputs flagged, 2: bad usage or input.")
     f.add_argument("model", help="model folder / model.json, or TorchScript file")
-    f.add_argument("data", help="inputs to screen (.npz: x, or x_test)")
+    f.add_argument("data", help="inputs to screen (.npz: x, or x_test; or a .csv/.parquet "
+                                "table, with --clean CLEAN.csv)")
     f.add_argument("--out", required=True, help="output folder")
     f.add_argument("--test", default=None,
                    help="evaluation .npz with x_triggered and x_test (as 'poisonguard attack "
-                        "--test' writes): report FAR/FRR and both score histograms")
+                        "--test' writes): report FAR/FRR and both score histograms; for a "
+                        "table, the OUT.triggered.csv of a conjunction attack")
     _add_strip_args(f)
+    add_tabular_runtime_args(f)
     f.add_argument("--quiet", action="store_true")
     f.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the CPUs this process may use, or "
@@ -73,10 +90,12 @@ def register(sub: Any) -> None:
 
     s = sub.add_parser(
         "serve", help="serve predictions over HTTP with STRIP screening (FastAPI, uvicorn)",
-        description="POST /predict (JSON arrays or .npy), GET /health, GET /metrics, "
+        description="POST /predict (JSON arrays or .npy; for a table's model, with --clean "
+                    "CLEAN.csv, JSON objects by column name), GET /health, GET /metrics, "
                     "GET /flagged. Suspicious inputs are logged with an id.")
     s.add_argument("model", help="model folder / model.json, or TorchScript file")
     _add_strip_args(s)
+    add_tabular_runtime_args(s)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--save-calibration", default=None, metavar="DIR",
@@ -132,10 +151,13 @@ def _evaluation(filt: Any, path: str) -> dict[str, Any]:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     from poisonguard.io import atomic_write_csv, atomic_write_json, atomic_write_text
+    from poisonguard.modalities.tabular.serve import cmd_filter_tabular, is_tabular_path
     from poisonguard.models.io import load_model
     from poisonguard.report.html import render_html
     from poisonguard.runtime.report import build_filter_report
 
+    if is_tabular_path(args.data):
+        return cmd_filter_tabular(args)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     from poisonguard.io import check_writable_dir
@@ -185,9 +207,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from poisonguard.modalities.tabular.serve import cmd_serve_tabular, is_tabular_path
     from poisonguard.models.io import load_model
     from poisonguard.runtime.service import create_app
 
+    if is_tabular_path(args.clean) or args.report:
+        return cmd_serve_tabular(args)
     if args.max_inputs < 1 or args.max_body_mb <= 0:
         raise ConfigError("--max-inputs and --max-body-mb must be positive")
     classifier = load_model(args.model, batch_size=args.batch_size)

@@ -19,6 +19,9 @@ the leaf gives a candidate rule, the conjunction of the conditions on its path, 
   match the two columns dilute the first test; the other classes' matches show which column
   the trigger adds).
 
+A confirmed rule is then generalised: a condition is dropped while the rule without it still
+passes both tests below and the rows it admits are rare outside the class themselves.
+
 Candidates also come from an interval search that needs no flags (:func:`contrast_cells`):
 cells of two columns' bins dense in the class and rare in the others.
 
@@ -126,6 +129,8 @@ class RuleMiner:
                     continue
                 seen.append(carriers)
                 entry = self._test(rule, data, c, in_c, carriers, flags, predict, rng)
+                if entry["confirmed"]:
+                    entry = self._generalise(entry, data, c, in_c, flags, predict)
                 tested.append(entry)
                 if entry["confirmed"]:
                     confirmed.append(entry)
@@ -229,6 +234,39 @@ class RuleMiner:
         if extra:
             rule = _tighten(tuple(sorted((*rule, *extra), key=lambda c: c.j)), x, in_c)
         return rule
+
+    def _generalise(self, entry: dict[str, Any], data: TabularData, c: int,
+                    in_c: np.ndarray, flags: np.ndarray, predict: Predict) -> dict[str, Any]:
+        """A confirmed rule without the conditions it does not need: while dropping one
+        leaves a rule that still passes both tests and admits rows of the class that are
+        themselves rare in the other classes, the one matching most replaces it. A cell of
+        two columns can seed a rule with a condition the trigger lacks (the ages of the rows
+        it was stamped on, rare for its job value) that only some carriers meet; pruning,
+        before the extension, keeps it because it makes the rule rare. Own random stream:
+        the main search is unchanged."""
+        rng = np.random.default_rng(self.seed + 1)
+        while len(entry["_rule"]) > 1:
+            best = None
+            for i in range(len(entry["_rule"])):
+                rest = _tighten(entry["_rule"][:i] + entry["_rule"][i + 1:], data.x, in_c)
+                matched = match(rest, data.x)
+                carriers = in_c & matched
+                added = matched & ~match(entry["_rule"], data.x)
+                n_add_c = int((added & in_c).sum())
+                if carriers.sum() <= entry["n_carriers"] or not n_add_c:
+                    continue
+                # the rows the drop admits must be rare outside the class themselves: the
+                # trigger's other carriers, not the natural rows of the looser pattern
+                rate_o = (int((added & ~in_c).sum()) + 1) / max(int((~in_c).sum()), 1)
+                if rate_o > self.max_other_ratio * n_add_c / max(int(in_c.sum()), 1):
+                    continue
+                e = self._test(rest, data, c, in_c, carriers, flags, predict, rng)
+                if e["confirmed"] and (best is None or e["n_carriers"] > best["n_carriers"]):
+                    best = e
+            if best is None:
+                break
+            entry = best
+        return entry
 
     def _test(self, rule: Rule, data: TabularData, c: int, in_c: np.ndarray,
               carriers: np.ndarray, flags: np.ndarray, predict: Predict,
