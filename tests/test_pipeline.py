@@ -35,7 +35,7 @@ def test_scan_structure_and_sanitise(scanned) -> None:
                                                    "spectral_signatures", "loss_outliers",
                                                    "scan_decomposition",
                                                    "trigger_template", "blend_template",
-                                                   "loss_seed_template"]
+                                                   "mean_shift", "loss_seed_template"]
     assert all(r.scores.shape == (n,) for r in result.detectors)
     kept, removed = sanitize(result)
     assert len(kept) + len(removed) == n
