@@ -64,10 +64,10 @@ class RepairConfig:
     steps are kept), or
     this share of the units is gone; ``prune_stamp``: when a reversed trigger is known,
     fine-pruning's fine-tuning also stamps it under the true labels (a short unlearning after
-    the prune; off: plain fine-tuning). Pruning alone stops at ``max_trigger_units`` with
-    7-27% ASR left on foreign MNIST models whose trigger is spread over many units (global
-    pooling after batch-norm convolutions, a blended trigger), and plain fine-tuning does
-    not lower it; ``add_strengths``: a class flagged by the additive
+    the prune; off: plain fine-tuning). On foreign MNIST models whose trigger is spread over
+    many units (global pooling after batch-norm convolutions, a blended trigger) pruning
+    stopped at ``max_trigger_units`` with 6-23% ASR left and plain fine-tuning ended at
+    7-27%; ``add_strengths``: a class flagged by the additive
     search is stamped as ``clip(x + s * delta)`` with ``s`` drawn uniformly from this range
     (the reversed perturbation is the smallest that works; the real trigger is usually
     stronger, so the network must unlearn the direction, not one amplitude); ``suppress``: weight
