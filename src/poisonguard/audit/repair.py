@@ -62,9 +62,11 @@ class RepairConfig:
     reversed trigger's units once its worst variant's success is at most ``trigger_stop``, or
     has not dropped by a point in ``trigger_patience`` steps (after falling below 50%; those
     steps are kept), or
-    this share of the units is gone; ``prune_stamp``: when a reversed trigger is known,
-    fine-pruning's fine-tuning also stamps it under the true labels (a short unlearning after
-    the prune; off: plain fine-tuning). On foreign MNIST models whose trigger is spread over
+    this share of the units is gone; ``prune_stamp``: when pruning used that whole share with
+    the reversed trigger still working, fine-pruning's fine-tuning also stamps it under the
+    true labels (a short unlearning after the prune; otherwise, or off: plain fine-tuning,
+    which is what the built-in zoo's fine-pruning figures were measured with). On foreign
+    MNIST models whose trigger is spread over
     many units (global pooling after batch-norm convolutions, a blended trigger) pruning
     stopped at ``max_trigger_units`` with 6-23% ASR left and plain fine-tuning ended at
     7-27%; ``add_strengths``: a class flagged by the additive
@@ -699,9 +701,9 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     the units it excites far more than clean inputs do (robust z > 3) go first, regardless of
     the budget (the fine-tuning then recovers the accuracy); for a class flagged by the
     additive search, the units its perturbation excites count too (the largest robust z over
-    the flagged triggers). With a reversed trigger and ``prune_stamp`` (the default), the
-    fine-tuning stamps it on part of each batch under the true labels, as :func:`unlearn`
-    does (one run, no soup)."""
+    the flagged triggers). When those units fill ``max_trigger_units`` and ``prune_stamp``
+    is on (the default), the fine-tuning stamps the reversed trigger on part of each batch
+    under the true labels, as :func:`unlearn` does (one run, no soup)."""
     cfg = config or RepairConfig()
     t0 = time.perf_counter()
     module = model.module.eval()
@@ -749,6 +751,7 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
     base_all = float(np.mean(base_correct)) if len(y_all) else 0.0
     pruned: list[int] = []
     curve: list[dict[str, Any]] = [{"n_pruned": 0, "clean_acc": base_all}]
+    capped = False  # pruning used its whole unit budget with the reversed trigger still working
     if trig_first:
         # the trigger's units, most excited first, until no variant of the reversed trigger
         # (as stamped when unlearning: also its hardened, grown and box-filled masks) works
@@ -777,6 +780,8 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
             # not help
             if best <= cfg.trigger_stop or since >= cfg.trigger_patience:
                 break
+        else:
+            capped = len(queue) >= limit
         # the steps after the best are kept: once the reversed trigger sits at the clean
         # model's own response, the real trigger (of which it is often only a part) still
         # loses strength to further pruning of its units, at little cost in accuracy
@@ -806,7 +811,7 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
         if pruned:
             units.zero(pruned, fold=False)
 
-    stamped = bool(cfg.prune_stamp and nc is not None and classes)
+    stamped = bool(cfg.prune_stamp and nc is not None and classes and capped)
     ft = finetune(model, clean, cfg, stamp_classes=classes if stamped else None,
                   nc=nc if stamped else None, after_step=keep_pruned, ref_pred=base_pred)
     keep_pruned()
@@ -815,7 +820,8 @@ def fine_prune(model: AuditModel, clean: LabeledData, config: RepairConfig | Non
             "pruned": sorted(pruned), "trigger_channels_first": trig_first, "ranking": ranking,
             "trigger_kinds": ({int(k): list(trigger_kinds(nc, k)) for k in classes}
                               if nc is not None else {}),
-            "val_acc_before": base_acc, "prune_curve": curve, "finetune_stamped": stamped,
+            "val_acc_before": base_acc, "prune_curve": curve, "pruning_capped": capped,
+            "finetune_stamped": stamped,
             "finetune": ft,
             "config": cfg.to_dict(), "runtime_s": round(time.perf_counter() - t0, 3)}
 
