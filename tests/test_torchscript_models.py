@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from poisonguard.audit.model import AuditModel, to_data_tensor
-from poisonguard.audit.repair import _Units, linear_inputs
+from poisonguard.audit.repair import RepairConfig, _Units, linear_inputs
 from poisonguard.cli import main
 from poisonguard.models.adapter import InputSpec, TorchClassifier
 
@@ -143,6 +143,15 @@ def test_repair_writes_a_loadable_folder(zoo: dict, tmp_path: Path, arch: str,
     if method == "fine-prune":
         # the pooled channels as the classifier reads them, ranked by activation
         assert rep["details"]["layer"] == "fc" and rep["details"]["ranking"].startswith("mean")
+        # the fine-tuning stamps the reversed trigger (a short unlearning after the prune)
+        # exactly when pruning used its whole unit budget, and then each epoch is judged by its
+        # held-out trigger ASR
+        d = rep["details"]
+        ft = d["finetune"]
+        assert d["finetune_stamped"] == (d["pruning_capped"] and bool(d["trigger_kinds"]))
+        if d["finetune_stamped"]:
+            assert ft["lr"] <= RepairConfig().trigger_lr
+            assert all(h["val_trigger_asr"] is not None for h in ft["history"])
 
 
 def test_fine_prune_a_network_without_convolutions(zoo: dict, tmp_path: Path) -> None:

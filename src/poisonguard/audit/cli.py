@@ -59,9 +59,11 @@ def register(sub: Any) -> None:
     _add_common(r)
     r.add_argument("--method", required=True, choices=["fine-prune", "unlearn", "anp"],
                    help="fine-prune: prune the last conv layer's units (the reversed trigger's "
-                        "first), then fine-tune; unlearn: fine-tune with the reversed trigger "
-                        "stamped under true labels; anp: prune the neurons that break under "
-                        "adversarial weight perturbation (needs no trigger)")
+                        "first), then fine-tune (with the reversed trigger stamped under "
+                        "true labels when pruning used its whole unit budget); unlearn: fine-tune with the "
+                        "reversed trigger stamped under true labels; anp: prune the "
+                        "neurons that break under adversarial weight perturbation (needs no "
+                        "trigger)")
     r.add_argument("--triggers", default=None,
                    help="triggers.npz written by audit-model, or its output folder (skips "
                    "the reverse-engineering)")
