@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from poisonguard.cli import main
-from poisonguard.provenance import FetchOptions, read_manifest, verify
-from poisonguard.provenance.crawl import Part, verify_crawl
+from poisonguard.provenance import FetchOptions, PinOptions, read_manifest, verify
+from poisonguard.provenance.crawl import Part, pin_crawl, verify_crawl
 from poisonguard.scale.engine import LocalEngine
 from tests.test_provenance_urls import Handler, served  # noqa: F401 (fixture)
 
@@ -206,15 +206,20 @@ def test_dask_verify_matches_and_worker_death_fails_then_resumes(
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
     base, root = served
-    urls = url_list(base, root, tmp_path, hashes=True)
-    manifest = tmp_path / "m.parquet"
-    assert main(["pin", str(urls), "--out", str(manifest), *NET]) == 0
-    (root / "c5.bin").write_bytes(b"swapped")
+    urls = url_list(base, root, tmp_path)
+    single, manifest = tmp_path / "single.parquet", tmp_path / "m.parquet"
+    assert main(["pin", str(urls), "--out", str(single), *NET]) == 0
     fetch = FetchOptions(timeout=10, retries=0, workers=4)
     report = tmp_path / "r.json"
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
         engine = DaskEngine(workers=2, memory_limit="1GiB")
         try:
+            Handler.hits = []
+            pinned, _ = pin_crawl([str(urls)], manifest, engine, PinOptions(fetch=fetch),
+                                  part_rows=7)
+            assert len(Handler.hits) == N and not pinned.skipped
+            assert items_by_key(manifest) == items_by_key(single)
+            (root / "c5.bin").write_bytes(b"swapped")
             with pytest.raises(EngineError, match="worker died.*run the same command again"):
                 verify_crawl(manifest, [str(urls)], Dooming(engine), fetch=fetch,
                              report=report, part_rows=7)
