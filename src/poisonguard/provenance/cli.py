@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from poisonguard.errors import ConfigError
 from poisonguard.provenance.fetch import FetchOptions
 from poisonguard.provenance.pin import DEFAULT_FILE_WORKERS, PinOptions, pin
 from poisonguard.provenance.sign import generate_keypair
@@ -20,10 +21,12 @@ SHOW = 10  # items listed per category on the console
 
 
 def _add_fetch_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, default=DEFAULT_FILE_WORKERS,
-                   help=f"file-hashing threads (default {DEFAULT_FILE_WORKERS})")
+    p.add_argument("--workers", type=int, default=None,
+                   help=f"file-hashing threads (default {DEFAULT_FILE_WORKERS}); with --engine "
+                        "dask: LocalCluster worker processes (default 2)")
     p.add_argument("--fetch-workers", type=int, default=32,
-                   help="concurrent HTTP requests for URL lists (default 32)")
+                   help="concurrent HTTP requests for URL lists (default 32; with --engine, "
+                        "per part task)")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds per HTTP attempt, whole body included (default 10)")
     p.add_argument("--retries", type=int, default=2,
@@ -32,6 +35,48 @@ def _add_fetch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bytes", type=int, default=256 << 20,
                    help="largest body fetched per URL (default 256 MiB)")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
+    e = p.add_argument_group("crawl size (Parquet URL lists; see docs/scale.md)")
+    e.add_argument("--engine", choices=["local", "dask"], default=None,
+                   help="cut the URL rows into parts run as tasks, in this process (local) or "
+                        "on Dask workers (dask); resumable: finished parts are kept in "
+                        "--work-dir until the output is written")
+    e.add_argument("--scheduler", default=None,
+                   help="address of a running Dask scheduler (default: start a LocalCluster)")
+    e.add_argument("--memory-limit", default="2GiB",
+                   help="LocalCluster memory limit per worker (default 2GiB)")
+    e.add_argument("--connect-timeout", type=float, default=5.0,
+                   help="seconds to wait for --scheduler (default 5)")
+    e.add_argument("--part-rows", type=int, default=None,
+                   help="URL rows per part task (default 16384)")
+    e.add_argument("--work-dir", default=None,
+                   help="folder of finished parts (default OUT.work beside the output)")
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    """The engine for ``--engine``, or None for the single-process path."""
+    if args.engine is None:
+        for flag, v in (("--scheduler", args.scheduler), ("--part-rows", args.part_rows),
+                        ("--work-dir", args.work_dir)):
+            if v is not None:
+                raise ConfigError(f"{flag} needs --engine local or --engine dask")
+        return None
+    from poisonguard.scale.engine import make_engine
+
+    workers = 2 if args.workers is None else args.workers
+    eng = make_engine(args.engine, args.scheduler, workers, args.memory_limit,
+                      args.connect_timeout, progress=not args.quiet)
+    if not args.quiet and getattr(eng, "dashboard", None):
+        print(f"dask dashboard: {eng.dashboard}")
+    return eng
+
+
+def _print_stats(stats: Any) -> None:
+    d = stats.to_dict()
+    print(f"  {d['engine'].get('engine')} engine ({d['engine'].get('workers')} worker(s)): "
+          f"{d['parts']} parts, {d['parts_resumed']} already done (resumed), "
+          f"{d['urls_fetched_this_run']} URLs fetched this run in {d['fetch_s']:.1f} s")
+    for n in stats.notes:
+        print(f"  note: {n}")
 
 
 def _fetch_options(args: argparse.Namespace) -> FetchOptions:
@@ -99,11 +144,24 @@ def register(sub: Any) -> None:
 
 def cmd_pin(args: argparse.Namespace) -> int:
     """``poisonguard pin``: 0 when every item was pinned, 1 when some were skipped."""
-    opts = PinOptions(workers=args.workers, fetch=_fetch_options(args), npz_key=args.npz_key,
+    engine = _engine(args)
+    opts = PinOptions(workers=DEFAULT_FILE_WORKERS if engine or args.workers is None
+                      else args.workers, fetch=_fetch_options(args), npz_key=args.npz_key,
                       label_key=args.label_key, url_column=args.url_column,
                       key_column=args.key_column, hash_column=args.hash_column,
                       label_column=args.label_column)
-    res = pin(args.sources, args.out, opts, sign_key=args.sign_key)
+    if engine is None:
+        res = pin(args.sources, args.out, opts, sign_key=args.sign_key)
+    else:
+        from poisonguard.provenance.crawl import DEFAULT_PART_ROWS, pin_crawl
+
+        try:
+            res, stats = pin_crawl(args.sources, args.out, engine, opts, args.sign_key,
+                                   args.work_dir, args.part_rows or DEFAULT_PART_ROWS)
+        finally:
+            engine.close()
+        if not args.quiet:
+            _print_stats(stats)
     print(f"pinned {res.item_count} items from {len(res.header['sources'])} source(s) into "
           f"{res.manifest} in {res.wall_s:.1f} s; manifest digest {res.digest}"
           + (f"; signed ({res.signature})" if res.signature else ""))
@@ -143,12 +201,26 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """``poisonguard verify``: 0 clean, 1 anything modified/missing/new/unverifiable."""
     from poisonguard.io import atomic_write_json
 
-    opts = VerifyOptions(workers=args.workers, fetch=_fetch_options(args),
-                         ignore=(args.out,) if args.out else ())
-    res = verify(args.manifest, args.sources or None, public_key=args.public_key,
-                 signature=args.signature, options=opts)
-    if args.out:
-        atomic_write_json(args.out, res.to_dict())
+    engine = _engine(args)
+    if engine is None:
+        opts = VerifyOptions(workers=args.workers or DEFAULT_FILE_WORKERS,
+                             fetch=_fetch_options(args), ignore=(args.out,) if args.out else ())
+        res = verify(args.manifest, args.sources or None, public_key=args.public_key,
+                     signature=args.signature, options=opts)
+        if args.out:
+            atomic_write_json(args.out, res.to_dict())
+    else:
+        from poisonguard.provenance.crawl import DEFAULT_PART_ROWS, verify_crawl
+
+        try:
+            res, stats = verify_crawl(args.manifest, args.sources or None, engine,
+                                      args.public_key, args.signature, _fetch_options(args),
+                                      args.out, args.work_dir,
+                                      args.part_rows or DEFAULT_PART_ROWS)
+        finally:
+            engine.close()
+        if not args.quiet:
+            _print_stats(stats)
     print_result(res, args.quiet)
     if args.out:
         print(f"wrote {args.out}")

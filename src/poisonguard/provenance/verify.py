@@ -100,6 +100,7 @@ class VerifyResult:
     notes: list[str] = field(default_factory=list)
     started: str = ""
     wall_s: float = 0.0
+    run: dict[str, Any] | None = None  # partitioned runs: engine, parts, parts resumed
 
     @property
     def changed(self) -> bool:
@@ -167,6 +168,7 @@ class VerifyResult:
             "notes": list(self.notes),
             "started": self.started,
             "wall_s": round(self.wall_s, 3),
+            **({"run": self.run} if self.run is not None else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:

@@ -89,6 +89,7 @@ class DaskEngine:
         for name in ("distributed", "bokeh", "tornado"):
             logging.getLogger(name).setLevel(logging.ERROR)
         self.progress = progress
+        self.nothing_written = "no flagged.csv written"  # the tail of a failure's message
         self.cluster = None
         if scheduler:
             try:
@@ -157,12 +158,12 @@ class DaskEngine:
                     except KilledWorker as exc:
                         raise EngineError(f"dask: a worker died running {desc} on chunk {i} "
                                           f"(rows from {refs[i].offset}) and the task was not "
-                                          f"retried again ({exc}); the run is abandoned, no "
-                                          "flagged.csv written") from None
+                                          f"retried again ({exc}); the run is abandoned, "
+                                          f"{self.nothing_written}") from None
                     except Exception as exc:  # noqa: BLE001 - worker/comm failure: one line
                         raise EngineError(f"dask: {desc} failed on chunk {i} (rows from "
                                           f"{refs[i].offset}): {type(exc).__name__}: {exc}; "
-                                          "no flagged.csv written") from None
+                                          f"{self.nothing_written}") from None
                     bar.update(1)
                     yield result
             finally:
