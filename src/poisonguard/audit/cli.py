@@ -60,8 +60,9 @@ def register(sub: Any) -> None:
     r.add_argument("--method", required=True, choices=["fine-prune", "unlearn", "anp"],
                    help="fine-prune: prune the last conv layer's units (the reversed trigger's "
                         "first), then fine-tune (with the reversed trigger stamped under "
-                        "true labels when pruning used its whole unit budget); unlearn: fine-tune with the "
-                        "reversed trigger stamped under true labels; anp: prune the "
+                        "true labels when pruning used its whole unit budget); unlearn: "
+                        "fine-tune with the reversed trigger stamped under true labels; anp: "
+                        "prune the "
                         "neurons that break under adversarial weight perturbation (needs no "
                         "trigger)")
     r.add_argument("--triggers", default=None,
