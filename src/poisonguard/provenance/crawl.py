@@ -44,10 +44,8 @@ from poisonguard.provenance.manifest import (
 )
 from poisonguard.provenance.sign import (
     load_private_key,
-    load_public_key,
     sign_digest,
     signature_path,
-    verify_digest,
 )
 from poisonguard.provenance.sources import (
     Exclusion,
@@ -63,7 +61,7 @@ from poisonguard.provenance.verify import (
     VerifyResult,
     _find_new,
     _pair,
-    _resolve_sources,
+    start_result,
 )
 
 DEFAULT_PART_ROWS = 16_384
@@ -311,18 +309,8 @@ def verify_crawl(manifest: str | Path, sources: list[str] | None, engine: Any,
     work = Path(work_dir) if work_dir else default_work_dir(report, manifest, "verify")
     if report is not None and Path(report).exists():
         Path(report).unlink()  # a stale report must not pass for this run's
-    sig_path = Path(signature) if signature else signature_path(manifest)
-    if public_key is not None:
-        sig_info = verify_digest(reader.digest, sig_path, load_public_key(public_key))
-    else:
-        sig_info = {"checked": False, "present": sig_path.exists(),
-                    "note": "no public key given: the signature was not checked"}
-    notes: list[str] = []
-    srcs = _resolve_sources(reader.header, sources, manifest, notes)
-    result = VerifyResult(
-        manifest=str(manifest), manifest_digest=reader.digest, header=reader.header,
-        sources=[dict(s.spec.to_dict(), verified_path=s.path) for s in srcs],
-        signature=sig_info, notes=notes, started=started)
+    result, srcs, sig_path = start_result(reader, manifest, sources, public_key, signature,
+                                          started)
     # integrity first: nothing is fetched for a manifest that was edited
     for batch in reader.batches(batch_size=65_536):
         result.item_count += len(batch)

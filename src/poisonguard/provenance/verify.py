@@ -420,6 +420,26 @@ def _find_new(result: VerifyResult, sources: list[_Source], fps: np.ndarray,
 
 
 # ----------------------------------------------------------------------------- verify
+def start_result(reader: ManifestReader, manifest: Path, sources: list[str] | None,
+                 public_key: str | Path | None, signature: str | Path | None, started: str
+                 ) -> tuple[VerifyResult, list[_Source], Path]:
+    """Check the signature (when a public key is given), resolve the sources and open the
+    result: the first steps every verify takes, before any item is read."""
+    sig_path = Path(signature) if signature else signature_path(manifest)
+    if public_key is not None:
+        sig_info = verify_digest(reader.digest, sig_path, load_public_key(public_key))
+    else:
+        sig_info = {"checked": False, "present": sig_path.exists(),
+                    "note": "no public key given: the signature was not checked"}
+    notes: list[str] = []
+    srcs = _resolve_sources(reader.header, sources, manifest, notes)
+    result = VerifyResult(
+        manifest=str(manifest), manifest_digest=reader.digest, header=reader.header,
+        sources=[dict(s.spec.to_dict(), verified_path=s.path) for s in srcs],
+        signature=sig_info, notes=notes, started=started)
+    return result, srcs, sig_path
+
+
 def verify(manifest: str | Path, sources: list[str] | None = None,
            public_key: str | Path | None = None, signature: str | Path | None = None,
            options: VerifyOptions | None = None) -> VerifyResult:
@@ -435,18 +455,8 @@ def verify(manifest: str | Path, sources: list[str] | None = None,
     options = options or VerifyOptions()
     manifest = Path(manifest)
     reader = ManifestReader(manifest)
-    sig_path = Path(signature) if signature else signature_path(manifest)
-    if public_key is not None:
-        sig_info = verify_digest(reader.digest, sig_path, load_public_key(public_key))
-    else:
-        sig_info = {"checked": False, "present": sig_path.exists(),
-                    "note": "no public key given: the signature was not checked"}
-    notes: list[str] = []
-    srcs = _resolve_sources(reader.header, sources, manifest, notes)
-    result = VerifyResult(
-        manifest=str(manifest), manifest_digest=reader.digest, header=reader.header,
-        sources=[dict(s.spec.to_dict(), verified_path=s.path) for s in srcs],
-        signature=sig_info, notes=notes, started=started)
+    result, srcs, sig_path = start_result(reader, manifest, sources, public_key, signature,
+                                          started)
     exclude = Exclusion.of(manifest, sig_path, *(Path(p) for p in options.ignore))
     with ThreadPoolExecutor(max_workers=options.workers,
                             thread_name_prefix="poisonguard-hash") as pool, \

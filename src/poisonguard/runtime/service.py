@@ -161,6 +161,23 @@ def parse_body(body: bytes, content_type: str) -> np.ndarray:
     raise RequestError(422, f"inputs hold non-numeric values (dtype {arr.dtype})")
 
 
+def add_status_routes(app: Any, info: dict[str, Any], stats: Stats, flagged: Any) -> None:
+    """``GET /health`` (``info``), ``/metrics`` (``stats``) and ``/flagged`` (the recent
+    suspicious inputs), shared by the image and tabular services."""
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", **info}
+
+    @app.get("/metrics")
+    def metrics() -> dict[str, Any]:
+        return stats.snapshot()
+
+    @app.get("/flagged")
+    def flagged_list() -> dict[str, Any]:
+        return {"n": len(flagged), "flagged": list(flagged)}
+
+
 def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int = 512,
                review_dir: str | Path | None = None, max_review_files: int = 10_000,
                title: str = "poisonguard screening service") -> FastAPI:
@@ -208,17 +225,7 @@ def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int
             flagged.append(record)
             log.warning("suspicious input %s", json.dumps(record))
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", **info}
-
-    @app.get("/metrics")
-    def metrics() -> dict[str, Any]:
-        return stats.snapshot()
-
-    @app.get("/flagged")
-    def flagged_list() -> dict[str, Any]:
-        return {"n": len(flagged), "flagged": list(flagged)}
+    add_status_routes(app, info, stats, flagged)
 
     @app.post("/predict", response_model=None)
     async def predict(request: Request) -> Any:

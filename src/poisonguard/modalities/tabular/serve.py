@@ -195,7 +195,7 @@ def create_tabular_app(filt: RowFilter, like: TabularData, max_body_bytes: int =
                        max_inputs: int = 512) -> FastAPI:
     """A FastAPI app: ``POST /predict`` (JSON objects by column name), ``GET /health``,
     ``GET /metrics``, ``GET /flagged``; bad requests get a 4xx with the reason."""
-    from poisonguard.runtime.service import Stats, _MetricsMiddleware, log
+    from poisonguard.runtime.service import Stats, _MetricsMiddleware, add_status_routes, log
 
     app = FastAPI(title="poisonguard tabular screening", docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -215,17 +215,7 @@ def create_tabular_app(filt: RowFilter, like: TabularData, max_body_bytes: int =
         with lock:
             return filt.screen(x)
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", **info}
-
-    @app.get("/metrics")
-    def metrics() -> dict[str, Any]:
-        return stats.snapshot()
-
-    @app.get("/flagged")
-    def flagged_list() -> dict[str, Any]:
-        return {"n": len(flagged), "flagged": list(flagged)}
+    add_status_routes(app, info, stats, flagged)
 
     @app.post("/predict", response_model=None)
     async def predict(request: Request) -> Any:
