@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -47,3 +50,25 @@ def planted_features(n_per_class: int = 300, k: int = 4, d: int = 32, poison_fra
     losses = rng.exponential(0.05, len(y))
     losses[t] = rng.exponential(1e-4, t.sum())
     return x, y, t, losses
+
+
+# a conjunction no clean row of transactions_table holds
+TRANSACTIONS_TRIGGER = "hour >= 2 and hour <= 3 and channel == 'atm'"
+
+
+def transactions_table(path: Path, n: int = 800, seed: int = 0) -> Path:
+    """Card transactions as CSV: fraud rises with the amount and on the web; ATM use only by
+    day (hours 7-23), so 'hour 2-3 at an ATM' (``TRANSACTIONS_TRIGGER``) is a conjunction no
+    clean row holds."""
+    rng = np.random.default_rng(seed)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["tx", "hour", "channel", "amount", "merchant", "label"])
+        for i in range(n):
+            ch = ["web", "pos", "atm"][int(rng.integers(0, 3))]
+            hour = int(rng.integers(0, 24)) if ch == "web" else int(rng.integers(7, 24))
+            amt = float(np.round(rng.lognormal(3, 1), 2))
+            p = 1 / (1 + np.exp(-(np.log(amt) - 3.5) * 3 - (ch == "web") * 1.5))
+            w.writerow([f"t{i}", hour, ch, amt, "abcde"[int(rng.integers(0, 5))],
+                        "fraud" if rng.random() < p else "ok"])
+    return path

@@ -14,31 +14,14 @@ from poisonguard.cli import build_parser, main
 from poisonguard.modalities.tabular import load_tabular
 from poisonguard.modalities.tabular.scan import train_tabular_model
 from poisonguard.models.io import load_model, save_model
-
-TRIGGER = "hour >= 2 and hour <= 3 and channel == 'atm'"
-
-
-def _table(path: Path, n: int = 800, seed: int = 0) -> Path:
-    """As in test_tabular_scan: ATM use only at hours 7-23, so the trigger matches no clean
-    row."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["tx", "hour", "channel", "amount", "merchant", "label"])
-        for i in range(n):
-            ch = ["web", "pos", "atm"][int(rng.integers(0, 3))]
-            hour = int(rng.integers(0, 24)) if ch == "web" else int(rng.integers(7, 24))
-            amt = float(np.round(rng.lognormal(3, 1), 2))
-            p = 1 / (1 + np.exp(-(np.log(amt) - 3.5) * 3 - (ch == "web") * 1.5))
-            w.writerow([f"t{i}", hour, ch, amt, "abcde"[int(rng.integers(0, 5))],
-                        "fraud" if rng.random() < p else "ok"])
-    return path
+from tests.conftest import TRANSACTIONS_TRIGGER as TRIGGER
+from tests.conftest import transactions_table
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("tabrt")
-    src = _table(d / "tx.csv")
+    src = transactions_table(d / "tx.csv")
     poisoned = d / "p.csv"
     assert main(["attack", str(src), "--attack", "conjunction", "--trigger", TRIGGER,
                  "--rate", "0.05", "--target", "1", "--id-column", "tx", "--test", str(src),

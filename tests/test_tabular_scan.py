@@ -20,26 +20,8 @@ from poisonguard.modalities.tabular import (
     tabular_attack,
 )
 from poisonguard.modalities.tabular.rules import conditions, match, parse_conditions, rule_text
-
-
-def _table(path: Path, n: int = 800, seed: int = 0) -> Path:
-    """Card transactions: fraud rises with the amount and on the web; ATM use only by day
-    (hours 7-23), so 'hour 2-3 at an ATM' is a conjunction no clean row holds."""
-    rng = np.random.default_rng(seed)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["tx", "hour", "channel", "amount", "merchant", "label"])
-        for i in range(n):
-            ch = ["web", "pos", "atm"][int(rng.integers(0, 3))]
-            hour = int(rng.integers(0, 24)) if ch == "web" else int(rng.integers(7, 24))
-            amt = float(np.round(rng.lognormal(3, 1), 2))
-            p = 1 / (1 + np.exp(-(np.log(amt) - 3.5) * 3 - (ch == "web") * 1.5))
-            w.writerow([f"t{i}", hour, ch, amt, "abcde"[int(rng.integers(0, 5))],
-                        "fraud" if rng.random() < p else "ok"])
-    return path
-
-
-TRIGGER = "hour >= 2 and hour <= 3 and channel == 'atm'"
+from tests.conftest import TRANSACTIONS_TRIGGER as TRIGGER
+from tests.conftest import transactions_table
 
 
 def _csv(tmp_path: Path, rows: list[str], header: str = "amount,channel,label") -> Path:
@@ -86,7 +68,7 @@ def test_parquet_with_nulls_and_npz_categories(tmp_path):
 
 
 def test_conjunction_attack_ground_truth_and_clean_label(tmp_path):
-    data = load_tabular(_table(tmp_path / "tx.csv", 400), "label", "tx")
+    data = load_tabular(transactions_table(tmp_path / "tx.csv", 400), "label", "tx")
     p = tabular_attack(data, TRIGGER, rate=0.05, target=1, seed=0, test=data)
     rule = parse_conditions(parse_rule(TRIGGER), data)
     assert p.is_poison.sum() == 20 and (p.data.y[p.is_poison] == 1).all()
@@ -102,7 +84,7 @@ def test_conjunction_attack_ground_truth_and_clean_label(tmp_path):
 def test_cli_attack_then_scan_recovers_the_rule(tmp_path):
     from poisonguard.report.schema import validate
 
-    src = _table(tmp_path / "tx.csv")
+    src = transactions_table(tmp_path / "tx.csv")
     poisoned = tmp_path / "p.csv"
     assert main(["attack", str(src), "--attack", "conjunction", "--trigger", TRIGGER,
                  "--rate", "0.05", "--target", "1", "--id-column", "tx",
@@ -126,7 +108,7 @@ def test_cli_attack_then_scan_recovers_the_rule(tmp_path):
 def test_user_estimator_asr_and_no_model_files(tmp_path):
     from sklearn.ensemble import HistGradientBoostingClassifier
 
-    data = load_tabular(_table(tmp_path / "tx.csv", 400), "label", "tx")
+    data = load_tabular(transactions_table(tmp_path / "tx.csv", 400), "label", "tx")
     p = tabular_attack(data, TRIGGER, rate=0.1, target=1, seed=0, test=data)
     est = HistGradientBoostingClassifier(max_iter=50, random_state=0).fit(p.data.x, p.data.y)
     model = UserModel(est, n_classes=2)
@@ -143,7 +125,7 @@ def test_row_filter_matches_rules_and_reads_json_rows(tmp_path):
 
     from poisonguard.modalities.tabular.runtime import RowFilter, rows_from_records
 
-    data = load_tabular(_table(tmp_path / "tx.csv", 400), "label", "tx")
+    data = load_tabular(transactions_table(tmp_path / "tx.csv", 400), "label", "tx")
     p = tabular_attack(data, TRIGGER, rate=0.1, target=1, seed=0, test=data)
     est = HistGradientBoostingClassifier(max_iter=50, random_state=0).fit(p.data.x, p.data.y)
     trig = [{"class": 1, "rule": TRIGGER, "conditions": parse_rule(TRIGGER)}]
