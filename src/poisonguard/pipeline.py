@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -326,13 +327,6 @@ def _add_blend_template(data: LabeledData, results: list[DetectorResult],
                        {"blend_stage": bt.name})
 
 
-# a class one detector calls suspicious becomes poisoned when adding its flagged samples' mean
-# difference from the rest of the class sends at least this share of other-class samples to it.
-# CIFAR-10 20k SIG (80% of class 1, clean-label): SCAn's 1,534 flags (all poisons) give 0.572,
-# the opposite sign 0.0; the natural 2-means halves of every clean MNIST 5k class at most 0.064
-MEAN_SHIFT_MIN_FLIP = 0.5
-
-
 def _add_mean_shift(data: LabeledData, results: list[DetectorResult], combined: DetectorResult,
                     classifier: TorchClassifier, min_group: int = 10
                     ) -> tuple[list[DetectorResult], DetectorResult]:
@@ -491,40 +485,52 @@ def _confirm_later_round(data: LabeledData, rnd: RoundResult, features: np.ndarr
 # class; on clean MNIST 5k the loss seed formed a 5-pixel template from easy zeros, which
 # flagged 36 clean samples.
 SEED_MIN_FLIP = 0.5
+# a class one detector calls suspicious becomes poisoned when adding its flagged samples' mean
+# difference from the rest of the class sends this share of other-class samples to it (the same
+# bar). CIFAR-10 20k SIG (80% of class 1, clean-label): SCAn's 1,534 flags (all poisons) give
+# 0.572, the opposite sign 0.0; the natural 2-means halves of every clean MNIST 5k class at most
+# 0.064
+MEAN_SHIFT_MIN_FLIP = SEED_MIN_FLIP
 
 
 def stamped_flip_rate(classifier: TorchClassifier, data: LabeledData, c: int,
                       mask: np.ndarray, values: np.ndarray, n: int = 256) -> float:
     """Share of (up to ``n``, evenly spaced) other-class samples the model assigns to ``c``
     once the template's values are written into them, minus the share it assigns unstamped."""
-    others = np.flatnonzero(data.y != c)
-    pick = others[:: max(1, len(others) // n)][:n]
-    x = data.x[pick].copy()
-    flat = x.reshape(len(x), -1)
-    if np.issubdtype(x.dtype, np.integer):
-        info = np.iinfo(x.dtype)
-        flat[:, mask] = np.clip(np.rint(values), info.min, info.max).astype(x.dtype)
-    else:
-        flat[:, mask] = values.astype(x.dtype)
-    stamped = float((classifier.predict(flat.reshape(x.shape)) == c).mean())
-    return round(stamped - float((classifier.predict(data.x[pick]) == c).mean()), 4)
+    def stamp(x: np.ndarray) -> np.ndarray:
+        flat = x.copy().reshape(len(x), -1)
+        if np.issubdtype(x.dtype, np.integer):
+            info = np.iinfo(x.dtype)
+            flat[:, mask] = np.clip(np.rint(values), info.min, info.max).astype(x.dtype)
+        else:
+            flat[:, mask] = values.astype(x.dtype)
+        return flat.reshape(x.shape)
+
+    return _moved_to_class(classifier, data, c, stamp, n)
 
 
 def shifted_flip_rate(classifier: TorchClassifier, data: LabeledData, c: int,
                       delta: np.ndarray, n: int = 512) -> float:
     """Share of (up to ``n``, evenly spaced) other-class samples the model assigns to ``c``
     once ``delta`` is added to them (clipped to the data's range), minus the share unshifted."""
-    others = np.flatnonzero(data.y != c)
-    pick = others[:: max(1, len(others) // n)][:n]
-    x = data.x[pick]
-    shifted = x.astype(np.float64) + delta
-    if np.issubdtype(x.dtype, np.integer):
-        info = np.iinfo(x.dtype)
-        shifted = np.clip(np.rint(shifted), info.min, info.max).astype(x.dtype)
-    else:
+    def shift(x: np.ndarray) -> np.ndarray:
+        shifted = x.astype(np.float64) + delta
+        if np.issubdtype(x.dtype, np.integer):
+            info = np.iinfo(x.dtype)
+            return np.clip(np.rint(shifted), info.min, info.max).astype(x.dtype)
         lo, hi = float(data.x.min()), float(data.x.max())
-        shifted = np.clip(shifted, lo, hi).astype(x.dtype)
-    moved = float((classifier.predict(shifted) == c).mean())
+        return np.clip(shifted, lo, hi).astype(x.dtype)
+
+    return _moved_to_class(classifier, data, c, shift, n)
+
+
+def _moved_to_class(classifier: TorchClassifier, data: LabeledData, c: int,
+                    change: Callable[[np.ndarray], np.ndarray], n: int) -> float:
+    """Share of (up to ``n``, evenly spaced) other-class samples the model assigns to ``c``
+    after ``change``, minus the share it assigns them unchanged (4 decimals)."""
+    others = np.flatnonzero(data.y != c)
+    x = data.x[others[:: max(1, len(others) // n)][:n]]
+    moved = float((classifier.predict(change(x)) == c).mean())
     return round(moved - float((classifier.predict(x) == c).mean()), 4)
 
 
