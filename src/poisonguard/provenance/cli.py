@@ -8,6 +8,7 @@ or items skipped while pinning) and raise ``PoisonguardError`` subclasses on bad
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,14 +61,10 @@ def _engine(args: argparse.Namespace) -> Any:
             if v is not None:
                 raise ConfigError(f"{flag} needs --engine local or --engine dask")
         return None
-    from poisonguard.scale.engine import make_engine
+    from poisonguard.scale.cli import open_engine
 
-    workers = 2 if args.workers is None else args.workers
-    eng = make_engine(args.engine, args.scheduler, workers, args.memory_limit,
-                      args.connect_timeout, progress=not args.quiet)
-    if not args.quiet and getattr(eng, "dashboard", None):
-        print(f"dask dashboard: {eng.dashboard}")
-    return eng
+    return open_engine(args, workers=2 if args.workers is None else args.workers,
+                       file=sys.stdout)
 
 
 def _print_stats(stats: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from poisonguard.errors import ConfigError, DataError
 
@@ -53,6 +53,20 @@ def add_engine_options(p: argparse.ArgumentParser, default: str | None, help: st
                    help="seconds to wait for --scheduler (default 5)")
 
 
+def open_engine(args: argparse.Namespace, workers: int | None = None,
+                file: TextIO | None = None) -> Any:
+    """The engine the ``add_engine_options`` flags ask for (``workers`` overrides
+    ``--workers``); the Dask dashboard link goes to ``file`` (stderr) unless ``--quiet``."""
+    from poisonguard.scale.engine import make_engine
+
+    engine = make_engine(args.engine, args.scheduler,
+                         args.workers if workers is None else workers, args.memory_limit,
+                         args.connect_timeout, progress=not args.quiet)
+    if not args.quiet and getattr(engine, "dashboard", None):
+        print(f"dask dashboard: {engine.dashboard}", file=file or sys.stderr)
+    return engine
+
+
 def open_source(args: argparse.Namespace) -> Any:
     from poisonguard.scale.sources import NpySource, open_parquet
 
@@ -81,7 +95,6 @@ def open_source(args: argparse.Namespace) -> Any:
 def cmd_scan_features(args: argparse.Namespace) -> int:
     from poisonguard.io import check_writable_dir
     from poisonguard.scale.detector import ScaleConfig
-    from poisonguard.scale.engine import make_engine
     from poisonguard.scale.run import scan_features
 
     if args.chunk_rows < 1:
@@ -92,11 +105,8 @@ def cmd_scan_features(args: argparse.Namespace) -> int:
         raise ConfigError("--scheduler needs --engine dask")
     check_writable_dir(args.out)
     source = open_source(args)
-    engine = make_engine(args.engine, args.scheduler, args.workers, args.memory_limit,
-                         args.connect_timeout, progress=not args.quiet)
+    engine = open_engine(args)
     try:
-        if not args.quiet and getattr(engine, "dashboard", None):
-            print(f"dask dashboard: {engine.dashboard}", file=sys.stderr)
         desc = engine.describe()
         batch_rows = min(args.chunk_rows, max(1024, (64 << 20) // (8 * source.n_features)))
         summary = scan_features(source, engine, Path(args.out),
@@ -135,7 +145,6 @@ def cmd_scan_streamed(args: argparse.Namespace) -> int:
     from poisonguard.models.training import train_classifier
     from poisonguard.pipeline import ScanConfig
     from poisonguard.scale.detector import ScaleConfig
-    from poisonguard.scale.engine import make_engine
     from poisonguard.scale.extract import extract_representations
     from poisonguard.scale.run import scan_features
     from poisonguard.scale.sources import open_parquet
@@ -171,11 +180,8 @@ def cmd_scan_streamed(args: argparse.Namespace) -> int:
                    inputs=describe_inputs(data.x))
         del data, trained
     train_s = time.perf_counter() - t0
-    engine = make_engine(args.engine, args.scheduler, args.workers, args.memory_limit,
-                         args.connect_timeout, progress=not args.quiet)
+    engine = open_engine(args)
     try:
-        if not args.quiet and getattr(engine, "dashboard", None):
-            print(f"dask dashboard: {engine.dashboard}", file=sys.stderr)
         desc = engine.describe()
         t = time.perf_counter()
         extract_representations(engine, str(args.data), model_dir, n_rows,
