@@ -62,9 +62,8 @@ def register(sub: Any) -> None:
                         "first), then fine-tune (with the reversed trigger stamped under "
                         "true labels when pruning used its whole unit budget); unlearn: "
                         "fine-tune with the reversed trigger stamped under true labels; anp: "
-                        "prune the "
-                        "neurons that break under adversarial weight perturbation (needs no "
-                        "trigger)")
+                        "prune the neurons that break under adversarial weight perturbation "
+                        "(needs no trigger)")
     r.add_argument("--triggers", default=None,
                    help="triggers.npz written by audit-model, or its output folder (skips "
                    "the reverse-engineering)")

@@ -66,11 +66,10 @@ class RepairConfig:
     the reversed trigger still working, fine-pruning's fine-tuning also stamps it under the
     true labels (a short unlearning after the prune; otherwise, or off: plain fine-tuning,
     which is what the built-in zoo's fine-pruning figures were measured with). On foreign
-    MNIST models whose trigger is spread over
-    many units (global pooling after batch-norm convolutions, a blended trigger) pruning
-    stopped at ``max_trigger_units`` with 6-23% ASR left and plain fine-tuning ended at
-    7-27%; ``add_strengths``: a class flagged by the additive
-    search is stamped as ``clip(x + s * delta)`` with ``s`` drawn uniformly from this range
+    MNIST models whose trigger is spread over many units (global pooling after batch-norm
+    convolutions, a blended trigger) pruning stopped at ``max_trigger_units`` with 6-23% ASR
+    left and plain fine-tuning ended at 7-27%; ``add_strengths``: a class flagged by the
+    additive search is stamped as ``clip(x + s * delta)`` with ``s`` drawn uniformly from this range
     (the reversed perturbation is the smallest that works; the real trigger is usually
     stronger, so the network must unlearn the direction, not one amplitude); ``suppress``: weight
     of a term ``-log(1 - p_k)`` on stamped samples of other classes, which pushes the flagged
