@@ -203,32 +203,39 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
-
-    import uvicorn
-
     from poisonguard.modalities.tabular.serve import cmd_serve_tabular, is_tabular_path
     from poisonguard.models.io import load_model
     from poisonguard.runtime.service import create_app
 
-    if is_tabular_path(args.clean) or args.report:
-        return cmd_serve_tabular(args)
     if args.max_inputs < 1 or args.max_body_mb <= 0:
         raise ConfigError("--max-inputs and --max-body-mb must be positive")
+    if is_tabular_path(args.clean) or args.report:
+        return cmd_serve_tabular(args)
     classifier = load_model(args.model, batch_size=args.batch_size)
     filt = build_filter(args, classifier)
     if args.save_calibration:
         filt.save(args.save_calibration)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                                                   "%(message)s")
     app = create_app(filt, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                      max_inputs=args.max_inputs, review_dir=args.review_dir)
     cal = filt.calibration
     thr = ", ".join(f"{k} {v:.4g}" for k, v in cal.thresholds.items())
-    print(f"poisonguard serve: STRIP {cal.config.blend} / {cal.config.statistic}, thresholds "
-          f"{thr} (N={cal.config.n_blends}, cut N={cal.config.blends_for('cut')}, target FRR "
-          f"{cal.target_frr:.2%}); listening on "
-          f"http://{args.host}:{args.port}", flush=True)
+    run_service(app, args, f"STRIP {cal.config.blend} / {cal.config.statistic}, thresholds "
+                           f"{thr} (N={cal.config.n_blends}, cut N="
+                           f"{cal.config.blends_for('cut')}, target FRR "
+                           f"{cal.target_frr:.2%})")
+    return EXIT_CLEAN
+
+
+def run_service(app: Any, args: argparse.Namespace, what: str) -> None:
+    """Log at INFO, print what is served and where, and run ``app`` under uvicorn on
+    ``--host``/``--port`` (the image and tabular ``serve``)."""
+    import logging
+
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                                                   "%(message)s")
+    print(f"poisonguard serve: {what}; listening on http://{args.host}:{args.port}",
+          flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 access_log=args.access_log)
-    return EXIT_CLEAN

@@ -263,23 +263,14 @@ def create_tabular_app(filt: RowFilter, like: TabularData, max_body_bytes: int =
 
 def cmd_serve_tabular(args: argparse.Namespace) -> int:
     """``serve`` for a table's model (``--clean CLEAN.csv``)."""
-    import logging
-
-    import uvicorn
-
     from poisonguard.models.io import load_model
+    from poisonguard.runtime.cli import run_service
 
-    if args.max_inputs < 1 or args.max_body_mb <= 0:
-        raise ConfigError("--max-inputs and --max-body-mb must be positive")
     clf = load_model(args.model, batch_size=args.batch_size)
     filt, like = build_row_filter(args, clf.predict_proba)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                                                   "%(message)s")
     app = create_tabular_app(filt, like, int(args.max_body_mb * (1 << 20)), args.max_inputs)
-    print(f"poisonguard serve: tabular rows ({len(like.columns)} columns), value-swap "
-          f"threshold {filt.threshold:.4g} (share {filt.share}, {filt.n_perturb} copies, "
-          f"target FRR {filt.frr:.2%}), {len(filt.rules)} rule(s); listening on "
-          f"http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                access_log=args.access_log)
+    run_service(app, args, f"tabular rows ({len(like.columns)} columns), value-swap "
+                           f"threshold {filt.threshold:.4g} (share {filt.share}, "
+                           f"{filt.n_perturb} copies, target FRR {filt.frr:.2%}), "
+                           f"{len(filt.rules)} rule(s)")
     return 0
