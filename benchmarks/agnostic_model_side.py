@@ -17,13 +17,13 @@ benchmarks/cache/agnostic_model_side/.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from quarantine import code_version
 
 from poisonguard.attacks import make_attack
 from poisonguard.data import load_shared
@@ -45,12 +45,6 @@ ATTACKS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 STRIP = {"blend": "cut+mix", "alpha": 0.8, "cut_area": 0.75, "statistic": "log-odds",
          "cut_blends": 40}
-
-
-def code_version() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                         capture_output=True, check=False)
-    return out.stdout.strip() or "unknown"
 
 
 def run(attack: str, seed: int = 0) -> dict[str, Any]:
