@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     from poisonguard.audit.cli import register as register_audit
 
     register_audit(sub)
+    from poisonguard.audit.compare_cli import register as register_compare
+
+    register_compare(sub)
 
     from poisonguard.runtime.cli import register as register_runtime
 
