@@ -195,9 +195,11 @@ def _scan_config(profile: Profile, inp: AuditInputs, seed: int, quiet: bool) -> 
                       progress=not quiet, trusted=inp.clean)
 
 
-def _vote_seeds(results: list[Any]) -> Any:
+def _vote_seeds(results: list[Any], confirmed: np.ndarray | None = None) -> Any:
     """Keep the flags at least half of the seeds' scans agree on; a class is poisoned when at
-    least half call it so. Returns the first result with the voted cross-reference."""
+    least half call it so. With ``confirmed`` (the independent re-check's verdict on every
+    sample some seed flags), a flag fewer seeds agree on is also kept in a poisoned class when
+    the re-check confirms it. Returns the first result with the voted cross-reference."""
     from dataclasses import replace
 
     from poisonguard.types import ClassFinding, DetectorResult
@@ -210,18 +212,24 @@ def _vote_seeds(results: list[Any]) -> Any:
     for r in results:
         for c in r.poisoned_classes:
             by_class[c] = by_class.get(c, 0) + 1
+    poisoned = np.array([by_class.get(int(c), 0) >= need for c in first.data.y])
+    rule = f">= {need} of {len(results)}"
+    if confirmed is not None:
+        flags |= (votes >= 1) & confirmed & poisoned
+        rule += ", or fewer and confirmed by the independent re-check in a poisoned class"
     findings = []
     for f in first.combined.findings:
-        poisoned = by_class.get(f.label, 0) >= need
+        is_poisoned = by_class.get(f.label, 0) >= need
         idx = first.data.y == f.label
-        ev = {**f.evidence, "verdict": "poisoned" if poisoned else (
+        ev = {**f.evidence, "verdict": "poisoned" if is_poisoned else (
             "suspect" if by_class.get(f.label) else "clean"),
             "seed_votes": f"{by_class.get(f.label, 0)} of {len(results)}"}
-        findings.append(ClassFinding(f.label, poisoned, f.n_samples, int(flags[idx].sum()), ev))
+        findings.append(ClassFinding(f.label, is_poisoned, f.n_samples, int(flags[idx].sum()),
+                                     ev))
     c = first.combined
     det_flags = {k: v & flags for k, v in c.extras["detector_flags"].items()}
     voted = DetectorResult(c.name, votes / len(results), flags, None,
-                           {**c.threshold_rule, "seed_vote": f">= {need} of {len(results)}"},
+                           {**c.threshold_rule, "seed_vote": rule},
                            tuple(findings), c.runtime_s,
                            extras={**c.extras, "detector_flags": det_flags,
                                    "seed_votes": votes})
@@ -230,8 +238,8 @@ def _vote_seeds(results: list[Any]) -> Any:
 
 def _quarantine(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
                 ) -> tuple[dict[str, Any], Any, dict[str, Any]]:
-    """Scan (every seed of the profile, voted), sanitise; the scan report, the result and the
-    files to write."""
+    """Scan (every seed of the profile, voted, with the independent re-check when the profile
+    asks), sanitise; the scan report, the result and the files to write."""
     from dataclasses import replace
 
     from poisonguard.pipeline import sanitize, scan
@@ -243,36 +251,63 @@ def _quarantine(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
         _log(quiet, f"quarantine: scanning {len(inp.data)} samples (seed {seed + s}, "
                     f"{config.epochs} epochs, up to {config.max_rounds} round(s))")
         results.append(scan(inp.data, replace(config, seed=seed + s)))
-    result = results[0] if len(results) == 1 else _vote_seeds(results)
+    votes = np.sum([r.flags for r in results], axis=0)
+    recheck, confirmed = None, None
+    if profile.recheck:
+        recheck, confirmed = _recheck_guarded(results[0], votes > 0, seed, quiet)
+    result = results[0] if len(results) == 1 else _vote_seeds(results, confirmed)
     sanitized, removed = sanitize(result)
     info = {"n_removed": len(removed), "n_kept": len(sanitized),
             "removed_file": "flagged.csv", "sanitized_file": "sanitized.npz"}
     report = build_scan_report(result, "audit", sanitize_info=info)
+    q = report["layers"]["quarantine"]
     if len(results) > 1:
-        report["layers"]["quarantine"]["seed_vote"] = {
+        q["seed_vote"] = {
             "seeds": [seed + s for s in profile.seeds],
             "n_flagged_per_seed": [int(r.flags.sum()) for r in results],
             "poisoned_classes_per_seed": [r.poisoned_classes for r in results],
             "rule": f"flag kept when at least {(len(results) + 1) // 2} of {len(results)} "
-                    "seeds flag it"}
+                    "seeds flag it" + (", or when fewer do and the independent re-check "
+                                       "confirms it in a class the seeds call poisoned"
+                                       if confirmed is not None else "")}
+    if recheck is not None:
+        if confirmed is not None:
+            recheck.update(_recheck_tally(result, votes, confirmed, len(results)))
+        q["independent_recheck"] = recheck
     return report, result, {"sanitized": sanitized, "removed": removed}
 
 
-def _recheck(result: Any, seed: int, quiet: bool) -> dict[str, Any]:
+def _recheck_guarded(result: Any, flags: np.ndarray, seed: int, quiet: bool
+                     ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """:func:`_recheck`, a failure recorded as the re-check's error (the scan still stands)."""
+    t0 = time.perf_counter()
+    try:
+        info, confirmed = _recheck(result.data, flags, result.config, seed, quiet)
+    except (PoisonguardError, RuntimeError, ValueError) as exc:
+        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        _log(quiet, f"re-check: error: {msg}")
+        return {"error": f"re-check failed: {msg}"}, None
+    info["runtime_s"] = round(time.perf_counter() - t0, 3)
+    return info, confirmed
+
+
+def _recheck(data: Any, flags: np.ndarray, scan_config: Any, seed: int, quiet: bool
+             ) -> tuple[dict[str, Any], np.ndarray | None]:
     """Independent re-check: a model of another architecture (MLP), another seed, trained on
-    the sanitised set, predicts the flagged samples; a flag is confirmed where it gives
-    another class than the label (the image's own class, for a dirty-label poison)."""
+    the samples no seed flags, predicts every sample some seed flags; a flag is confirmed
+    where it gives another class than the label (the image's own class, for a dirty-label
+    poison). Returns the report entry and the per-sample confirmations (None: nothing to
+    check)."""
     from poisonguard.models.adapter import InputSpec
     from poisonguard.models.architectures import build_model, fit_normalization
     from poisonguard.models.training import TrainConfig, train_classifier
 
-    flags = result.flags
-    data = result.data
     if not flags.any() or flags.all():
-        return {"n_checked": 0, "note": "nothing to re-check"}
-    _log(quiet, f"re-check: training an MLP on {int((~flags).sum())} kept samples")
+        return {"n_checked": 0, "note": "nothing to re-check"}, None
+    _log(quiet, f"re-check: training an MLP on the {int((~flags).sum())} samples no seed "
+                "flags")
     kept = data.subset(np.flatnonzero(~flags))
-    cfg = TrainConfig(epochs=result.config.train_config(len(data)).epochs, seed=seed + 101)
+    cfg = TrainConfig(epochs=scan_config.train_config(len(data)).epochs, seed=seed + 101)
     spec = InputSpec.for_data(kept.x)
     n_in = int(np.prod(spec.sample_shape(kept.x)))
     mlp = build_model("mlp", in_features=n_in, n_classes=data.n_classes)
@@ -281,19 +316,35 @@ def _recheck(result: Any, seed: int, quiet: bool) -> dict[str, Any]:
     train = train_classifier(kept, cfg, model=mlp, input_spec=flat, arch="mlp",
                              n_classes=data.n_classes)
     idx = np.flatnonzero(flags)
-    pred = train.classifier.predict(data.x[idx])
-    confirmed = pred != data.y[idx]
-    per_class = {}
-    for c in np.unique(data.y[idx]):
-        m = data.y[idx] == c
-        per_class[str(int(c))] = {"n_flagged": int(m.sum()),
-                                  "n_confirmed": int(confirmed[m].sum())}
+    confirmed = np.zeros(len(data), bool)
+    confirmed[idx] = train.classifier.predict(data.x[idx]) != data.y[idx]
     return {"model": {"arch": "mlp", "seed": seed + 101, "epochs": cfg.epochs,
                       "n_train": len(kept)},
-            "n_checked": int(len(idx)), "n_confirmed": int(confirmed.sum()),
-            "confirmed_share": round(float(confirmed.mean()), 4), "per_class": per_class,
-            "rule": "a flag is confirmed when the independent model predicts another class "
-                    "than the label", "_confirmed": confirmed}
+            "rule": "a flag is confirmed when the independent model (trained on the samples "
+                    "no seed flags) predicts another class than the label"}, confirmed
+
+
+def _recheck_tally(result: Any, votes: np.ndarray, confirmed: np.ndarray, n_seeds: int
+                   ) -> dict[str, Any]:
+    """Confirmations of the final flags, per class, and of the flags the seeds' majority
+    kept on its own (the share that does not depend on the re-check)."""
+    flags, y = result.flags, result.data.y
+    need = (n_seeds + 1) // 2
+    per_class = {}
+    for c in np.unique(y[flags]):
+        m = flags & (y == c)
+        per_class[str(int(c))] = {"n_flagged": int(m.sum()),
+                                  "n_confirmed": int((m & confirmed).sum())}
+    majority = flags & (votes >= need)
+    n = int(flags.sum())
+    return {"n_checked": int((votes > 0).sum()), "n_flagged": n,
+            "n_confirmed": int((flags & confirmed).sum()),
+            "confirmed_share": round(float((flags & confirmed).sum() / n), 4) if n else None,
+            "n_kept_by_recheck": int((flags & ~majority).sum()),
+            "majority_confirmed_share": (round(float((majority & confirmed).sum()
+                                                     / majority.sum()), 4)
+                                         if majority.any() else None),
+            "per_class": per_class}
 
 
 def _guarded(inp: AuditInputs, defense: str, profile: Profile, seed: int, quiet: bool
@@ -443,15 +494,9 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
             statuses["quarantine"] = quarantine_status(scan_report["verdict"], len(inp.data))
             ran.append(f"quarantine scan ({', '.join(prof.detectors)}; "
                        f"{len(prof.seeds)} seed(s))")
-            if prof.recheck:
-                failed: dict[str, Any] = {}
-                rc = _run_layer("recheck", failed, timings, quiet, _recheck, scan_result, seed,
-                                quiet)
-                if rc is not None:
-                    rc.pop("_confirmed", None)
-                    ran.append("independent re-check (MLP on the sanitised set)")
-                layers["quarantine"]["independent_recheck"] = rc or {
-                    "error": failed["recheck"]["summary"]}
+            rc = layers["quarantine"].get("independent_recheck")
+            if rc is not None and "error" not in rc:
+                ran.append("independent re-check (MLP on the samples no seed flags)")
     else:
         statuses["quarantine"] = skipped("no data given (--data)")
 
