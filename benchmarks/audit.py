@@ -123,6 +123,7 @@ def audit(files: dict[str, Path], data: str, manifest: str, model: str, profile:
     v = report["verdict"]
     rec["overall"] = v.get("overall")
     rec["layers"] = {k: lay.get("status") for k, lay in v.get("layers", {}).items()}
+    rec["timings"] = report.get("timings", {})
     rec.update(flags_vs_truth(out, files["poisoned"]) if data == "poisoned" else
                {"n_flagged": _count(out / "flagged.csv")})
     return rec
