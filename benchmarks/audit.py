@@ -93,18 +93,33 @@ def prepare(work: Path, threads: int) -> dict[str, Path]:
 
 
 def flags_vs_truth(out: Path, poisoned: Path) -> dict[str, Any]:
+    """Recall and false-positive rate of flagged.csv; with paranoid's ``recheck_confirmed``
+    column, the share of true and of false flags the independent re-check confirms."""
     path = out / "flagged.csv"
     with np.load(poisoned) as d:
         truth = d["is_poison"].astype(bool) if "is_poison" in d.files else None
     if truth is None or not path.exists():
         return {}
     with path.open() as fh:
-        idx = np.array([int(r["index"]) for r in csv.DictReader(fh)], dtype=int)
+        rows = list(csv.DictReader(fh))
+    idx = np.array([int(r["index"]) for r in rows], dtype=int)
     flag = np.zeros(len(truth), bool)
     flag[idx] = True
-    return {"n_flagged": int(flag.sum()),
-            "recall": float(flag[truth].mean()) if truth.any() else None,
-            "fp_rate": float(flag[~truth].mean())}
+    rec: dict[str, Any] = {"n_flagged": int(flag.sum()),
+                           "recall": float(flag[truth].mean()) if truth.any() else None,
+                           "fp_rate": float(flag[~truth].mean())}
+    if rows and "recheck_confirmed" in rows[0]:
+        conf = np.array([r["recheck_confirmed"] == "1" for r in rows])
+        true = truth[idx]
+        rec["recheck_confirms_true"] = float(conf[true].mean()) if true.any() else None
+        rec["recheck_confirms_false"] = float(conf[~true].mean()) if (~true).any() else None
+        votes = np.array([int(r["seed_votes"]) for r in rows])
+        maj = votes >= 2
+        rec["recheck_confirms_true_majority"] = (float(conf[true & maj].mean())
+                                                 if (true & maj).any() else None)
+        rec["recheck_confirms_false_majority"] = (float(conf[~true & maj].mean())
+                                                  if (~true & maj).any() else None)
+    return rec
 
 
 def audit(files: dict[str, Path], data: str, manifest: str, model: str, profile: str,
@@ -181,6 +196,16 @@ def write(results: dict[str, Any], out: Path) -> None:
             f"{lay.get('runtime', '-')} | {r.get('n_flagged', '-')} | "
             f"{'-' if rec is None else f'{rec:.3f}'} | "
             f"{'-' if fp is None else f'{100 * fp:.2f}%'} |")
+    for r in results["records"]:
+        if r.get("recheck_confirms_true") is not None or r.get("recheck_confirms_false"):
+            def pct(v: Any) -> str:
+                return "-" if v is None else f"{100 * v:.0f}%"
+            lines += ["", f"Re-check ({r['data']}, {r['profile']}): confirms "
+                          f"{pct(r.get('recheck_confirms_true'))} of true flags and "
+                          f"{pct(r.get('recheck_confirms_false'))} of false ones (targets >= 90% "
+                          "and <= 20%); of the flags two or more seeds agree on (which do not "
+                          f"depend on the re-check): {pct(r.get('recheck_confirms_true_majority'))}"
+                          f" and {pct(r.get('recheck_confirms_false_majority'))}."]
     ratio = results.get("quick_over_standard")
     if ratio is not None:
         lines += ["", f"`quick` / `standard` wall time on the poisoned digits: {ratio:.2f} "

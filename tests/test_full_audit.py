@@ -214,6 +214,8 @@ def test_paranoid_votes_seeds_and_rechecks(files):
     if flagged:
         assert 0 <= recheck["n_confirmed"] <= flagged and recheck["per_class"]
     assert any("re-check" in step for step in outcome.report["profile"]["ran"])
+    removed = outcome.artifacts["removed"]
+    assert all(r["seed_votes"] >= 2 or r["recheck_confirmed"] == 1 for r in removed)
 
 
 def test_test_keys_win_and_sparse_labels_refused(files, tmp_path, capsys):

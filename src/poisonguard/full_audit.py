@@ -257,6 +257,10 @@ def _quarantine(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
         recheck, confirmed = _recheck_guarded(results[0], votes > 0, seed, quiet)
     result = results[0] if len(results) == 1 else _vote_seeds(results, confirmed)
     sanitized, removed = sanitize(result)
+    for r in removed if len(results) > 1 or confirmed is not None else []:
+        r["seed_votes"] = int(votes[r["index"]])
+        if confirmed is not None:
+            r["recheck_confirmed"] = int(confirmed[r["index"]])
     info = {"n_removed": len(removed), "n_kept": len(sanitized),
             "removed_file": "flagged.csv", "sanitized_file": "sanitized.npz"}
     report = build_scan_report(result, "audit", sanitize_info=info)
@@ -631,10 +635,13 @@ def _write(outcome: AuditOutcome, tmp: Path) -> None:
     if "sanitized" in a:
         s = a["sanitized"]
         atomic_save_npz(tmp / "sanitized.npz", x=s.x, y=s.y, ids=s.ids)
+        extra = [k for k in ("seed_votes", "recheck_confirmed")
+                 if a["removed"] and k in a["removed"][0]]
         atomic_write_csv(tmp / "flagged.csv", ["index", "id", "label", "confidence",
-                                               "detectors"],
+                                               "detectors", *extra],
                          [[r["index"], r["id"], r["label"], r["confidence"],
-                           ";".join(r["detectors"])] for r in a["removed"]])
+                           ";".join(r["detectors"]), *(r[k] for k in extra)]
+                          for r in a["removed"]])
     if "audit" in a:
         from poisonguard.audit.core import save_triggers
 
