@@ -32,11 +32,11 @@ def pairs(tmp_path_factory: pytest.TempPathFactory, digits: tuple[LabeledData, L
     root = tmp_path_factory.mktemp("compare")
     half = len(train) // 2
     first, second = train.subset(np.arange(half)), train.subset(np.arange(half, len(train)))
-    base = train_classifier(first, TrainConfig(epochs=8, seed=0))
+    base = train_classifier(first, TrainConfig(epochs=6, seed=0))
     clf = base.classifier
 
     def tune(data: LabeledData, name: str) -> Path:
-        r = train_classifier(data, TrainConfig(epochs=5, seed=1, lr=1e-3),
+        r = train_classifier(data, TrainConfig(epochs=4, seed=1, lr=1e-3),
                              model=copy.deepcopy(clf.model), input_spec=clf.input_spec,
                              arch=base.arch, n_classes=10)
         return save_model(root / name, r.classifier.model, base.arch, base.arch_kwargs,
@@ -90,3 +90,30 @@ def test_cli_compare_bad_inputs(pairs: dict, tmp_path: Path, capsys: pytest.Capt
     assert main(["compare", str(pairs["base"]), str(tmp_path / "missing"), "--clean",
                  str(pairs["clean"]), "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_audit_with_base_model(pairs: dict, tmp_path: Path,
+                               capsys: pytest.CaptureFixture) -> None:
+    import poisonguard
+    from poisonguard.profiles import Profile
+
+    prof = Profile("quick", scan_rounds=1, epoch_share=0.1, min_epochs=1,
+                   detectors=("spectral_signatures",), loss_seed=False, final_model=False,
+                   seeds=(0,), recheck=False, cleanse_steps=60, cleanse_min_steps=30,
+                   additive_search=False, dormant=False, runtime=False)
+    outcome = poisonguard.audit(model=str(pairs["backdoored"]), base_model=str(pairs["base"]),
+                                clean=str(pairs["clean"]), profile=prof,
+                                out=str(tmp_path / "audit"))
+    assert outcome.exit_code == 1
+    report = json.loads((tmp_path / "audit" / "report.json").read_text())
+    validate(report)
+    layer = report["layers"]["model_audit"]
+    assert layer["comparison"]["verdict"]["target_class"] == TARGET
+    assert report["verdict"]["layers"]["model_audit"]["status"] == "compromised"
+    checks = {c["check"]: c for c in report["cross_layer"]}
+    assert "model-audit target vs classes planted since the base model" in checks
+    assert any("comparison" in step for step in report["profile"]["ran"])
+    bad = tmp_path / "bad"
+    assert main(["audit", "--data", str(pairs["clean"]), "--base-model", str(pairs["base"]),
+                 "--out", str(bad)]) == 2
+    assert "base model" in capsys.readouterr().err and not bad.exists()

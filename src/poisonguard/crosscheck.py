@@ -108,3 +108,26 @@ def trigger_vs_mask(scan_mask: np.ndarray | None, reversed_mask: np.ndarray | No
     iou = len(top_a & top_b) / len(top_a | top_b)
     return {**base, "agree": iou >= 0.3, "iou": round(iou, 4), "pixels_compared": k,
             "detail": f"the top {k} pixels overlap with IoU {iou:.2f}"}
+
+
+def audit_vs_comparison(target: int | None, planted: Sequence[int]) -> dict[str, Any]:
+    """The model audit's target class against the classes the comparison with the base model
+    found planted."""
+    planted = [int(c) for c in planted]
+    base = {"check": "model-audit target vs classes planted since the base model",
+            "layers": ["model_audit"], "model_target": target, "planted_classes": planted}
+    if target is None and not planted:
+        return {**base, "agree": True, "detail": "neither the audit nor the comparison found a "
+                                                 "backdoor"}
+    if target is not None and planted:
+        agree = int(target) in planted
+        return {**base, "agree": agree,
+                "detail": (f"both point at class {target}" if agree else
+                           f"the audit names class {target}, the comparison {planted}")}
+    if planted:
+        return {**base, "agree": False,
+                "detail": f"the comparison finds class(es) {planted} planted since the base "
+                          "model; the audit on its own did not flag the model"}
+    return {**base, "agree": False,
+            "detail": f"the audit names class {target}; the base model shares it (nothing was "
+                      "planted by the change, so the backdoor predates the base)"}

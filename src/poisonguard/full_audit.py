@@ -52,6 +52,8 @@ class AuditInputs:
     clean_path: str | None = None
     manifest: str | None = None
     public_key: str | None = None
+    base_model: Any = None
+    base_model_path: str | None = None
 
 
 @dataclass
@@ -118,7 +120,8 @@ def _commit_out(tmp: Path, out: Path) -> None:
 
 def load_inputs(data: Any = None, model: Any = None, clean: Any = None,
                 manifest: str | Path | None = None, public_key: str | Path | None = None,
-                max_clean: int = MAX_CLEAN, seed: int = 0) -> AuditInputs:
+                max_clean: int = MAX_CLEAN, seed: int = 0, base_model: Any = None
+                ) -> AuditInputs:
     """Load and cross-check every input; raises :class:`PoisonguardError` on the first
     problem (nothing has run yet). ``data``/``clean`` may be paths or ``LabeledData``;
     ``model`` a path (pickles refused) or an ``AuditModel``."""
@@ -156,6 +159,17 @@ def load_inputs(data: Any = None, model: Any = None, clean: Any = None,
             _check_data_fits_model(inp.model, inp.data)
     elif clean is not None and data is None:
         raise ConfigError("clean data alone audits nothing: give a model or data too")
+    if base_model is not None:
+        from poisonguard.audit.compare import check_same_architecture
+
+        if inp.model is None or inp.clean is None:
+            raise ConfigError("a base model is compared with --model on --clean data: give "
+                              "both")
+        inp.base_model = (base_model if isinstance(base_model, AuditModel)
+                          else load_audit_model(base_model))
+        inp.base_model_path = str(getattr(inp.base_model, "path", base_model))
+        check_same_architecture(inp.base_model, inp.model)
+        check_clean_data(inp.base_model, inp.clean)
     return inp
 
 
@@ -378,6 +392,36 @@ def _model_audit(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
     return rep["layers"]["model_audit"], rep["verdict"], result
 
 
+def _compare(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
+             ) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """``compare`` of the model against the base model: its report layer, its status and the
+    result (triggers)."""
+    from poisonguard.audit.compare import build_compare_report, compare_models
+    from poisonguard.audit.neural_cleanse import CleanseConfig
+
+    cfg = CleanseConfig(seed=seed, max_steps=profile.cleanse_steps,
+                        min_steps=profile.cleanse_min_steps, additive=profile.additive_search)
+    _log(quiet, "comparison: reversing the model's triggers and checking them on the base "
+                "model")
+    result = compare_models(inp.base_model, inp.model, inp.clean, cfg)
+    rep = build_compare_report(result, inp.clean, inp.base_model, inp.model)
+    layer = {**rep["layers"]["model_audit"], "verdict": result.verdict}
+    return layer, rep["verdict"]["layers"]["model_audit"], result
+
+
+_SEVERITY = {"skipped": 0, "clean": 1, "suspicious": 2, "error": 3, "compromised": 4}
+
+
+def _worse(current: dict[str, Any], other: dict[str, Any], what: str) -> dict[str, Any]:
+    """The more severe of two statuses of one layer; the other's summary is appended."""
+    worst = other if _SEVERITY[other["status"]] > _SEVERITY[current["status"]] else current
+    merged = dict(worst)
+    merged["summary"] = (f"{current['summary']}; {what}: {other['summary']}"
+                         if worst is current else f"{what}: {other['summary']}; "
+                                                  f"{current['summary']}")
+    return merged
+
+
 def _runtime(inp: AuditInputs, seed: int, quiet: bool) -> tuple[Any, Any]:
     from poisonguard.runtime.strip import StripConfig, StripFilter
 
@@ -416,13 +460,16 @@ def _run_layer(name: str, statuses: dict[str, Any], timings: dict[str, float], q
 def run_audit(data: Any = None, model: Any = None, clean: Any = None,
               manifest: str | Path | None = None, profile: str | Profile = "standard",
               train: str | None = None, out: str | Path | None = None, seed: int = 0,
-              public_key: str | Path | None = None, quiet: bool = True) -> AuditOutcome:
+              public_key: str | Path | None = None, quiet: bool = True,
+              base_model: Any = None) -> AuditOutcome:
     """Audit whatever is given and fold every layer into one verdict.
 
     ``data``: a training set (path or ``LabeledData``); ``model``: a model folder,
     ``model.json`` or TorchScript file (never unpickled); ``clean``: trusted clean samples
     (path or ``LabeledData``; at most 500 are used); ``manifest``: a ``poisonguard pin``
-    manifest of the data; ``train``: ``"abl"`` or ``"trim"`` for guarded training; ``out``:
+    manifest of the data; ``train``: ``"abl"`` or ``"trim"`` for guarded training;
+    ``base_model``: a trusted earlier version of ``model``, compared with it (``compare``);
+    ``out``:
     folder for ``report.json``, ``report.html`` and the layers' files (None: write nothing).
     Raises :class:`PoisonguardError` on bad input before anything runs."""
     t_start = time.perf_counter()
@@ -434,7 +481,7 @@ def run_audit(data: Any = None, model: Any = None, clean: Any = None,
     out_final, tmp = _prepare_out(out) if out is not None else (None, None)
     try:
         outcome = _audit(data, model, clean, manifest, prof, train, seed, public_key, quiet,
-                         tmp)
+                         tmp, base_model)
         outcome.report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
         if tmp is not None and out_final is not None:
             _write(outcome, tmp)
@@ -448,13 +495,14 @@ def run_audit(data: Any = None, model: Any = None, clean: Any = None,
 
 def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
            train: str | None, seed: int, public_key: Any, quiet: bool,
-           tmp: Path | None) -> AuditOutcome:
+           tmp: Path | None, base_model: Any = None) -> AuditOutcome:
     from poisonguard import __version__
     from poisonguard.models.io import describe_inputs
     from poisonguard.report.builder import environment
     from poisonguard.types import jsonable
 
-    inp = load_inputs(data, model, clean, manifest, public_key, seed=seed)
+    inp = load_inputs(data, model, clean, manifest, public_key, seed=seed,
+                      base_model=base_model)
     statuses: dict[str, Any] = {}
     layers: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -466,7 +514,8 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
         "command": "audit", "environment": environment(),
         "profile": {"name": prof.name, "settings": prof.to_dict(), "ran": ran},
         "inputs": {"data": inp.data_path, "model": inp.model_path, "clean": inp.clean_path,
-                   "manifest": inp.manifest, "train": train},
+                   "manifest": inp.manifest, "train": train,
+                   "base_model": inp.base_model_path},
         "seeds": {"audit": seed},
     }
 
@@ -528,6 +577,17 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
             ran.append("model audit (Neural Cleanse"
                        + (", additive search" if prof.additive_search else "")
                        + (", dormant units" if prof.dormant else "") + ")")
+        if inp.base_model is not None:
+            failed: dict[str, Any] = {}
+            got = _run_layer("comparison", failed, timings, quiet, _compare, inp, prof, seed,
+                             quiet)
+            entry = got[1] if got is not None else failed["comparison"]
+            layers.setdefault("model_audit", {})["comparison"] = (
+                got[0] if got is not None else {"error": entry["summary"]})
+            statuses["model_audit"] = _worse(statuses["model_audit"], entry, "comparison")
+            if got is not None:
+                artifacts["comparison"] = got[2]
+                ran.append("model comparison with the base model")
     else:
         need = "a model (--model)" if inp.model is None else "clean data (--clean)"
         statuses["model_audit"] = skipped(f"needs {need}")
@@ -594,6 +654,7 @@ def _cross_layer(layers: dict[str, Any], statuses: dict[str, Any], scan_result: 
                  audit_verdict: dict[str, Any] | None, artifacts: dict[str, Any],
                  runtime_screen: Any) -> list[dict[str, Any]]:
     from poisonguard.crosscheck import (
+        audit_vs_comparison,
         class_vs_target,
         flags_vs_provenance,
         runtime_vs_scan,
@@ -612,6 +673,9 @@ def _cross_layer(layers: dict[str, Any], statuses: dict[str, Any], scan_result: 
             scan_mask = _scan_trigger_mask(layers["quarantine"],
                                            tuple(scan_result.data.x.shape[1:]), int(target))
             checks.append(trigger_vs_mask(scan_mask, np.squeeze(nc.masks[int(target)])))
+    if audit_verdict is not None and "comparison" in artifacts:
+        checks.append(audit_vs_comparison(audit_verdict.get("target_class"),
+                                          artifacts["comparison"].verdict["planted_classes"]))
     if scan_result is not None and "provenance" in layers:
         checks.append(flags_vs_provenance(scan_result.flags,
                                           layers["provenance"].get("findings") or []))
