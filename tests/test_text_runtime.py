@@ -116,3 +116,26 @@ def test_cli_filter_on_posts(backdoored: tuple[Path, object], tmp_path: Path,
                  str(tmp_path / "o2")]) == 2
     assert not (tmp_path / "o2").exists()
     assert "empty" in capsys.readouterr().err
+
+
+def test_serve_app_takes_json_strings(backdoored: tuple[Path, object]) -> None:
+    from fastapi.testclient import TestClient
+
+    from poisonguard.modalities.text.serve import create_text_app
+
+    path, p = backdoored
+    model = load_text_model(path)
+    filt = TextFilter.calibrate(model.predict_proba, posts(300, seed=2).texts,
+                                TextFilterConfig(frr=0.05))
+    client = TestClient(create_text_app(filt, model, max_inputs=4))
+    r = client.post("/predict", json={"inputs": [p.test_triggered.texts[0],
+                                                 posts(4, seed=5).texts[0]]})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["results"][0]["suspicious"] and body["results"][0]["label"] == "1"
+    assert client.post("/predict", json="the plot was dull").json()["n"] == 1
+    assert client.post("/predict", json={"inputs": [1, 2]}).status_code == 422
+    assert client.post("/predict", json=[""]).status_code == 422
+    assert client.post("/predict", json=["a"] * 5).status_code == 413
+    assert client.post("/predict", content=b"{").status_code == 400
+    assert client.get("/flagged").json()["n"] == 1
