@@ -111,9 +111,9 @@ def render_md(records: list[dict[str, Any]]) -> str:
              "flagged; FRR = share of clean evaluation posts flagged. Per-test columns: the "
              "test alone (at its half of the FRR). Target: FAR <= 2% at FRR <= 2%.", "",
              "| dataset | run | seed | tests | statistic | share | target FRR | clean acc | "
-             "ASR raw | successful | FAR | FRR | FAR strip | FAR onion | FRR strip | "
-             "FRR onion | ms/post |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ASR raw | successful | FAR | FRR | FAR strip | FAR onion | FAR loo | "
+             "FRR strip | FRR onion | FRR loo | ms/post |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["dataset"], r["run"], r["seed"],
                                             "+".join(r["config"]["tests"]),
                                             r["config"]["statistic"], r["config"]["share"])):
@@ -123,7 +123,8 @@ def render_md(records: list[dict[str, Any]]) -> str:
             f"{c['statistic']} | {c['share']} | {c['frr']} | {r['clean_acc']} | "
             f"{r['asr_raw']} | {r['n_successful']} | {r['far']} | {r['frr']} | "
             f"{r.get('far_strip', '-')} | {r.get('far_onion', '-')} | "
-            f"{r.get('frr_strip', '-')} | {r.get('frr_onion', '-')} | "
+            f"{r.get('far_loo', '-')} | {r.get('frr_strip', '-')} | "
+            f"{r.get('frr_onion', '-')} | {r.get('frr_loo', '-')} | "
             f"{r['screen_ms_per_post']} |")
     return "\n".join(lines) + "\n"
 
@@ -134,7 +135,8 @@ def main() -> None:
     parser.add_argument("--runs", nargs="+", default=["rare-token-1", "emoji-1", "addsent-5"],
                         choices=[r for r in RUNS if r != "clean"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--tests", nargs="+", default=["strip", "onion"])
+    parser.add_argument("--tests", nargs="+", default=["loo"],
+                        choices=["strip", "onion", "loo"])
     parser.add_argument("--statistic", default="entropy", choices=["entropy", "probability"])
     parser.add_argument("--share", type=float, default=0.3)
     parser.add_argument("--n-copies", type=int, default=20)
@@ -157,8 +159,9 @@ def main() -> None:
             rec = run_one(args.dataset, name, seed, config)
             print(json.dumps({k: rec[k] for k in ("run", "seed", "clean_acc", "n_successful",
                                                   "far", "frr")}
-                             | {k: rec.get(k) for k in ("far_strip", "far_onion",
-                                                        "frr_strip", "frr_onion")}),
+                             | {k: rec.get(k) for k in ("far_strip", "far_onion", "far_loo",
+                                                        "frr_strip", "frr_onion",
+                                                        "frr_loo")}),
                   flush=True)
             records = [r for r in records if key(r) != key(rec)] + [rec]
             atomic_write_json(path, records)

@@ -77,10 +77,12 @@ def test_filter_flags_triggered_posts_at_the_target_frr(backdoored: tuple[Path, 
     path, p = backdoored
     model = load_text_model(path)
     clean = posts(300, seed=2).texts
-    filt = TextFilter.calibrate(model.predict_proba, clean, TextFilterConfig(frr=0.05))
-    assert set(filt.thresholds) == {"strip", "onion"}
+    filt = TextFilter.calibrate(model.predict_proba, clean,
+                                TextFilterConfig(tests=("strip", "onion", "loo"), frr=0.05))
+    assert set(filt.thresholds) == {"strip", "onion", "loo"}
     ev = evaluate(filt.screen(posts(200, seed=3).texts), filt.screen(p.test_triggered.texts))
     assert ev["frr"] <= 0.1 and ev["far"] <= 0.1
+    assert ev["far_loo"] <= 0.1 and ev["far_onion"] <= 0.1
     again = TextFilter.load(filt.save(path.parent), model.predict_proba)
     assert again.thresholds == filt.thresholds
     assert np.allclose(again.screen(clean[:5])["score"], filt.screen(clean[:5])["score"])

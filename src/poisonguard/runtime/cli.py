@@ -65,10 +65,12 @@ def add_tabular_runtime_args(p: argparse.ArgumentParser) -> None:
                         "(default 0.3); --n-blends copies per row or post")
     p.add_argument("--text-column", default="text",
                    help="text: the column holding the posts in DATA/CLEAN (default text)")
-    p.add_argument("--text-tests", default="strip+onion",
-                   help="text: 'strip' (word swapping; --statistic entropy or probability, "
-                        "else entropy), 'onion' (outlier words under a bigram model of the "
-                        "clean posts) or both joined with '+' (default)")
+    p.add_argument("--text-tests", default="loo",
+                   help="text: 'loo' (the largest drop in the prediction's log-odds when one "
+                        "word is removed; default), 'strip' (word swapping; --statistic "
+                        "entropy or probability, else entropy), 'onion' (outlier words under "
+                        "a bigram model of the clean posts), or several joined with '+' (each "
+                        "at its share of --frr; flagged when any fires)")
 
 
 def register(sub: Any) -> None:

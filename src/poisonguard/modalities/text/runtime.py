@@ -7,6 +7,12 @@
   the mean probability of the post's own prediction.
 * ``onion`` (after Qi et al. 2021's ONION, with a bigram model instead of GPT-2): the largest
   drop in log-perplexity from removing one word, under a language model fit on clean posts.
+* ``loo`` (leave one word out, the model's side of ONION; the default): the largest drop in
+  the log-odds of the post's own prediction (log p - log(1 - p)) when one word is removed. A
+  trigger carries an extremely confident prediction on its own, so removing it (or one word
+  of a trigger sentence) takes a large bite out of the log-odds; a clean post's prediction
+  rests on several words and is rarely that confident. On SST-2 (benchmarks/text_runtime.py)
+  STRIP's and ONION's statistics separate triggered from clean posts far worse at a 2% FRR.
 
 Half of the clean posts give the word pool and the language model, the other half set each
 test's threshold at ``frr / n_tests`` of their statistics (split conformal); a post is flagged
@@ -30,7 +36,7 @@ from poisonguard.errors import ConfigError, DataError
 from poisonguard.modalities.text.lm import BigramLM
 
 Predict = Callable[[list[str]], np.ndarray]
-TESTS = ("strip", "onion")
+TESTS = ("strip", "onion", "loo")
 FILTER_JSON = "text_filter.json"
 MIN_CLEAN = 40
 
@@ -39,7 +45,7 @@ MIN_CLEAN = 40
 class TextFilterConfig:
     """Settings of :class:`TextFilter` (see the module docstring)."""
 
-    tests: tuple[str, ...] = TESTS
+    tests: tuple[str, ...] = ("loo",)
     share: float = 0.3
     n_copies: int = 20
     frr: float = 0.02
@@ -73,6 +79,11 @@ def check_posts(texts: list[str], what: str = "inputs") -> list[str]:
     if empty:
         raise DataError(f"{what}: {len(empty)} empty post(s) (first at {empty[0]})")
     return [t[:MAX_CHARS] for t in texts]
+
+
+def log_odds(p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return np.log(p) - np.log1p(-p)
 
 
 @dataclass
@@ -141,7 +152,27 @@ class TextFilter:
             out["strip"] = self.strip(texts, out["prediction"])
         if "onion" in self.config.tests:
             out["onion"] = self.lm.onion_scores(texts, self.config.max_tokens)
+        if "loo" in self.config.tests:
+            out["loo"] = self.leave_one_out(texts, probs)
         return out
+
+    def leave_one_out(self, texts: list[str], probs: np.ndarray) -> np.ndarray:
+        """Per post: its own prediction's log-odds minus the least they fall to when one of
+        its first ``max_tokens`` words is removed (0 for a one-word post)."""
+        copies, owner = [], []
+        for i, t in enumerate(texts):
+            ws = t.split()[:self.config.max_tokens]
+            if len(ws) > 1:
+                copies += [" ".join(ws[:j] + ws[j + 1:]) for j in range(len(ws))]
+                owner += [i] * len(ws)
+        pred = probs.argmax(1)
+        own = log_odds(probs[np.arange(len(texts)), pred])
+        low = own.copy()
+        if copies:
+            owner_arr = np.array(owner)
+            p = np.asarray(self.predict(copies))[np.arange(len(copies)), pred[owner_arr]]
+            np.minimum.at(low, owner_arr, log_odds(p))
+        return own - low
 
     def screen(self, texts: list[str]) -> dict[str, np.ndarray]:
         """``prediction``, each test's statistic, ``score`` (> 0 flagged), ``fired`` (the
