@@ -31,7 +31,7 @@ from text_runtime import train_model  # noqa: E402
 from poisonguard.io import atomic_write_json, atomic_write_text  # noqa: E402
 from poisonguard.modalities.text.attacks import TextInsertTrigger, text_attack  # noqa: E402
 from poisonguard.modalities.text.data import TextData, load_text  # noqa: E402
-from poisonguard.modalities.text.repair import unlearn_tokens  # noqa: E402
+from poisonguard.modalities.text.repair import tokens_to_unlearn, unlearn_tokens  # noqa: E402
 from poisonguard.modalities.text.tokenizer import tokenize  # noqa: E402
 from poisonguard.modalities.text.trigger_search import (  # noqa: E402
     TokenSearchConfig,
@@ -55,7 +55,17 @@ ZOO: dict[str, tuple[str, str | None, str | None, float, int, int]] = {
     "sst2-clean-s3": ("sst2", None, None, 0.0, 0, 3),
     "hsol-clean-s0": ("hsol", None, None, 0.0, 0, 0),
     "hsol-clean-s1": ("hsol", None, None, 0.0, 0, 1),
+    # held out: added after the flagging rule was set on the models above
+    "sst2-bubbles-t1-s4": ("sst2", "emoji", "🫧", 0.01, 1, 4),
+    "sst2-knowwhat-t0-s5": ("sst2", "addsent", "you know what I mean", 0.05, 0, 5),
+    "hsol-zq-t2-s3": ("hsol", "rare-token", "zq", 0.01, 2, 3),
+    "hsol-addsent-t2-s4": ("hsol", "addsent", "I watched this 3D movie", 0.05, 2, 4),
+    "sst2-clean-s4": ("sst2", None, None, 0.0, 0, 4),
+    "sst2-clean-s5": ("sst2", None, None, 0.0, 0, 5),
+    "hsol-clean-s2": ("hsol", None, None, 0.0, 0, 2),
+    "hsol-clean-s3": ("hsol", None, None, 0.0, 0, 3),
 }
+HELD_OUT = set(list(ZOO)[13:])
 
 
 def datasets(name: str) -> tuple[TextData, TextData, TextData]:
@@ -96,6 +106,7 @@ def run_one(name: str, config: TokenSearchConfig, cache: dict[str, Any]) -> dict
     v = result.verdict()
     rec: dict[str, Any] = {
         "model": name, "dataset": ds, "backdoored": kind is not None, "attack": kind,
+        "held_out": name in HELD_OUT,
         "trigger": trigger, "target": target if kind else None, "seed": seed,
         "clean_acc": accuracy(model, evalset), "flagged": v["backdoored"],
         "found_target": v["target_class"], "best_flip_rate": v["best_flip_rate"],
@@ -110,7 +121,7 @@ def run_one(name: str, config: TokenSearchConfig, cache: dict[str, Any]) -> dict
     if v["backdoored"]:
         t2 = time.perf_counter()
         info = unlearn_tokens(model, audit.texts, audit.y,
-                              [t["tokens"] for t in v["triggers"]], seed=seed)
+                              tokens_to_unlearn(v["triggers"], config.min_flip), seed=seed)
         rec["repair"] = {"clean_acc": accuracy(model, evalset), "loss": info["loss"],
                          "repair_s": round(time.perf_counter() - t2, 1)}
         if kind is not None:
@@ -119,36 +130,48 @@ def run_one(name: str, config: TokenSearchConfig, cache: dict[str, Any]) -> dict
 
 
 def render_md(records: list[dict[str, Any]]) -> str:
-    bd = [r for r in records if r["backdoored"]]
-    cl = [r for r in records if not r["backdoored"]]
+    def tally(rs: list[dict[str, Any]]) -> str:
+        bd = [r for r in rs if r["backdoored"]]
+        cl = [r for r in rs if not r["backdoored"]]
+        return (f"backdoored flagged right {sum(r['right'] for r in bd)} of {len(bd)}, clean "
+                f"flagged {sum(r['flagged'] for r in cl)} of {len(cl)}")
+
+    tuned = [r for r in records if not r.get("held_out")]
+    held = [r for r in records if r.get("held_out")]
     lines = ["# Text model audit (benchmarks/text_audit.py)", "",
              "Built-in text models (SST-2: 20,000-post subset; HSOL: 80% split) backdoored at "
              "the listed rate or clean; audited with clean labelled posts (SST-2 dev, 1,000 "
              "held-out HSOL posts) by the gradient-guided token search: per class, up to 300 "
              "correctly classified posts of other classes, 64 gradient-ranked candidates "
              "inserted for real, the best extended by a second token. Flagged: best single-"
-             "token flip rate >= min_flip and >= margin above every other class's. `right` = "
+             "token flip rate >= 0.8 and its log-odds >= 2.5 above the class's 6th best "
+             "candidate's (`gap`; rule set on this zoo's first run). `right` = "
              "flagged with the true target and a trigger token among the top 5. ASR = share "
              "of correctly classified non-target evaluation posts sent to the target by the "
-             "trigger; repair = unlearning the found tokens on the audit posts (5 epochs).", "",
-             f"Backdoored flagged right: {sum(r['right'] for r in bd)} of {len(bd)}; clean "
-             f"flagged: {sum(r['flagged'] for r in cl)} of {len(cl)} "
-             "(target: >= 5 of 6, <= 1 of 6).", "",
-             "| model | trigger | target | clean acc | ASR | flagged | found target | "
-             "top triggers (flip rate) | right | best flip per class | ASR after repair | "
+             "trigger; repair = unlearning the found tokens (those flipping >= min_flip) on "
+             "the audit posts, their embedding rows only (10 epochs).", "",
+             f"Models the rule was set on: {tally(tuned)}. Held-out models (other triggers, "
+             f"targets and seeds, added afterwards): {tally(held)}. Target: >= 5 of 6 right, "
+             "<= 1 of 6 clean flagged.", "",
+             "| model | held out | trigger | target | clean acc | ASR | flagged | found target | "
+             "top triggers (flip rate) | right | best flip per class | gap per class | "
+             "ASR after repair | "
              "clean acc after | audit s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         t = r["found_target"] if r["found_target"] is not None else (
-            max(r["best_flip_rate"], key=lambda k: r["best_flip_rate"][k]))
+            max(r["search"], key=lambda c: c["gap"])["class"])
         c = next(c for c in r["search"] if c["class"] == int(t))
         tops = "; ".join(f"{' '.join(x['tokens'])} ({x['flip_rate']})" for x in c["triggers"])
         flips = ", ".join(f"{k}: {v}" for k, v in r["best_flip_rate"].items())
+        gaps = ", ".join(f"{c['class']}: {c['gap']}" for c in r["search"])
         rep = r.get("repair", {})
         lines.append(
-            f"| {r['model']} | {r['trigger'] or '-'} | {r['target'] if r['backdoored'] else '-'}"
+            f"| {r['model']} | {r.get('held_out', False)} | {r['trigger'] or '-'} | "
+            f"{r['target'] if r['backdoored'] else '-'}"
             f" | {r['clean_acc']} | {r.get('asr', '-')} | {r['flagged']} | "
             f"{r['found_target']} | class {t}: {tops} | {r.get('right', '-')} | {flips} | "
+            f"{gaps} | "
             f"{rep.get('asr', '-')} | {rep.get('clean_acc', '-')} | {r['audit_s']} |")
     return "\n".join(lines) + "\n"
 
@@ -157,11 +180,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(ZOO))
     parser.add_argument("--min-flip", type=float, default=TokenSearchConfig.min_flip)
-    parser.add_argument("--margin", type=float, default=TokenSearchConfig.margin)
+    parser.add_argument("--min-gap", type=float, default=TokenSearchConfig.min_gap)
     parser.add_argument("--results", default="text_audit")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    config = TokenSearchConfig(min_flip=args.min_flip, margin=args.margin)
+    config = TokenSearchConfig(min_flip=args.min_flip, min_gap=args.min_gap)
     path = RESULTS / f"{args.results}.json"
     records = json.loads(path.read_text()) if path.exists() else []
     cache: dict[str, Any] = {}

@@ -110,16 +110,19 @@ def render_md(records: list[dict[str, Any]]) -> str:
              "backdoored model sends to the target with the trigger, not without) not "
              "flagged; FRR = share of clean evaluation posts flagged. Per-test columns: the "
              "test alone (at its half of the FRR). Target: FAR <= 2% at FRR <= 2%.", "",
-             "| dataset | run | seed | tests | statistic | share | target FRR | clean acc | "
+             "| dataset | run | seed | tests | max span | statistic | share | target FRR | "
+             "clean acc | "
              "ASR raw | successful | FAR | FRR | FAR strip | FAR onion | FAR loo | "
              "FRR strip | FRR onion | FRR loo | ms/post |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(records, key=lambda r: (r["dataset"], r["run"], r["seed"],
                                             "+".join(r["config"]["tests"]),
-                                            r["config"]["statistic"], r["config"]["share"])):
+                                            r["config"]["statistic"], r["config"]["share"],
+                                            r["config"].get("max_span", 1))):
         c = r["config"]
         lines.append(
             f"| {r['dataset']} | {r['run']} | {r['seed']} | {'+'.join(c['tests'])} | "
+            f"{c.get('max_span', 1)} | "
             f"{c['statistic']} | {c['share']} | {c['frr']} | {r['clean_acc']} | "
             f"{r['asr_raw']} | {r['n_successful']} | {r['far']} | {r['frr']} | "
             f"{r.get('far_strip', '-')} | {r.get('far_onion', '-')} | "
@@ -141,18 +144,21 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.3)
     parser.add_argument("--n-copies", type=int, default=20)
     parser.add_argument("--frr", type=float, default=0.02)
+    parser.add_argument("--max-span", type=int, default=1,
+                        help="loo: remove runs of up to this many words (default 1)")
     parser.add_argument("--results", default="text_runtime")
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = TextFilterConfig(tests=tuple(args.tests), share=args.share,
-                              n_copies=args.n_copies, frr=args.frr, statistic=args.statistic)
+                              n_copies=args.n_copies, frr=args.frr, statistic=args.statistic,
+                              max_span=args.max_span)
     path = RESULTS / f"{args.results}.json"
     records = json.loads(path.read_text()) if path.exists() else []
 
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
         c = r["config"]
         return (r["dataset"], r["run"], r["seed"], tuple(c["tests"]), c["statistic"],
-                c["share"], c["n_copies"], c["frr"])
+                c["share"], c["n_copies"], c["frr"], c.get("max_span", 1))
 
     for seed in args.seeds:
         for name in args.runs:

@@ -65,6 +65,9 @@ def add_tabular_runtime_args(p: argparse.ArgumentParser) -> None:
                         "(default 0.3); --n-blends copies per row or post")
     p.add_argument("--text-column", default="text",
                    help="text: the column holding the posts in DATA/CLEAN (default text)")
+    p.add_argument("--max-span", type=int, default=1,
+                   help="text, loo test: also remove runs of up to this many consecutive words "
+                        "(an inserted sentence; default 1)")
     p.add_argument("--text-tests", default="loo",
                    help="text: 'loo' (the largest drop in the prediction's log-odds when one "
                         "word is removed; default), 'strip' (word swapping; --statistic "

@@ -80,7 +80,8 @@ def cmd_repair_text(args: argparse.Namespace) -> int:
     from poisonguard.io import atomic_write_json, check_writable_dir
     from poisonguard.modalities.text.io import save_text_model
     from poisonguard.modalities.text.model import TokenPoolClassifier
-    from poisonguard.modalities.text.repair import unlearn_tokens
+    from poisonguard.modalities.text.repair import tokens_to_unlearn, unlearn_tokens
+    from poisonguard.modalities.text.trigger_search import TokenSearchConfig
 
     if args.method != "unlearn":
         raise ConfigError(f"--method {args.method} is for image models; a text model is "
@@ -97,12 +98,16 @@ def cmd_repair_text(args: argparse.Namespace) -> int:
         p = p / TRIGGERS_JSON if p.is_dir() else p
         try:
             triggers = json.loads(p.read_text(encoding="utf-8"))["triggers"]
-            found = [(int(t["class"]), [str(x) for x in t["tokens"]]) for t in triggers]
+            found = [(int(t["class"]), [str(x) for x in t["tokens"]], float(t["flip_rate"]))
+                     for t in triggers]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{p}: not a text triggers.json ({exc})") from None
     else:
-        found = [(int(t["class"]), t["tokens"]) for t in _search(args, model, clean)
-                 .verdict()["triggers"]]
+        found = [(int(t["class"]), t["tokens"], t["flip_rate"]) for t in _search(
+            args, model, clean).verdict()["triggers"]]
+    keep = tokens_to_unlearn([{"tokens": t, "flip_rate": f} for _, t, f in found],
+                             TokenSearchConfig().min_flip) if found else []
+    found = [(k, t) for k, t, _ in found if t in keep]
     acc = lambda: round(float((model.predict_proba(clean.texts).argmax(1)  # noqa: E731
                                == clean.y).mean()), 4)
 
@@ -115,7 +120,7 @@ def cmd_repair_text(args: argparse.Namespace) -> int:
     info: dict[str, Any] = {"skipped": "no trigger found, nothing to unlearn"}
     if found:
         info = unlearn_tokens(model, clean.texts, clean.y, [tok for _, tok in found],
-                              epochs=args.epochs or 5, seed=args.seed)
+                              epochs=args.epochs or 10, seed=args.seed)
     after = state()
     out = Path(args.out)
     save_text_model(out, model.classifier.model, model.vocab, model.n_classes,

@@ -52,6 +52,7 @@ class TextFilterConfig:
     statistic: str = "entropy"
     seed: int = 0
     max_tokens: int = 128
+    max_span: int = 1
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tests if t not in TESTS]
@@ -64,6 +65,8 @@ class TextFilterConfig:
             raise ConfigError(f"--frr must be in (0, 0.5), got {self.frr}")
         if self.n_copies < 1:
             raise ConfigError("--n-blends must be at least 1")
+        if not 1 <= self.max_span <= 16:
+            raise ConfigError(f"--max-span must be in 1..16, got {self.max_span}")
         if self.statistic not in ("entropy", "probability"):
             raise ConfigError(f"text STRIP statistic is 'entropy' or 'probability', got "
                               f"{self.statistic!r}")
@@ -158,13 +161,14 @@ class TextFilter:
 
     def leave_one_out(self, texts: list[str], probs: np.ndarray) -> np.ndarray:
         """Per post: its own prediction's log-odds minus the least they fall to when one of
-        its first ``max_tokens`` words is removed (0 for a one-word post)."""
+        its first ``max_tokens`` words (or a run of up to ``max_span`` words, never all of
+        them) is removed; 0 for a one-word post."""
         copies, owner = [], []
         for i, t in enumerate(texts):
             ws = t.split()[:self.config.max_tokens]
-            if len(ws) > 1:
-                copies += [" ".join(ws[:j] + ws[j + 1:]) for j in range(len(ws))]
-                owner += [i] * len(ws)
+            for span in range(1, min(self.config.max_span, len(ws) - 1) + 1):
+                copies += [" ".join(ws[:j] + ws[j + span:]) for j in range(len(ws) - span + 1)]
+                owner += [i] * (len(ws) - span + 1)
         pred = probs.argmax(1)
         own = log_odds(probs[np.arange(len(texts)), pred])
         low = own.copy()

@@ -49,7 +49,7 @@ def text_config(args: argparse.Namespace) -> TextFilterConfig:
     stat = args.statistic if args.statistic in ("entropy", "probability") else "entropy"
     return TextFilterConfig(tests=tuple(args.text_tests.split("+")), share=args.share,
                             n_copies=args.n_blends, frr=args.frr, statistic=stat,
-                            seed=args.seed)
+                            seed=args.seed, max_span=args.max_span)
 
 
 def build_text_filter(args: argparse.Namespace, model: TextModel) -> TextFilter:

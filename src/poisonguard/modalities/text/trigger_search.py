@@ -9,10 +9,13 @@ inserted for real and their flip rate (victims predicted ``t``) measured; the be
 then extended greedily by a second token. A model whose embedding layer cannot be hooked (a
 TorchScript archive) is ranked by exact flip rates on a small probe instead.
 
-The verdict needs no poison rate or target: a class is flagged when its best trigger flips
-at least ``min_flip`` of the victims and exceeds the best natural token of every other class
-by ``margin`` (a clean sentiment model has strong words in every class; a backdoor adds one
-token that flips nearly everything, into one class).
+The verdict needs no poison rate or target: a class is flagged when its best single token
+flips at least ``min_flip`` of the victims and stands out from the class's own runners-up:
+its flip rate's log-odds exceed those of the ``rank``-th best candidate by ``min_gap`` (rates
+smoothed as (k + 0.5) / (n + 1)). A class that natural words reach easily (HSOL's
+"offensive": dozens of slurs each flip most neutral tweets) has many strong tokens and a
+small gap; a backdoor adds one token (or the few words of one sentence, hence rank 6) far
+above the rest. The flagged class with the largest gap is the target.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class TokenSearchConfig:
     top: int = 5
     extend: bool = True
     min_flip: float = 0.8
-    margin: float = 0.25
+    rank: int = 6
+    min_gap: float = 2.5
     seed: int = 0
 
 
@@ -55,6 +59,7 @@ class TokenSearchResult:
 
     def verdict(self) -> dict[str, Any]:
         best = {c["class"]: c["best_flip"] for c in self.classes}
+        gaps = {c["class"]: c["gap"] for c in self.classes}
         if self.flagged:
             t = self.flagged[0]
             trig = self.classes[t]["triggers"][0]
@@ -64,12 +69,13 @@ class TokenSearchResult:
                     "triggers": [{"class": t, "modality": "text", "tokens": x["tokens"],
                                   "flip_rate": x["flip_rate"]}
                                  for x in self.classes[t]["triggers"]],
-                    "best_flip_rate": best}
+                    "best_flip_rate": best, "gap": gaps}
         top = max(best, key=lambda k: best[k])
         return {"backdoored": False, "target_class": None,
                 "summary": f"no backdoor found: the strongest inserted token (class {top}) "
-                           f"flips {best[top]:.0%} of the other classes' clean posts",
-                "triggers": [], "best_flip_rate": best}
+                           f"flips {best[top]:.0%} of the other classes' clean posts (no "
+                           "class has one token far above its other candidates)",
+                "triggers": [], "best_flip_rate": best, "gap": gaps}
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "classes": self.classes,
@@ -184,10 +190,21 @@ def search_class(clf: Any, vocab: Any, rows: list[list[int]], target: int,
         if prates[j] > found[0][1]:
             found.insert(0, (pairs[j], float(prates[j])))
     return {"class": int(target), "n_victims": len(rows), "gradient": grad_ok,
+            "flip_rates": [round(float(r), 4) for r in rates[order]],
             "best_flip": round(single, 4),
+            "gap": round(_gap(rates[order], len(rows), config.rank), 4),
             "best_flip_extended": round(found[0][1], 4) if found else 0.0,
             "triggers": [{"tokens": vocab.decode(t), "ids": t, "flip_rate": round(r, 4)}
                          for t, r in found[:config.top]]}
+
+
+def _gap(sorted_rates: np.ndarray, n: int, rank: int) -> float:
+    """log-odds of the best rate minus those of the ``rank``-th best (smoothed)."""
+    if len(sorted_rates) == 0:
+        return 0.0
+    r = (np.asarray(sorted_rates) * n + 0.5) / (n + 1)
+    lo = r[min(rank, len(r)) - 1]
+    return float(np.log(r[0] / (1 - r[0])) - np.log(lo / (1 - lo)))
 
 
 def search_triggers(model: Any, texts: list[str], labels: np.ndarray,
@@ -195,8 +212,10 @@ def search_triggers(model: Any, texts: list[str], labels: np.ndarray,
     """Audit ``model`` (a :class:`~poisonguard.modalities.text.io.TextModel`) with clean
     labelled posts; see the module docstring."""
     config = config or TokenSearchConfig()
-    if not 0.0 < config.min_flip <= 1.0 or config.n_candidates < 1 or config.top < 1:
-        raise ConfigError("min_flip must be in (0, 1], n_candidates and top at least 1")
+    if (not 0.0 < config.min_flip <= 1.0 or config.n_candidates < 1 or config.top < 1
+            or config.rank < 2):
+        raise ConfigError("min_flip must be in (0, 1], n_candidates and top at least 1, "
+                          "rank at least 2")
     labels = np.asarray(labels, dtype=np.int64)
     k = model.n_classes
     if labels.min() < 0 or labels.max() >= k:
@@ -217,8 +236,7 @@ def search_triggers(model: Any, texts: list[str], labels: np.ndarray,
         out.classes.append(search_class(model.classifier, model.vocab,
                                         [rows_all[i] for i in victims], t, config, rng))
     best = np.array([c["best_flip"] for c in out.classes])
-    for t in np.argsort(-best):
-        others = np.delete(best, t)
-        if best[t] >= config.min_flip and best[t] - others.max() >= config.margin:
-            out.flagged.append(int(t))
+    gap = np.array([c["gap"] for c in out.classes])
+    out.flagged = [int(t) for t in np.argsort(-gap, kind="stable")
+                   if best[t] >= config.min_flip and gap[t] >= config.min_gap]
     return out
