@@ -141,3 +141,23 @@ def test_serve_app_takes_json_strings(backdoored: tuple[Path, object]) -> None:
     assert client.post("/predict", json=["a"] * 5).status_code == 413
     assert client.post("/predict", content=b"{").status_code == 400
     assert client.get("/flagged").json()["n"] == 1
+
+
+def test_cli_filter_bad_posts_are_one_line_errors(backdoored: tuple[Path, object],
+                                                  tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    path, _ = backdoored
+    clean = _write(tmp_path / "clean.csv", posts(300, seed=2).texts)
+    nocol = tmp_path / "nocol.csv"
+    nocol.write_text("body\nhello there\n")
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"text\ncaf\xe9 au lait\n")
+    few = _write(tmp_path / "few.csv", posts(10, seed=3).texts)
+    for data, needle in ((nocol, "no column 'text'"), (latin, "UTF-8"), (clean, "0.5")):
+        extra = ["--frr", "0.7"] if data == clean else []
+        code = main(["filter", str(path), str(data), "--clean", str(few if data == clean
+                                                                   else clean),
+                     "--out", str(tmp_path / "o"), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
+        assert not (tmp_path / "o").exists()
