@@ -129,6 +129,21 @@ def run_one(name: str, config: TokenSearchConfig, cache: dict[str, Any]) -> dict
     return rec
 
 
+def misses(records: list[dict[str, Any]]) -> list[str]:
+    """One line per backdoored model not flagged right: its target's best single-token and
+    extended flip rates and gap (what the rule saw)."""
+    out = []
+    for r in records:
+        if r["backdoored"] and not r["right"]:
+            c = next(c for c in r["search"] if c["class"] == r["target"])
+            out.append(f"Missed {r['model']}: target class {r['target']} best single token "
+                       f"{' '.join(c['triggers'][0]['tokens'][:1])!r} flips "
+                       f"{c['best_flip']} (>= 0.8 needed), extended "
+                       f"{' '.join(c['triggers'][0]['tokens'])!r} {c['best_flip_extended']}, "
+                       f"gap {c['gap']} (>= 2.5 needed).")
+    return out
+
+
 def render_md(records: list[dict[str, Any]]) -> str:
     def tally(rs: list[dict[str, Any]]) -> str:
         bd = [r for r in rs if r["backdoored"]]
@@ -153,6 +168,7 @@ def render_md(records: list[dict[str, Any]]) -> str:
              f"Models the rule was set on: {tally(tuned)}. Held-out models (other triggers, "
              f"targets and seeds, added afterwards): {tally(held)}. Target: >= 5 of 6 right, "
              "<= 1 of 6 clean flagged.", "",
+             *misses(records), "",
              "| model | held out | trigger | target | clean acc | ASR | flagged | found target | "
              "top triggers (flip rate) | right | best flip per class | gap per class | "
              "ASR after repair | "
