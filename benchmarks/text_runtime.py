@@ -109,7 +109,12 @@ def render_md(records: list[dict[str, Any]]) -> str:
              "the tests). FAR = share of successful triggered posts (non-target posts the "
              "backdoored model sends to the target with the trigger, not without) not "
              "flagged; FRR = share of clean evaluation posts flagged. Per-test columns: the "
-             "test alone (at its half of the FRR). Target: FAR <= 2% at FRR <= 2%.", "",
+             "test alone (at its share of the FRR). Target: FAR <= 2% at FRR <= 2%.", "",
+             "Tuning: the `loo` statistic (log-odds, not probability, drop) was chosen on SST-2 "
+             "rare-token-1 and addsent-5, seed 0, after STRIP and ONION failed there (the "
+             "strip+onion+loo rows); SST-2 emoji-1, every HSOL run and seeds 1-2 were not "
+             "looked at before. `max span` 5 (removing runs of up to 5 words) was tried after "
+             "HSOL addsent-5 failed at span 1, so that row is tuned.", "",
              "| dataset | run | seed | tests | max span | statistic | share | target FRR | "
              "clean acc | "
              "ASR raw | successful | FAR | FRR | FAR strip | FAR onion | FAR loo | "
