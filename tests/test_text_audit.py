@@ -83,3 +83,30 @@ def test_cli_audit_model_on_a_text_model(tmp_path: Path) -> None:
     rep = json.loads((tmp_path / "fixed" / "report.json").read_text())
     assert rep["repair"]["after"]["trigger_flip_rate"] < 0.1
     assert (tmp_path / "fixed" / "vocab.json").is_file()
+
+
+@pytest.mark.parametrize("defense", ["trim", "abl"])
+def test_cli_train_on_posts_writes_a_text_model(tmp_path: Path, defense: str) -> None:
+    import csv
+    import json
+
+    from poisonguard.cli import main
+    from poisonguard.modalities.text.io import load_text_model
+
+    p = text_attack("rare-token", posts(400), rate=0.05, target=1, seed=0)
+    path = tmp_path / "train.csv"
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label", "is_poison"])
+        w.writerows(zip(p.data.texts, p.data.y.tolist(), p.is_poison.astype(int).tolist()))
+    code = main(["train", str(path), "--defense", defense, "--epochs", "4", "--out",
+                 str(tmp_path / "m"), "--quiet"])
+    assert code == 0
+    report = json.loads((tmp_path / "m" / "report.json").read_text())
+    assert report["modality"] == "text" and report["defense"] == defense
+    model = load_text_model(tmp_path / "m")
+    test = posts(100, seed=3)
+    assert (model.predict_proba(test.texts).argmax(1) == test.y).mean() > 0.9
+    if defense == "abl":
+        assert report["n_isolated"] >= 1 and report["detection"] is not None
+    assert main(["train", str(path), "--defense", "noise", "--out", str(tmp_path / "n")]) == 2
