@@ -175,7 +175,10 @@ def render_md(records: list[dict[str, Any]]) -> str:
                   "that it assigns to the target with it; `ASR raw` = share of all triggered "
                   "non-target test posts assigned to the target (includes the model's own "
                   "errors). Target: ASR <= 2%, clean accuracy within 1 point of the "
-                  "clean-data model.", "",
+                  "clean-data model. Rare-token and emoji runs of one seed poison the same "
+                  "posts (the victims are drawn by the seed), the scan removes exactly those, "
+                  "and neither trigger is in the retrained vocabulary (both read as unknown), "
+                  "so their rows coincide.", "",
                   "| dataset | n | run | seed | poisons left | ASR (sanitised) | ASR raw "
                   "(sanitised) | clean acc (sanitised) | ASR (clean model) | ASR raw (clean "
                   "model) | clean acc (clean model) | acc gap (points) |",
