@@ -108,11 +108,9 @@ def cmd_repair_text(args: argparse.Namespace) -> int:
     keep = tokens_to_unlearn([{"tokens": t, "flip_rate": f} for _, t, f in found],
                              TokenSearchConfig().min_flip) if found else []
     found = [(k, t) for k, t, _ in found if t in keep]
-    acc = lambda: round(float((model.predict_proba(clean.texts).argmax(1)  # noqa: E731
-                               == clean.y).mean()), 4)
-
     def state() -> dict[str, Any]:
-        return {"clean_accuracy": acc(),
+        acc = float((model.predict_proba(clean.texts).argmax(1) == clean.y).mean())
+        return {"clean_accuracy": round(acc, 4),
                 "trigger_flip_rate": max((_flip_rate(model, clean, tok, k, args.seed + 1)
                                           for k, tok in found), default=0.0)}
 
