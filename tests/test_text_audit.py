@@ -110,3 +110,26 @@ def test_cli_train_on_posts_writes_a_text_model(tmp_path: Path, defense: str) ->
     if defense == "abl":
         assert report["n_isolated"] >= 1 and report["detection"] is not None
     assert main(["train", str(path), "--defense", "noise", "--out", str(tmp_path / "n")]) == 2
+
+
+def test_torchscript_text_model_loads_and_is_audited_without_gradients(tmp_path: Path) -> None:
+    import torch
+
+    from poisonguard.modalities.text.io import load_text_model, write_vocab
+    from poisonguard.models.io import save_scripted
+
+    p = text_attack("rare-token", posts(600), rate=0.1, target=1, seed=0)
+    model = _model(p.data)
+    net = model.classifier.model.eval()
+    scripted = torch.jit.trace(net, torch.from_numpy(model.encode(p.data.texts[:4])))
+    save_scripted(tmp_path / "ts", scripted)
+    write_vocab(tmp_path / "ts", model.vocab)
+    loaded = load_text_model(tmp_path / "ts")
+    assert loaded.classifier.input_spec.layout == "tokens"
+    audit = posts(200, seed=7)
+    assert np.allclose(loaded.predict_proba(audit.texts), model.predict_proba(audit.texts),
+                       atol=1e-5)
+    result = search_triggers(loaded, audit.texts, audit.y)
+    assert result.classes[1]["gradient"] is False
+    assert result.verdict()["target_class"] == 1
+    assert ["cf"] in [t["tokens"] for t in result.verdict()["triggers"]]

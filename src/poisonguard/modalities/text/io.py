@@ -30,6 +30,10 @@ class TextModel:
 
     @property
     def n_classes(self) -> int:
+        """The model's class count (a TorchScript model's from one forward pass)."""
+        if self.classifier.n_classes is None:
+            self.classifier.n_classes = int(self.classifier.predict_proba(
+                self.encode(["a"])).shape[1])
         return int(self.classifier.n_classes)
 
     def encode(self, texts: list[str] | np.ndarray) -> np.ndarray:
