@@ -161,3 +161,6 @@ def test_cli_filter_bad_posts_are_one_line_errors(backdoored: tuple[Path, object
         err = capsys.readouterr().err
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1
         assert not (tmp_path / "o").exists()
+    assert main(["filter", str(path), str(few), "--clean", str(few), "--out",
+                 str(tmp_path / "o")]) == 2
+    assert "at least 40" in capsys.readouterr().err and not (tmp_path / "o").exists()
