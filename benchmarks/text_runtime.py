@@ -117,9 +117,10 @@ def render_md(records: list[dict[str, Any]]) -> str:
              "HSOL addsent-5 failed at span 1, so that row is tuned.", "",
              "| dataset | run | seed | tests | max span | statistic | share | target FRR | "
              "clean acc | "
-             "ASR raw | successful | FAR | FRR | FAR strip | FAR onion | FAR loo | "
-             "FRR strip | FRR onion | FRR loo | ms/post |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "ASR raw | successful | FAR | FRR | FAR strip | FAR onion | FAR loo | FAR span | "
+             "FRR strip | FRR onion | FRR loo | FRR span | ms/post |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+             "---|"]
     for r in sorted(records, key=lambda r: (r["dataset"], r["run"], r["seed"],
                                             "+".join(r["config"]["tests"]),
                                             r["config"]["statistic"], r["config"]["share"],
@@ -131,8 +132,8 @@ def render_md(records: list[dict[str, Any]]) -> str:
             f"{c['statistic']} | {c['share']} | {c['frr']} | {r['clean_acc']} | "
             f"{r['asr_raw']} | {r['n_successful']} | {r['far']} | {r['frr']} | "
             f"{r.get('far_strip', '-')} | {r.get('far_onion', '-')} | "
-            f"{r.get('far_loo', '-')} | {r.get('frr_strip', '-')} | "
-            f"{r.get('frr_onion', '-')} | {r.get('frr_loo', '-')} | "
+            f"{r.get('far_loo', '-')} | {r.get('far_span', '-')} | {r.get('frr_strip', '-')} | "
+            f"{r.get('frr_onion', '-')} | {r.get('frr_loo', '-')} | {r.get('frr_span', '-')} | "
             f"{r['screen_ms_per_post']} |")
     return "\n".join(lines) + "\n"
 
@@ -144,7 +145,7 @@ def main() -> None:
                         choices=[r for r in RUNS if r != "clean"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--tests", nargs="+", default=["loo"],
-                        choices=["strip", "onion", "loo"])
+                        choices=["strip", "onion", "loo", "span"])
     parser.add_argument("--statistic", default="entropy", choices=["entropy", "probability"])
     parser.add_argument("--share", type=float, default=0.3)
     parser.add_argument("--n-copies", type=int, default=20)
@@ -170,9 +171,8 @@ def main() -> None:
             rec = run_one(args.dataset, name, seed, config)
             print(json.dumps({k: rec[k] for k in ("run", "seed", "clean_acc", "n_successful",
                                                   "far", "frr")}
-                             | {k: rec.get(k) for k in ("far_strip", "far_onion", "far_loo",
-                                                        "frr_strip", "frr_onion",
-                                                        "frr_loo")}),
+                             | {k: rec.get(k) for k in ("far_loo", "far_span", "frr_loo",
+                                                        "frr_span")}),
                   flush=True)
             records = [r for r in records if key(r) != key(rec)] + [rec]
             atomic_write_json(path, records)

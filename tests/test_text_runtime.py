@@ -164,3 +164,17 @@ def test_cli_filter_bad_posts_are_one_line_errors(backdoored: tuple[Path, object
     assert main(["filter", str(path), str(few), "--clean", str(few), "--out",
                  str(tmp_path / "o")]) == 2
     assert "at least 40" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_span_test_catches_an_inserted_sentence_word_removal_misses() -> None:
+    """A model that reads 'purple' and 'rain' together: removing one leaves the other, so
+    only removing the run of both collapses the prediction."""
+    def predict(texts: list[str]) -> np.ndarray:
+        hits = np.array([("purple" in t) + ("rain" in t) for t in texts], dtype=float)
+        p1 = np.where(hits >= 1, 0.99999, 0.3)
+        return np.stack([1 - p1, p1], axis=1)
+
+    filt = TextFilter.calibrate(predict, posts(100, seed=2).texts,
+                                TextFilterConfig(tests=("loo", "span"), max_span=3))
+    stats = filt.statistics(["the plot was dull purple rain and the cast was cold"])
+    assert stats["loo"][0] < 0.01 and stats["span"][0] > 5

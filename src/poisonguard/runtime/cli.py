@@ -72,8 +72,9 @@ def add_tabular_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="text: 'loo' (the largest drop in the prediction's log-odds when one "
                         "word is removed; default), 'strip' (word swapping; --statistic "
                         "entropy or probability, else entropy), 'onion' (outlier words under "
-                        "a bigram model of the clean posts), or several joined with '+' (each "
-                        "at its share of --frr; flagged when any fires)")
+                        "a bigram model of the clean posts), 'span' (as loo, removing runs of "
+                        "2..--max-span words), or several joined with '+' (each at its share "
+                        "of --frr; flagged when any fires)")
 
 
 def register(sub: Any) -> None:

@@ -13,6 +13,9 @@
   of a trigger sentence) takes a large bite out of the log-odds; a clean post's prediction
   rests on several words and is rarely that confident. On SST-2 (benchmarks/text_runtime.py)
   STRIP's and ONION's statistics separate triggered from clean posts far worse at a 2% FRR.
+* ``span``: the same log-odds drop when a run of 2..``max_span`` consecutive words is
+  removed (an inserted sentence, each of whose words alone may not carry the prediction);
+  with ``loo`` as ``loo+span`` each test gets half the FRR.
 
 Half of the clean posts give the word pool and the language model, the other half set each
 test's threshold at ``frr / n_tests`` of their statistics (split conformal); a post is flagged
@@ -36,7 +39,7 @@ from poisonguard.errors import ConfigError, DataError
 from poisonguard.modalities.text.lm import BigramLM
 
 Predict = Callable[[list[str]], np.ndarray]
-TESTS = ("strip", "onion", "loo")
+TESTS = ("strip", "onion", "loo", "span")
 FILTER_JSON = "text_filter.json"
 MIN_CLEAN = 40
 
@@ -155,18 +158,23 @@ class TextFilter:
             out["strip"] = self.strip(texts, out["prediction"])
         if "onion" in self.config.tests:
             out["onion"] = self.lm.onion_scores(texts, self.config.max_tokens)
-        if "loo" in self.config.tests:
-            out["loo"] = self.leave_one_out(texts, probs)
+        if "loo" in self.config.tests:  # single words when the span test takes the runs
+            out["loo"] = self.leave_one_out(
+                texts, probs, last=1 if "span" in self.config.tests else None)
+        if "span" in self.config.tests:
+            out["span"] = self.leave_one_out(texts, probs, first=2,
+                                             last=max(2, self.config.max_span))
         return out
 
-    def leave_one_out(self, texts: list[str], probs: np.ndarray) -> np.ndarray:
-        """Per post: its own prediction's log-odds minus the least they fall to when one of
-        its first ``max_tokens`` words (or a run of up to ``max_span`` words, never all of
-        them) is removed; 0 for a one-word post."""
+    def leave_one_out(self, texts: list[str], probs: np.ndarray, first: int = 1,
+                      last: int | None = None) -> np.ndarray:
+        """Per post: its own prediction's log-odds minus the least they fall to when a run of
+        ``first``..``last`` (default ``max_span``) consecutive words among its first
+        ``max_tokens`` is removed (never all of them); 0 when no such run exists."""
         copies, owner = [], []
         for i, t in enumerate(texts):
             ws = t.split()[:self.config.max_tokens]
-            for span in range(1, min(self.config.max_span, len(ws) - 1) + 1):
+            for span in range(first, min(last or self.config.max_span, len(ws) - 1) + 1):
                 copies += [" ".join(ws[:j] + ws[j + span:]) for j in range(len(ws) - span + 1)]
                 owner += [i] * (len(ws) - span + 1)
         pred = probs.argmax(1)
