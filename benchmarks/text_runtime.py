@@ -114,7 +114,8 @@ def render_md(records: list[dict[str, Any]]) -> str:
              "rare-token-1 and addsent-5, seed 0, after STRIP and ONION failed there (the "
              "strip+onion+loo rows); SST-2 emoji-1, every HSOL run and seeds 1-2 were not "
              "looked at before. `max span` 5 (removing runs of up to 5 words) was tried after "
-             "HSOL addsent-5 failed at span 1, so that row is tuned.", "",
+             "HSOL addsent-5 failed at span 1, so that row is tuned, as are the `loo+span` "
+             "rows (single words and runs of 2-5 words as two tests), tried after it.", "",
              "| dataset | run | seed | tests | max span | statistic | share | target FRR | "
              "clean acc | "
              "ASR raw | successful | FAR | FRR | FAR strip | FAR onion | FAR loo | FAR span | "
