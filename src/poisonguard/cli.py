@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--engine: rows per extraction task and shard (default 50000)")
 
     t = sub.add_parser("train", help="train a model with a guarded-training defence")
-    t.add_argument("data", help="training set (.npz with x and y, image folder, …)")
+    t.add_argument("data", help="training set (.npz with x and y, image folder, …; posts in a "
+                                ".csv/.tsv/.jsonl/.parquet train the built-in text model)")
     t.add_argument("--defense", default="none", choices=["none", "trim", "abl", "noise"],
                    help="none; trim (trimmed loss); abl (anti-backdoor learning); noise "
                         "(Gaussian noise on every training input)")
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default: the CPUs this process may use, or "
                         "OMP_NUM_THREADS when set)")
     t.add_argument("--out", required=True, help="output folder (model + report)")
+    _add_text_columns(t)
 
     r = sub.add_parser("report", help="re-render a JSON report as HTML")
     r.add_argument("report", help="report.json")
@@ -762,6 +764,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from poisonguard.report.html import render_html
     from poisonguard.train import GuardConfig, train_guarded
 
+    if _is_text(args.data):
+        from poisonguard.modalities.text.train_cli import cmd_train_text
+
+        return cmd_train_text(args)
     check_writable_dir(args.out)
     if args.noise_sigma is not None and args.defense != "noise":
         raise ConfigError("--noise-sigma applies to --defense noise only")

@@ -21,13 +21,18 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model: a folder / model.json written by poisonguard "
                                  "(scan, train), or a TorchScript file; pickles are refused")
     p.add_argument("--clean", required=True, metavar="DATA.npz",
-                   help="trusted clean samples with labels (x/y or x_train/y_train); a few "
-                        "hundred suffice")
+                   help="trusted clean samples with labels (x/y or x_train/y_train; for a "
+                        "text model, posts in a .csv/.tsv/.jsonl/.parquet with text and label "
+                        "columns); a few hundred suffice")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--max-clean", type=int, default=500,
                    help="use at most this many clean samples (default 500)")
     p.add_argument("--steps", type=int, default=None,
                    help="Neural Cleanse step budget (default 160)")
+    p.add_argument("--text-column", default="text",
+                   help="text models: the column of CLEAN.csv holding the posts")
+    p.add_argument("--label-column", default="label",
+                   help="text models: the column of CLEAN.csv holding the labels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--threads", type=int, default=None,
@@ -109,7 +114,12 @@ def cmd_audit_model(args: argparse.Namespace) -> int:
     from poisonguard.audit.core import audit_model, build_audit_report, save_triggers
     from poisonguard.audit.model import load_audit_model
     from poisonguard.io import check_writable_dir
+    from poisonguard.modalities.text.io import is_text_model
 
+    if is_text_model(args.model):
+        from poisonguard.modalities.text.audit_cli import cmd_audit_text
+
+        return cmd_audit_text(args)
     check_writable_dir(args.out)
     model = load_audit_model(args.model)
     clean = _load_clean(args.clean, args.max_clean, args.seed)
@@ -169,7 +179,12 @@ def cmd_repair(args: argparse.Namespace) -> int:
     )
     from poisonguard.audit.model import check_clean_data, load_audit_model, save_repaired
     from poisonguard.audit.repair import RepairConfig, fine_prune, reversed_trigger_asr, unlearn
+    from poisonguard.modalities.text.io import is_text_model
 
+    if is_text_model(args.model):
+        from poisonguard.modalities.text.audit_cli import cmd_repair_text
+
+        return cmd_repair_text(args)
     model = load_audit_model(args.model)
     clean = _load_clean(args.clean, args.max_clean, args.seed)
     test = _load_test(args.test)

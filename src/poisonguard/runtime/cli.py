@@ -61,7 +61,20 @@ def add_tabular_runtime_args(p: argparse.ArgumentParser) -> None:
                    help="tables: a column of row ids (not a feature; written to flags.csv)")
     p.add_argument("--share", type=float, default=0.3,
                    help="tables: share of a row's values swapped with a clean row's per "
-                        "copy (default 0.3); --n-blends copies per row")
+                        "copy; text: share of a post's words replaced by clean posts' words "
+                        "(default 0.3); --n-blends copies per row or post")
+    p.add_argument("--text-column", default="text",
+                   help="text: the column holding the posts in DATA/CLEAN (default text)")
+    p.add_argument("--max-span", type=int, default=1,
+                   help="text, loo test: also remove runs of up to this many consecutive words "
+                        "(an inserted sentence; default 1)")
+    p.add_argument("--text-tests", default="loo",
+                   help="text: 'loo' (the largest drop in the prediction's log-odds when one "
+                        "word is removed; default), 'strip' (word swapping; --statistic "
+                        "entropy or probability, else entropy), 'onion' (outlier words under "
+                        "a bigram model of the clean posts), 'span' (as loo, removing runs of "
+                        "2..--max-span words), or several joined with '+' (each at its share "
+                        "of --frr; flagged when any fires)")
 
 
 def register(sub: Any) -> None:
@@ -152,10 +165,15 @@ def _evaluation(filt: Any, path: str) -> dict[str, Any]:
 def cmd_filter(args: argparse.Namespace) -> int:
     from poisonguard.io import atomic_write_csv, atomic_write_json, atomic_write_text
     from poisonguard.modalities.tabular.serve import cmd_filter_tabular, is_tabular_path
+    from poisonguard.modalities.text.io import is_text_model
     from poisonguard.models.io import load_model
     from poisonguard.report.html import render_html
     from poisonguard.runtime.report import build_filter_report
 
+    if is_text_model(args.model):
+        from poisonguard.modalities.text.serve import cmd_filter_text
+
+        return cmd_filter_text(args)
     if is_tabular_path(args.data):
         return cmd_filter_tabular(args)
     timings: dict[str, float] = {}
@@ -209,6 +227,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.max_inputs < 1 or args.max_body_mb <= 0:
         raise ConfigError("--max-inputs and --max-body-mb must be positive")
+    from poisonguard.modalities.text.io import is_text_model
+
+    if is_text_model(args.model):
+        from poisonguard.modalities.text.serve import cmd_serve_text
+
+        return cmd_serve_text(args)
     if is_tabular_path(args.clean) or args.report:
         return cmd_serve_tabular(args)
     classifier = load_model(args.model, batch_size=args.batch_size)

@@ -134,23 +134,27 @@ def _monitor_callback(data: LabeledData, spec: Any, params: tuple[str, ...],
 
 def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
                   config: TrainConfig | None = None, n_classes: int | None = None,
-                  progress: bool = False, model: nn.Module | None = None) -> GuardedResult:
+                  progress: bool = False, model: nn.Module | None = None,
+                  input_spec: Any = None, arch: str | None = None) -> GuardedResult:
     """Train on ``data`` under ``guard``; see :class:`GuardConfig`. ``model``: the network to
-    train (default: a built-in architecture sized to the data); ABL's seeded expansion needs
-    its ``embed`` layer and is skipped without one."""
+    train (default: a built-in architecture sized to the data), fed through ``input_spec``
+    (default: the spec the built-in models use for data like ``data.x``; text passes the
+    token layout); ABL's seeded expansion needs its ``embed`` layer and is skipped without
+    one."""
+    from poisonguard.models.adapter import InputSpec
+
     guard = guard or GuardConfig()
     config = config or TrainConfig()
+    spec = input_spec or InputSpec.for_data(data.x)
     t0 = time.perf_counter()
     history: list[np.ndarray] = []
     monitor_cb = None
     if guard.monitor_gradients:
-        from poisonguard.models.adapter import InputSpec
-
-        monitor_cb = _monitor_callback(data, InputSpec.for_data(data.x), guard.monitor_params,
-                                       history)
+        monitor_cb = _monitor_callback(data, spec, guard.monitor_params, history)
     result: GuardedResult
     if guard.defense == "abl":
-        result = _train_abl(data, guard, config, n_classes, progress, monitor_cb, model)
+        result = _train_abl(data, guard, config, n_classes, progress, monitor_cb, model, spec,
+                            arch)
     else:
         drop_counts = np.zeros(len(data), dtype=np.int32)
         state: dict[str, Any] = {"fraction": guard.trim_fraction}
@@ -163,14 +167,15 @@ def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
                 monitor_cb(epoch, model)
             if (guard.defense == "trim" and state["fraction"] is None
                     and epoch + 1 == guard.trim_warmup_epochs):
-                state["fraction"] = _estimate_trim(model, data, guard)
+                state["fraction"] = _estimate_trim(model, data, guard, spec)
 
         if guard.defense == "noise":
             config = replace(config, input_noise=guard.noise_sigma)
         if guard.defense == "trim" and guard.trim_warmup_epochs == 0 and state["fraction"] is None:
             raise ConfigError("an estimated trim fraction needs trim_warmup_epochs >= 1")
-        train = train_classifier(data, config, model=model, n_classes=n_classes,
-                                 progress=progress, batch_loss=batch_loss, epoch_end=epoch_end,
+        train = train_classifier(data, config, model=model, input_spec=spec, arch=arch,
+                                 n_classes=n_classes, progress=progress, batch_loss=batch_loss,
+                                 epoch_end=epoch_end,
                                  stage=f"guarded training ({guard.defense})")
         result = GuardedResult(train.classifier, train, guard, 0.0,
                                drop_counts=drop_counts if guard.defense == "trim" else None,
@@ -182,10 +187,9 @@ def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
     return result
 
 
-def _estimate_trim(model: nn.Module, data: LabeledData, guard: GuardConfig) -> float:
-    from poisonguard.models.adapter import InputSpec
-
-    clf = TorchClassifier(model, InputSpec.for_data(data.x), layer=None)
+def _estimate_trim(model: nn.Module, data: LabeledData, guard: GuardConfig, spec: Any
+                   ) -> float:
+    clf = TorchClassifier(model, spec, layer=None)
     z = robust_z(np.log(clf.per_sample_loss(data.x, data.y) + 1e-12))
     return float(min(0.49, (z > guard.trim_k).mean()))
 
@@ -204,7 +208,8 @@ def _trim_loss(guard: GuardConfig, state: dict[str, Any], drop_counts: np.ndarra
 
 def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
                n_classes: int | None, progress: bool, monitor_cb: Any,
-               model: nn.Module | None = None) -> GuardedResult:
+               model: nn.Module | None = None, spec: Any = None,
+               arch: str | None = None) -> GuardedResult:
     """One training schedule: LGA for the isolation epochs, isolation of the lowest-loss share,
     training on the rest, then unlearning the isolated samples."""
     n_classes = n_classes or data.n_classes
@@ -229,11 +234,9 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
         if monitor_cb is not None:
             monitor_cb(epoch, model)
         if epoch + 1 == iso_epochs:
-            from poisonguard.models.adapter import InputSpec
-
             layer = (DEFAULT_LAYER if guard.abl_expand_seed and hasattr(model, DEFAULT_LAYER)
                      else None)
-            clf = TorchClassifier(model, InputSpec.for_data(data.x), layer=layer, batch_size=512)
+            clf = TorchClassifier(model, spec, layer=layer, batch_size=512)
             out = clf.forward_all(data.x, data.y)
             losses = out["losses"]
             state["losses"] = losses
@@ -256,9 +259,10 @@ def _train_abl(data: LabeledData, guard: GuardConfig, config: TrainConfig,
         hook = state.get("targets")
         return None if epoch < iso_epochs or hook is None else hook(idx, epoch)
 
-    train = train_classifier(data, config, model=model, n_classes=n_classes,
-                             progress=progress, batch_loss=batch_loss, epoch_end=epoch_end,
-                             batch_targets=batch_targets, stage="guarded training (abl)")
+    train = train_classifier(data, config, model=model, input_spec=spec, arch=arch,
+                             n_classes=n_classes, progress=progress, batch_loss=batch_loss,
+                             epoch_end=epoch_end, batch_targets=batch_targets,
+                             stage="guarded training (abl)")
     model = train.classifier.model
     initial = state.get("initial", isolated.copy())
     n_after_expansion = int(isolated.sum())
