@@ -91,7 +91,10 @@ def test_schema_validator_rejects_bad_reports():
     assert report_schema()["properties"]["schema_version"]["const"] == "2.0"
 
 
-def test_tampered_source_is_not_clean(files, tmp_path, capsys):
+def test_tampered_source_is_not_clean(files, tmp_path, capsys, monkeypatch):
+    import poisonguard.full_audit as fa
+
+    monkeypatch.setattr(fa, "RUNTIME_SCREEN_MAX", 200)  # screen a sample of the inputs
     data = tmp_path / "poisoned.npz"
     data.write_bytes(files["poisoned"].read_bytes())
     with np.load(data) as f:
@@ -117,6 +120,11 @@ def test_tampered_source_is_not_clean(files, tmp_path, capsys):
     prov = checks["flagged samples vs provenance changes"]
     assert prov["n_changed"] == 1
     assert "runtime-filter flags vs scan flags" in checks
+    sample = report["layers"]["runtime"]["screened_sample"]
+    assert sample["n_screened"] == 200 < sample["n_data"]
+    rows = (out / "runtime" / "flags.csv").read_text().splitlines()[1:]
+    index = [int(r.split(",")[0]) for r in rows]
+    assert len(index) == 200 == len(set(index)) and max(index) < sample["n_data"]
     for name in ("flagged.csv", "sanitized.npz", "triggers.npz", "runtime/strip.json",
                  "runtime/strip_pool.npz", "runtime/flags.csv", "report.html"):
         assert (out / name).exists(), name

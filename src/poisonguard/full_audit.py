@@ -422,16 +422,27 @@ def _worse(current: dict[str, Any], other: dict[str, Any], what: str) -> dict[st
     return merged
 
 
-def _runtime(inp: AuditInputs, seed: int, quiet: bool) -> tuple[Any, Any]:
+RUNTIME_SCREEN_MAX = 5000   # training inputs STRIP screens (a uniform sample beyond this)
+
+
+def _runtime(inp: AuditInputs, seed: int, quiet: bool
+             ) -> tuple[Any, Any, np.ndarray | None]:
+    """Calibrate STRIP on the clean set; screen the training inputs (at most
+    :data:`RUNTIME_SCREEN_MAX`, a uniform sample, so the binomial test of the flagged share
+    stays unbiased). Returns the filter, the screen and the screened indices."""
     from poisonguard.runtime.strip import StripConfig, StripFilter
 
     _log(quiet, f"runtime: calibrating STRIP on {len(inp.clean)} clean samples")
     filt = StripFilter.calibrate(inp.model.classifier, inp.clean.x, StripConfig(seed=seed))
-    screened = None
-    if inp.data is not None:
-        _log(quiet, f"runtime: screening {len(inp.data)} training inputs")
-        screened = filt.screen(inp.data.x)
-    return filt, screened
+    if inp.data is None:
+        return filt, None, None
+    n = len(inp.data)
+    idx = np.arange(n)
+    if n > RUNTIME_SCREEN_MAX:
+        rng = np.random.default_rng(seed + 7)
+        idx = np.sort(rng.choice(n, RUNTIME_SCREEN_MAX, replace=False))
+    _log(quiet, f"runtime: screening {len(idx)} of {n} training inputs")
+    return filt, filt.screen(inp.data.x[idx]), idx
 
 
 def _runtime_min_clean() -> int:
@@ -608,13 +619,18 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
         if got is not None:
             from poisonguard.runtime.report import runtime_layer
 
-            filt, runtime_screen = got
+            filt, runtime_screen, screened_idx = got
             artifacts["strip"] = filt
             ran.append("runtime-filter calibration (STRIP)")
             if runtime_screen is not None:
                 layers["runtime"] = runtime_layer(filt, runtime_screen)
                 layers["runtime"]["flags_file"] = "runtime/flags.csv"
-                ran.append("runtime screening of the training inputs")
+                if len(screened_idx) < len(inp.data):
+                    layers["runtime"]["screened_sample"] = {
+                        "n_data": len(inp.data), "n_screened": len(screened_idx),
+                        "rule": f"a uniform random sample of {RUNTIME_SCREEN_MAX} training "
+                                "inputs (seeded) is screened"}
+                ran.append(f"runtime screening of {len(screened_idx)} training inputs")
             else:
                 layers["runtime"] = {"calibration": filt.describe()}
             layers["runtime"]["calibration_dir"] = "runtime"
@@ -622,6 +638,7 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
                 layers["runtime"] if runtime_screen is not None else None,
                 filt.config.target_frr, 0 if runtime_screen is None else len(runtime_screen))
             artifacts["runtime_screen"] = runtime_screen
+            artifacts["runtime_index"] = screened_idx
 
     report["cross_layer"] = _cross_layer(layers, statuses, scan_result, audit_verdict,
                                          artifacts, runtime_screen)
@@ -680,7 +697,8 @@ def _cross_layer(layers: dict[str, Any], statuses: dict[str, Any], scan_result: 
         checks.append(flags_vs_provenance(scan_result.flags,
                                           layers["provenance"].get("findings") or []))
     if scan_result is not None and runtime_screen is not None:
-        checks.append(runtime_vs_scan(runtime_screen.suspicious, scan_result.flags))
+        checks.append(runtime_vs_scan(runtime_screen.suspicious,
+                                      scan_result.flags[artifacts["runtime_index"]]))
     return checks
 
 
@@ -716,8 +734,9 @@ def _write(outcome: AuditOutcome, tmp: Path) -> None:
         if res is not None:
             atomic_write_csv(tmp / "runtime" / "flags.csv",
                              ["index", "prediction", "score", "suspicious"],
-                             ([i, int(p), f"{sc:.6f}", int(f)] for i, (p, sc, f) in
-                              enumerate(zip(res.prediction, res.score, res.suspicious))))
+                             ([int(i), int(p), f"{sc:.6f}", int(f)] for i, p, sc, f in
+                              zip(a["runtime_index"], res.prediction, res.score,
+                                  res.suspicious)))
     if "guarded" in a:
         g = a["guarded"]
         t = g.train
