@@ -229,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--merge", default="", help="an earlier audit.json whose other records stay")
     args = p.parse_args(argv)
+    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, cwd=ROOT).stdout.strip() or "unknown"  # at the start
     profiles = args.profiles.split(",")
     records = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -254,8 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     secs = {r["profile"]: r["seconds"] for r in records if r["data"] == "poisoned"}
     cpu = {r["profile"]: r.get("cpu_seconds") for r in records
            if r["data"] == "mnist60k_badnets1pct"}
-    code = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True, cwd=ROOT).stdout.strip() or "unknown"
     results = {"code": code, "threads": args.threads, "records": records,
                "quick_over_standard": (secs["quick"] / secs["standard"]
                                        if "quick" in secs and "standard" in secs else None),
