@@ -249,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                 records.append(rec)
         if args.mnist:
             records += mnist_profiles(work, args.threads, args.mnist.split(","))
+    for r in records:
+        r.setdefault("code", code)
     if args.merge and Path(args.merge).exists():   # keep earlier records of other runs
         old = json.loads(Path(args.merge).read_text())["records"]
         keys = {(r["data"], r["profile"]) for r in records}
