@@ -222,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     from poisonguard.federated.cli import register as register_federated
 
     register_federated(sub)
+    from poisonguard.modalities.audio.voice.cli import register as register_voice
+
+    register_voice(sub)
 
     au = sub.add_parser(
         "audit", help="run every layer the inputs allow (provenance, quarantine scan, guarded "
