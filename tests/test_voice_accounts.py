@@ -53,7 +53,7 @@ def make_root(root: Path, n: int = 8) -> Path:
 def test_features_track_pitch():
     f = speaker_features([voice(110, 1.0, 0), voice(220, 1.0, 0)], RATE)
     assert abs((f[1, -3] - f[0, -3]) - 1.0) < 0.1        # log2 F0 one octave apart
-    assert f.shape[1] == 41 and np.isfinite(f).all()
+    assert f.shape[1] == 51 and np.isfinite(f).all()
 
 
 def test_clean_accounts_pass_and_a_planted_voice_is_flagged(tmp_path):

@@ -38,7 +38,7 @@ from poisonguard.modalities.audio.voice.features import speaker_features
 MIN_CLIPS = 3
 MIN_ACCOUNTS = 2
 MIN_RATE = 0.01
-ALPHA = 0.01
+ALPHA = 0.001
 MIN_SUSPECT = 2
 MAX_SECONDS = 30.0
 

@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
     a.add_argument("root", help="folder of account folders holding wavs")
     a.add_argument("--out", required=True, help="output folder")
     a.add_argument("--alpha", type=float, default=None,
-                   help="per-account significance level (default 0.01)")
+                   help="per-account significance level (default 0.001)")
     a.add_argument("--min-clips", type=int, default=None,
                    help="accounts with fewer clips are skipped (default 3)")
     a.add_argument("--quiet", action="store_true", help="print only the summary line")

@@ -7,6 +7,9 @@ For each clip (any sample rate): the log-mel spectrogram of the audio front end
 
 * ``mfcc_mean`` / ``mfcc_std``: MFCC 1..``N_MFCC`` (an orthonormal DCT of the log-mel; c0, the
   level, is left out) averaged and spread over the active frames: the vocal tract and channel;
+* ``floor``: the log-mel of the clip's quietest ``QUIET_SHARE`` of frames, averaged, as cepstral
+  coefficients 0..``N_FLOOR - 1``: the background and channel the speaker recorded in (an
+  attacker's clips usually come from another room and microphone);
 * ``pitch``: per active frame, the fundamental frequency from the normalised autocorrelation
   peak between ``F0_RANGE`` Hz (voiced when the peak is at least ``VOICED_R``); the clip's median
   log2 F0, its interquartile range, and the voiced share. A clip with no voiced frame gets the
@@ -21,6 +24,8 @@ from scipy.fft import dct
 from poisonguard.modalities.audio.frontend import MelConfig, log_mel
 
 N_MFCC = 19
+N_FLOOR = 10
+QUIET_SHARE = 0.2
 ACTIVE_DB = 30.0
 F0_RANGE = (60.0, 400.0)
 VOICED_R = 0.45
@@ -29,7 +34,8 @@ PITCH_NAMES = ("log2_f0_median", "log2_f0_iqr", "voiced_share")
 
 def feature_names() -> list[str]:
     return ([f"mfcc{i}_mean" for i in range(1, N_MFCC + 1)]
-            + [f"mfcc{i}_std" for i in range(1, N_MFCC + 1)] + list(PITCH_NAMES))
+            + [f"mfcc{i}_std" for i in range(1, N_MFCC + 1)]
+            + [f"floor{i}" for i in range(N_FLOOR)] + list(PITCH_NAMES))
 
 
 def _frames(wave: np.ndarray, n: int, hop: int) -> np.ndarray:
@@ -67,6 +73,8 @@ def clip_features(wave: np.ndarray, rate: int) -> np.ndarray:
     energy = np.log(np.exp(spec).sum(axis=0) + 1e-9)
     active = energy >= energy.max() - ACTIVE_DB * np.log(10) / 10
     cep = dct(spec[:, active], type=2, norm="ortho", axis=0)[1:N_MFCC + 1]
+    quiet = energy <= np.quantile(energy, QUIET_SHARE)
+    floor = dct(spec[:, quiet].mean(axis=1), type=2, norm="ortho")[:N_FLOOR]
     f0, peak = pitch_track(wave, rate, mel.hop)
     m = min(len(f0), len(active))
     voiced = active[:m] & (peak[:m] >= VOICED_R)
@@ -76,7 +84,7 @@ def clip_features(wave: np.ndarray, rate: int) -> np.ndarray:
         pitch = [med, q3 - q1, voiced.sum() / max(active[:m].sum(), 1)]
     else:
         pitch = [np.nan, np.nan, 0.0]
-    return np.concatenate([cep.mean(axis=1), cep.std(axis=1), pitch]).astype(np.float64)
+    return np.concatenate([cep.mean(axis=1), cep.std(axis=1), floor, pitch]).astype(np.float64)
 
 
 def speaker_features(waves: list[np.ndarray], rate: int) -> np.ndarray:

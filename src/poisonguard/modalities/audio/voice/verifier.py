@@ -1,7 +1,8 @@
 """A simple speaker verifier to measure the enrolment-poisoning attack: clip embeddings
 (speaker features, standardised, optionally projected by an LDA trained on background
-speakers), an account template (the mean enrolment embedding), cosine scores, and one
-threshold calibrated on genuine trials at a target false-reject rate."""
+speakers), an account's enrolment embeddings, cosine scores against their mean (``mode``
+"mean", one template) or the best-matching enrolment clip ("max", which one planted clip
+already opens), and one threshold calibrated on genuine trials at a target false-reject rate."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from poisonguard.errors import ConfigError
 @dataclass
 class CosineVerifier:
     frr: float = 0.05
+    mode: str = "mean"
     mean: np.ndarray = field(default_factory=lambda: np.zeros(0))
     scale: np.ndarray = field(default_factory=lambda: np.ones(0))
     projection: np.ndarray | None = None
@@ -41,11 +43,17 @@ class CosineVerifier:
         return z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
 
     def template(self, enrolment: np.ndarray) -> np.ndarray:
-        t = self.embed(enrolment).mean(axis=0)
+        """(1, d) normalised mean embedding ("mean") or (n, d) clip embeddings ("max")."""
+        e = self.embed(enrolment)
+        if self.mode == "max":
+            return e
+        if self.mode != "mean":
+            raise ConfigError(f"verifier mode {self.mode!r}: expected 'mean' or 'max'")
+        t = e.mean(axis=0, keepdims=True)
         return t / max(float(np.linalg.norm(t)), 1e-12)
 
     def scores(self, template: np.ndarray, features: np.ndarray) -> np.ndarray:
-        return self.embed(features) @ template
+        return (self.embed(features) @ template.T).max(axis=1)
 
     def calibrate(self, genuine_scores: np.ndarray) -> float:
         """The threshold that rejects ``frr`` of the genuine trials."""
