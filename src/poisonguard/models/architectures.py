@@ -101,6 +101,13 @@ def build_model(arch: str, **kwargs: Any) -> nn.Module:
             return TabularMLP(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"bad arguments for architecture {arch!r}: {exc}") from None
+    if arch == "audio-cnn":
+        from poisonguard.modalities.audio.model import AudioCNN
+
+        try:
+            return AudioCNN(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"bad arguments for architecture {arch!r}: {exc}") from None
     if arch not in ARCHITECTURES:
         raise ConfigError(f"unknown architecture {arch!r}; expected one of {sorted(ARCHITECTURES)}")
     try:
