@@ -11,11 +11,13 @@ Method (no threshold is fitted to known attacks):
    The attacker's clips are in the training set under the victim's name, so the fit is repeated
    once without the clips that did not belong in the first pass (they would pull
    the victim's centre toward the attacker).
-3. An account's score is ``-log10`` of the binomial tail probability of its count of such clips,
-   against a background rate taken from the accounts' own distribution (the median share over
-   accounts, at least ``MIN_RATE``): speech that the model confuses now and then is normal, a
-   block of clips in another voice is not. An account is suspicious when its score is at least
-   ``-log10(ALPHA)`` and it holds at least ``MIN_SUSPECT`` such clips.
+3. An account's score is ``-log10`` of the binomial tail probability of its count of clips that
+   belong elsewhere with confidence (own posterior below ``STRONG``: natural confusions between
+   similar voices are mostly softer, planted clips sit near 0), against a background rate taken
+   from the accounts' own distribution (the median share over accounts, at least ``MIN_RATE``):
+   speech the model confuses now and then is normal, a block of clips in another voice is not.
+   An account is suspicious when its score is at least ``-log10(ALPHA)`` and it holds at least
+   ``MIN_SUSPECT`` such clips.
 
 Needs at least two accounts with ``MIN_CLIPS`` clips each; accounts with fewer clips are
 skipped (reported, not scored).
@@ -40,6 +42,7 @@ MIN_ACCOUNTS = 2
 MIN_RATE = 0.01
 ALPHA = 0.001
 MIN_SUSPECT = 2
+STRONG = 0.05
 MAX_SECONDS = 30.0
 
 
@@ -98,9 +101,10 @@ def load_accounts(root: str | Path, min_clips: int = MIN_CLIPS) -> Accounts:
 
 @dataclass(frozen=True)
 class AccountAudit:
-    """Per account: ``names``, ``n_clips``, ``n_suspect``, ``score`` (-log10 p; higher = more
-    suspicious), ``suspicious``; per clip: ``clip_account``, ``own_posterior``,
-    ``assigned`` (the account the model prefers) and ``belongs``."""
+    """Per account: ``names``, ``n_clips``, ``n_suspect`` (clips with own posterior below
+    ``STRONG``), ``score`` (-log10 p; higher = more suspicious), ``suspicious``; per clip:
+    ``clip_account``, ``own_posterior``, ``assigned`` (the account the model prefers) and
+    ``belongs`` (own posterior >= 0.5)."""
 
     names: np.ndarray
     n_clips: np.ndarray
@@ -148,7 +152,7 @@ def _posteriors(z: np.ndarray, y: np.ndarray, n_classes: int, keep: np.ndarray,
 
 def audit_features(features: np.ndarray, account: np.ndarray, alpha: float = ALPHA,
                    min_suspect: int = MIN_SUSPECT, min_rate: float = MIN_RATE,
-                   passes: int = 2) -> AccountAudit:
+                   passes: int = 2, strong: float = STRONG) -> AccountAudit:
     """The audit on precomputed per-clip features (see the module docstring)."""
     names, y = np.unique(account, return_inverse=True)
     if len(names) < MIN_ACCOUNTS:
@@ -161,7 +165,7 @@ def audit_features(features: np.ndarray, account: np.ndarray, alpha: float = ALP
         own = post[np.arange(len(y)), y]
         keep = own >= 0.5
     n = np.bincount(y, minlength=len(names))
-    k = np.bincount(y, weights=~keep, minlength=len(names)).astype(np.int64)
+    k = np.bincount(y, weights=own < strong, minlength=len(names)).astype(np.int64)
     rate = float(max(np.median(k / n), min_rate))
     score = -binom.logsf(k - 1, n, rate) / np.log(10)
     score = np.where(k > 0, score, 0.0)

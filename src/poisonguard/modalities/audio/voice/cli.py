@@ -103,7 +103,7 @@ def cmd_audit_accounts(args: argparse.Namespace) -> int:
         for n, s, sc, k, c in zip(audit.names, audit.suspicious, audit.score, audit.n_suspect,
                                   audit.n_clips):
             print(f"  {n:<20} {'SUSPICIOUS' if s else 'ok':<11} score {sc:6.2f}  "
-                  f"{k}/{c} clips in another voice")
+                  f"{k}/{c} clips confidently in another voice")
     print(f"{len(flagged)} of {len(audit.names)} accounts suspicious; wrote {out}/accounts.csv,"
           f" suspect_clips.csv, report.json ({elapsed:.1f} s)")
     return EXIT_FOUND if flagged else EXIT_CLEAN
