@@ -111,3 +111,28 @@ def test_vad_cuts_silence_and_keeps_a_silent_clip():
     assert len(trimmed) < len(w) - 6000
     silent = np.zeros(2000, np.float32)
     assert len(trim_to_speech(silent, RATE)) == 2000
+
+
+def test_serve_screens_waveforms(backdoored):
+    import argparse
+
+    from fastapi.testclient import TestClient
+
+    from poisonguard.modalities.audio.serve import build_audio_filter
+    from poisonguard.models.io import load_model
+    from poisonguard.runtime.service import create_app
+
+    r = backdoored
+    args = argparse.Namespace(calibration=None, clean=str(r / "clean"), sample_rate=None,
+                              blend="cut+mix", n_blends=20, alpha=0.5, frr=0.05, seed=0,
+                              batch_size=256, statistic="log-odds")
+    filt, rate, width = build_audio_filter(args, load_model(r / "model"))
+    assert (rate, width) == (RATE, T) and filt.config.blend == "mix"
+    client = TestClient(create_app(filt))
+    with np.load(r / "test.npz") as z:
+        xc, xt = z["x_test"][:4], z["x_triggered"][:4]
+    out = client.post("/predict", json={"inputs": np.r_[xc, xt].tolist()}).json()
+    assert out["n"] == 8
+    scores = np.array([x["score"] for x in out["results"]])
+    assert scores[4:].mean() > scores[:4].mean()
+    assert client.post("/predict", json=[0.0] * 100).status_code == 422   # wrong length
