@@ -116,7 +116,7 @@ def test_bad_input_exits_2(tmp_path, case, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_one_clip_account_is_skipped_and_stereo_is_mixed_down(tmp_path, capsys):
+def test_one_clip_account_skipped_stereo_mixed_down_rates_resampled(tmp_path, capsys):
     root = make_root(tmp_path / "r", n=6)
     w = voice(150, 1.0, 7)
     write_wav(tmp_path / "mono.wav", w, RATE)
@@ -125,6 +125,9 @@ def test_one_clip_account_is_skipped_and_stereo_is_mixed_down(tmp_path, capsys):
     wavfile.write(root / "cai" / "st.wav", RATE,
                   (np.stack([w, w], axis=1) * 32767).astype(np.int16))
     write_wav(root / "dan" / "0.wav", voice(180, 1.05, 9), RATE)
+    from scipy.signal import resample_poly
+
+    write_wav(root / "ann" / "hi.wav", resample_poly(voice(210, 1.15, 11), 2, 1), 2 * RATE)
     assert main(["audit-accounts", str(root), "--out", str(tmp_path / "o")]) == 0
     out = capsys.readouterr().out
     assert "account dan skipped" in out
@@ -134,3 +137,4 @@ def test_one_clip_account_is_skipped_and_stereo_is_mixed_down(tmp_path, capsys):
 
     rep = json.loads((tmp_path / "o" / "report.json").read_text())
     assert rep["n_downmixed"] == 1 and rep["skipped_accounts"] == {"dan": 1}
+    assert rep["n_resampled"] == 1 and rep["sample_rate"] == RATE
