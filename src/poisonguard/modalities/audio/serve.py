@@ -113,6 +113,10 @@ def build_audio_filter(args: argparse.Namespace, classifier: Any) -> tuple[Any, 
     from poisonguard.runtime.strip import StripFilter
 
     rate, width = model_rate_and_width(classifier, getattr(args, "sample_rate", None))
+    shape = (getattr(classifier, "expected_inputs", None) or {}).get("sample_shape") or []
+    if not is_audio_model(classifier) and len(shape) > 1:
+        raise ConfigError(f"the model takes samples of shape {tuple(shape)}, not (T,) "
+                          "waveforms; give an audio model for audio clips")
     if args.calibration:
         filt = StripFilter.load(args.calibration, classifier)
         if rate is None:
