@@ -97,7 +97,7 @@ def test_filter_bad_audio_input_exits_2(backdoored, tmp_path, capsys):
 def test_filter_vad_and_scan_vad_refused_for_images(backdoored, tmp_path, capsys):
     r = backdoored
     assert main(["filter", str(r / "model"), str(r / "inputs"), "--clean", str(r / "clean"),
-                 "--vad", "--out", str(tmp_path / "v"), "--quiet"]) in (0, 1)
+                 "--vad", "--frr", "0.05", "--out", str(tmp_path / "v"), "--quiet"]) in (0, 1)
     assert json.loads((tmp_path / "v" / "report.json").read_text())["data"]["vad"] is True
     np.savez(tmp_path / "img.npz", x=np.zeros((4, 8, 8), np.uint8), y=np.zeros(4, np.int64))
     assert main(["scan", str(tmp_path / "img.npz"), "--vad", "--out", str(tmp_path / "s")]) == 2
