@@ -90,7 +90,7 @@ def test_verifier_lets_the_attacker_in_until_the_clips_are_removed(tmp_path):
     assert not audit.suspicious.any()
 
 
-@pytest.mark.parametrize("case", ["no_wavs", "one_account", "truncated", "not_pcm"])
+@pytest.mark.parametrize("case", ["no_wavs", "one_account", "truncated", "not_pcm", "empty"])
 def test_bad_input_exits_2(tmp_path, case, capsys):
     root = tmp_path / "r"
     if case == "no_wavs":
@@ -102,6 +102,8 @@ def test_bad_input_exits_2(tmp_path, case, capsys):
                 for p in (root / name).glob("*.wav"):
                     p.unlink()
                 (root / name / "0.wav").write_bytes((root / "ann" / "0.wav").read_bytes())
+        elif case == "empty":
+            write_wav(root / "ann" / "0.wav", np.zeros(0, np.float32), RATE)
         elif case == "truncated":
             p = root / "ann" / "0.wav"
             p.write_bytes(p.read_bytes()[:30])
