@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "default: the in-memory scan")
     s.add_argument("--shard-rows", type=int, default=50_000,
                    help="--engine: rows per extraction task and shard (default 50000)")
+    s.add_argument("--vad", action="store_true",
+                   help="audio data: cut every clip to its speech (WebRTC VAD) before "
+                        "training and scanning; sanitized.npz holds the cut clips")
 
     t = sub.add_parser("train", help="train a model with a guarded-training defence")
     t.add_argument("data", help="training set (.npz with x and y, image folder, …; posts in a "
@@ -227,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     from poisonguard.federated.cli import register as register_federated
 
     register_federated(sub)
+    from poisonguard.modalities.audio.voice.cli import register as register_voice
+
+    register_voice(sub)
 
     au = sub.add_parser(
         "audit", help="run every layer the inputs allow (provenance, quarantine scan, guarded "
@@ -473,6 +479,8 @@ def cmd_scan(args: argparse.Namespace) -> int:
         return cmd_scan_text(args)
     if _is_audio(args.data):
         return cmd_scan_audio(args)
+    if getattr(args, "vad", False):
+        raise ConfigError("--vad applies to audio data (a wav folder or an audio .npz)")
     provenance = provenance_layer(args, args.data)  # verified first: a bad manifest stops here
     data = load_dataset(args.data)
     trusted = None
@@ -722,6 +730,10 @@ def cmd_scan_audio(args: argparse.Namespace) -> int:
 
     _refuse_scan_flags(args, "audio")
     data = load_audio(args.data)
+    if getattr(args, "vad", False):
+        from poisonguard.modalities.audio.vad import trim_dataset
+
+        data = trim_dataset(data)
     truth = None
     gt = args.ground_truth or (args.data if str(args.data).endswith(".npz") else None)
     if gt:

@@ -92,20 +92,22 @@ def choose_architecture(sample_shape: tuple[int, ...], n_classes: int) -> tuple[
     return "mlp", {"in_features": int(np.prod(sample_shape)), "n_classes": n_classes}
 
 
+# modality architectures: imported when built, because the modality packages import this one
+MODALITY_ARCHITECTURES = {
+    "tabular-mlp": ("poisonguard.modalities.tabular.model", "TabularMLP"),
+    "text-pool": ("poisonguard.modalities.text.model", "TokenPoolClassifier"),
+    "audio-cnn": ("poisonguard.modalities.audio.model", "AudioCNN"),
+}
+
+
 def build_model(arch: str, **kwargs: Any) -> nn.Module:
     """Instantiate a built-in architecture by name."""
-    if arch == "tabular-mlp":  # imported here: the modality package imports this module
-        from poisonguard.modalities.tabular.model import TabularMLP
+    if arch in MODALITY_ARCHITECTURES:
+        import importlib
 
+        module, name = MODALITY_ARCHITECTURES[arch]
         try:
-            return TabularMLP(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"bad arguments for architecture {arch!r}: {exc}") from None
-    if arch == "text-pool":
-        from poisonguard.modalities.text.model import TokenPoolClassifier
-
-        try:
-            return TokenPoolClassifier(**kwargs)
+            return getattr(importlib.import_module(module), name)(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"bad arguments for architecture {arch!r}: {exc}") from None
     if arch not in ARCHITECTURES:

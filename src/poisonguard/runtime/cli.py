@@ -77,6 +77,17 @@ def add_tabular_runtime_args(p: argparse.ArgumentParser) -> None:
                         "of --frr; flagged when any fires)")
 
 
+def add_audio_runtime_args(p: argparse.ArgumentParser, vad: bool = True) -> None:
+    """The audio options of ``filter`` and ``serve``."""
+    p.add_argument("--sample-rate", type=int, default=None,
+                   help="audio: the model's sample rate in Hz (default: the built-in audio "
+                        "model's own; inputs are resampled to it)")
+    if vad:
+        p.add_argument("--vad", action="store_true",
+                       help="audio: cut every clip to its speech (WebRTC VAD) before "
+                            "screening; removes sounds in the silence around speech")
+
+
 def register(sub: Any) -> None:
     """Add ``filter`` and ``serve`` to an argparse subparsers object."""
     f = sub.add_parser(
@@ -95,6 +106,7 @@ def register(sub: Any) -> None:
                         "table, the OUT.triggered.csv of a conjunction attack")
     _add_strip_args(f)
     add_tabular_runtime_args(f)
+    add_audio_runtime_args(f)
     f.add_argument("--quiet", action="store_true")
     f.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: the CPUs this process may use, or "
@@ -109,6 +121,7 @@ def register(sub: Any) -> None:
     s.add_argument("model", help="model folder / model.json, or TorchScript file")
     _add_strip_args(s)
     add_tabular_runtime_args(s)
+    add_audio_runtime_args(s, vad=False)
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--save-calibration", default=None, metavar="DIR",
@@ -183,6 +196,16 @@ def cmd_filter(args: argparse.Namespace) -> int:
 
     check_writable_dir(args.out)
     classifier = load_model(args.model, batch_size=args.batch_size)
+    from poisonguard.modalities.audio.serve import (
+        cmd_filter_audio,
+        is_audio_inputs,
+        is_audio_model,
+    )
+
+    if is_audio_model(classifier) or is_audio_inputs(args.data):
+        return cmd_filter_audio(args, classifier)
+    if args.vad:
+        raise ConfigError("--vad applies to audio models and clips")
     x = _load_inputs(args.data)
     check_inputs(classifier.expected_inputs, x, "the inputs")
     if args.clean and not args.calibration:  # a shape mismatch is found before calibrating
@@ -236,7 +259,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if is_tabular_path(args.clean) or args.report:
         return cmd_serve_tabular(args)
     classifier = load_model(args.model, batch_size=args.batch_size)
-    filt = build_filter(args, classifier)
+    from poisonguard.modalities.audio.serve import (
+        build_audio_filter,
+        is_audio_inputs,
+        is_audio_model,
+    )
+
+    audio = is_audio_model(classifier) or is_audio_inputs(args.clean)
+    filt = build_audio_filter(args, classifier)[0] if audio else build_filter(args, classifier)
     if args.save_calibration:
         filt.save(args.save_calibration)
     app = create_app(filt, max_body_bytes=int(args.max_body_mb * (1 << 20)),
