@@ -176,12 +176,10 @@ def _evaluation(filt: Any, path: str) -> dict[str, Any]:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from poisonguard.io import atomic_write_csv, atomic_write_json, atomic_write_text
+    from poisonguard.io import atomic_write_csv
     from poisonguard.modalities.tabular.serve import cmd_filter_tabular, is_tabular_path
     from poisonguard.modalities.text.io import is_text_model
     from poisonguard.models.io import load_model
-    from poisonguard.report.html import render_html
-    from poisonguard.runtime.report import build_filter_report
 
     if is_text_model(args.model):
         from poisonguard.modalities.text.serve import cmd_filter_text
@@ -229,18 +227,32 @@ def cmd_filter(args: argparse.Namespace) -> int:
                      ([i, int(p), f"{e:.6f}", f"{sc:.6f}", int(s)] for i, (p, e, sc, s) in
                       enumerate(zip(result.prediction, result.entropy, result.score,
                                     result.suspicious))))
+    n_sus = write_filter_report(out, filt, x, result, evaluation, timings, args.quiet)
+    return EXIT_FOUND if n_sus else EXIT_CLEAN
+
+
+def write_filter_report(out: Path, filt: Any, x: Any, result: Any, evaluation: Any,
+                        timings: dict[str, float], quiet: bool, what: str = "inputs",
+                        data: dict[str, Any] | None = None) -> int:
+    """``report.json``/``.html`` of a STRIP ``filter`` run (``data`` added to its data block),
+    the console lines; returns the number of flagged inputs."""
+    from poisonguard.io import atomic_write_json, atomic_write_text
+    from poisonguard.report.html import render_html
+    from poisonguard.runtime.report import build_filter_report
+
     report = build_filter_report(filt, x, result, evaluation, timings)
+    if data:
+        report["data"].update(data)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.html", render_html(report))
-    n_sus = int(result.suspicious.sum())
-    if not args.quiet:
+    if not quiet:
         print(report["verdict"]["summary"])
         if evaluation is not None:
             print(f"evaluation: FAR {evaluation['far']:.4f} on {evaluation['n_triggered']} "
-                  f"triggered inputs, FRR {evaluation['frr']:.4f} on {evaluation['n_clean']} "
-                  "clean inputs")
+                  f"triggered {what}, FRR {evaluation['frr']:.4f} on {evaluation['n_clean']} "
+                  f"clean {what}")
         print(f"wrote {out}/flags.csv, report.json, report.html, strip.json, strip_pool.npz")
-    return EXIT_FOUND if n_sus else EXIT_CLEAN
+    return int(result.suspicious.sum())
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -54,6 +54,46 @@ class RequestError(Exception):
         self.message = message
 
 
+def error_response(status: int, message: str) -> JSONResponse:
+    """The JSON answer to a refused request."""
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+async def read_body(request: Any, max_body_bytes: int) -> bytes:
+    """The request body, refused (413) past ``max_body_bytes`` by its Content-Length header or,
+    streamed, by its bytes."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            if int(length) > max_body_bytes:
+                raise RequestError(413, f"request body of {int(length)} bytes exceeds the "
+                                        f"limit of {max_body_bytes} bytes")
+        except ValueError:
+            raise RequestError(400, "bad Content-Length header") from None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise RequestError(413, f"request body exceeds the limit of {max_body_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):
+        raise RequestError(400, "body is not valid JSON") from None
+
+
+def check_count(n: int, max_inputs: int) -> None:
+    """Refuse an empty request (422) or one over ``max_inputs`` inputs (413)."""
+    if n == 0:
+        raise RequestError(422, "no inputs in the request")
+    if n > max_inputs:
+        raise RequestError(413, f"{n} inputs in one request; the limit is {max_inputs}")
+
+
 class Stats:
     """Request metrics: counts by path and status, a window of latencies, inputs screened."""
 
@@ -202,9 +242,6 @@ def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int
             "sample_shape": list(filt.sample_shape), "input_dtype": str(filt.pool.dtype),
             "max_inputs": max_inputs, "max_body_bytes": max_body_bytes}
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message, "status": status}, status_code=status)
-
     def screen(x: np.ndarray) -> Any:
         with model_lock:
             return filt.screen(x)
@@ -230,41 +267,23 @@ def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int
     @app.post("/predict", response_model=None)
     async def predict(request: Request) -> Any:
         try:
-            length = request.headers.get("content-length")
-            if length is not None:
-                try:
-                    if int(length) > max_body_bytes:
-                        raise RequestError(413, f"request body of {int(length)} bytes exceeds "
-                                                f"the limit of {max_body_bytes} bytes")
-                except ValueError:
-                    raise RequestError(400, "bad Content-Length header") from None
-            chunks, size = [], 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body_bytes:
-                    raise RequestError(413, f"request body exceeds the limit of "
-                                            f"{max_body_bytes} bytes")
-                chunks.append(chunk)
-            arr = parse_body(b"".join(chunks), request.headers.get("content-type", ""))
+            body = await read_body(request, max_body_bytes)
+            arr = parse_body(body, request.headers.get("content-type", ""))
             try:
                 x = validate_inputs(arr, filt.sample_shape)
                 x = filt.coerce(x)
             except DataError as exc:
                 raise RequestError(422, str(exc)) from None
-            if len(x) == 0:
-                raise RequestError(422, "no inputs in the request")
-            if len(x) > max_inputs:
-                raise RequestError(413, f"{len(x)} inputs in one request; the limit is "
-                                        f"{max_inputs}")
+            check_count(len(x), max_inputs)
             try:
                 res = await run_in_threadpool(screen, x)
             except DataError as exc:
                 raise RequestError(422, str(exc)) from None
         except RequestError as exc:
-            return error(exc.status, exc.message)
+            return error_response(exc.status, exc.message)
         except PoisonguardError as exc:
             log.error("screening failed: %s", exc)
-            return error(500, f"screening failed: {exc}")
+            return error_response(500, f"screening failed: {exc}")
         base = uuid.uuid4().hex[:16]
         ids = [f"{base}-{i}" for i in range(len(x))]
         n_sus = int(res.suspicious.sum())

@@ -152,9 +152,7 @@ def cmd_filter_audio(args: argparse.Namespace, classifier: Any) -> int:
     the calibration; exit 0 when nothing is flagged, 1 otherwise."""
     import time
 
-    from poisonguard.io import atomic_write_csv, atomic_write_json, atomic_write_text
-    from poisonguard.report.html import render_html
-    from poisonguard.runtime.report import build_filter_report
+    from poisonguard.io import atomic_write_csv
 
     t0 = time.perf_counter()
     rate, _ = model_rate_and_width(classifier, getattr(args, "sample_rate", None))
@@ -174,17 +172,9 @@ def cmd_filter_audio(args: argparse.Namespace, classifier: Any) -> int:
     atomic_write_csv(out / "flags.csv", ["index", "id", "prediction", "score", "suspicious"],
                      ([i, ids[i], int(p), f"{sc:.6f}", int(s)] for i, (p, sc, s) in
                       enumerate(zip(result.prediction, result.score, result.suspicious))))
-    report = build_filter_report(filt, x, result, evaluation, timings)
-    report["data"].update({"modality": "audio", "sample_rate": rate, "clip_samples": width,
-                           "vad": bool(args.vad)})
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.html", render_html(report))
-    n_sus = int(result.suspicious.sum())
-    if not args.quiet:
-        print(report["verdict"]["summary"])
-        if evaluation is not None:
-            print(f"evaluation: FAR {evaluation['far']:.4f} on {evaluation['n_triggered']} "
-                  f"triggered clips, FRR {evaluation['frr']:.4f} on {evaluation['n_clean']} "
-                  "clean clips")
-        print(f"wrote {out}/flags.csv, report.json, report.html, strip.json, strip_pool.npz")
+    from poisonguard.runtime.cli import write_filter_report
+
+    n_sus = write_filter_report(out, filt, x, result, evaluation, timings, args.quiet, "clips",
+                                {"modality": "audio", "sample_rate": rate,
+                                 "clip_samples": width, "vad": bool(args.vad)})
     return 1 if n_sus else 0

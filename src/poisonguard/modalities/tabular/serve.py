@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from poisonguard.errors import ConfigError, DataError
@@ -195,7 +194,17 @@ def create_tabular_app(filt: RowFilter, like: TabularData, max_body_bytes: int =
                        max_inputs: int = 512) -> FastAPI:
     """A FastAPI app: ``POST /predict`` (JSON objects by column name), ``GET /health``,
     ``GET /metrics``, ``GET /flagged``; bad requests get a 4xx with the reason."""
-    from poisonguard.runtime.service import Stats, _MetricsMiddleware, add_status_routes, log
+    from poisonguard.runtime.service import (
+        RequestError,
+        Stats,
+        _MetricsMiddleware,
+        add_status_routes,
+        check_count,
+        error_response,
+        log,
+        read_body,
+        read_json,
+    )
 
     app = FastAPI(title="poisonguard tabular screening", docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -208,9 +217,6 @@ def create_tabular_app(filt: RowFilter, like: TabularData, max_body_bytes: int =
             "rules": [t for _, _, t in filt.rules], "max_inputs": max_inputs,
             "max_body_bytes": max_body_bytes}
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message, "status": status}, status_code=status)
-
     def screen(x: np.ndarray) -> dict[str, np.ndarray]:
         with lock:
             return filt.screen(x)
@@ -219,27 +225,19 @@ def create_tabular_app(filt: RowFilter, like: TabularData, max_body_bytes: int =
 
     @app.post("/predict", response_model=None)
     async def predict(request: Request) -> Any:
-        body, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                return error(413, f"request body exceeds the limit of {max_body_bytes} bytes")
-            body.append(chunk)
         try:
-            doc = json.loads(b"".join(body))
-        except (ValueError, RecursionError):
-            return error(400, "body is not valid JSON")
-        try:
+            doc = read_json(await read_body(request, max_body_bytes))
             records = records_of(doc)
-            if not records:
-                return error(422, "no inputs in the request")
-            if len(records) > max_inputs:
-                return error(413, f"{len(records)} inputs in one request; the limit is "
-                                  f"{max_inputs}")
+            check_count(len(records), max_inputs)
+        except RequestError as exc:
+            return error_response(exc.status, exc.message)
+        except DataError as exc:
+            return error_response(422, str(exc))
+        try:
             x = rows_from_records(records, like)
             res = await run_in_threadpool(screen, x)
         except DataError as exc:
-            return error(422, str(exc))
+            return error_response(422, str(exc))
         base = uuid.uuid4().hex[:16]
         results = []
         for i in range(len(x)):

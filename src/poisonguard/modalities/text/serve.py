@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from poisonguard.errors import ConfigError, DataError
@@ -142,7 +141,17 @@ def posts_of(doc: Any) -> list[str]:
 def create_text_app(filt: TextFilter, model: TextModel, max_body_bytes: int = 8 << 20,
                     max_inputs: int = 512) -> FastAPI:
     """``POST /predict`` (JSON strings), ``GET /health``, ``/metrics``, ``/flagged``."""
-    from poisonguard.runtime.service import Stats, _MetricsMiddleware, add_status_routes, log
+    from poisonguard.runtime.service import (
+        RequestError,
+        Stats,
+        _MetricsMiddleware,
+        add_status_routes,
+        check_count,
+        error_response,
+        log,
+        read_body,
+        read_json,
+    )
 
     app = FastAPI(title="poisonguard text screening", docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -152,9 +161,6 @@ def create_text_app(filt: TextFilter, model: TextModel, max_body_bytes: int = 8 
     flagged: deque[dict[str, Any]] = deque(maxlen=FLAGGED_KEPT)
     info = {**filt.describe(), "max_inputs": max_inputs, "max_body_bytes": max_body_bytes}
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message, "status": status}, status_code=status)
-
     def screen(texts: list[str]) -> dict[str, np.ndarray]:
         with lock:
             return filt.screen(texts)
@@ -163,26 +169,18 @@ def create_text_app(filt: TextFilter, model: TextModel, max_body_bytes: int = 8 
 
     @app.post("/predict", response_model=None)
     async def predict(request: Request) -> Any:
-        body, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body_bytes:
-                return error(413, f"request body exceeds the limit of {max_body_bytes} bytes")
-            body.append(chunk)
         try:
-            doc = json.loads(b"".join(body))
-        except (ValueError, RecursionError):
-            return error(400, "body is not valid JSON")
-        try:
+            doc = read_json(await read_body(request, max_body_bytes))
             texts = posts_of(doc)
-            if not texts:
-                return error(422, "no inputs in the request")
-            if len(texts) > max_inputs:
-                return error(413, f"{len(texts)} inputs in one request; the limit is "
-                                  f"{max_inputs}")
+            check_count(len(texts), max_inputs)
+        except RequestError as exc:
+            return error_response(exc.status, exc.message)
+        except DataError as exc:
+            return error_response(422, str(exc))
+        try:
             res = await run_in_threadpool(screen, texts)
         except DataError as exc:
-            return error(422, str(exc))
+            return error_response(422, str(exc))
         base = uuid.uuid4().hex[:16]
         results = []
         for i, text in enumerate(texts):
