@@ -603,8 +603,7 @@ def _finish_modality_scan(args: argparse.Namespace, result: Any, truth: np.ndarr
 
 def cmd_scan_text(args: argparse.Namespace) -> int:
     """``scan`` on posts (see :mod:`poisonguard.modalities.text.scan`)."""
-    from poisonguard.errors import DataError
-    from poisonguard.modalities.text.data import load_text, read_column
+    from poisonguard.modalities.text.data import load_text, read_poison_column
     from poisonguard.modalities.text.report import build_text_report, write_text_outputs
     from poisonguard.modalities.text.scan import TEXT_DETECTORS, scan_text
     from poisonguard.pipeline import ScanConfig
@@ -613,13 +612,7 @@ def cmd_scan_text(args: argparse.Namespace) -> int:
     data = load_text(args.data, args.text_column, args.label_column)
     config = ScanConfig(seed=args.seed, epochs=args.epochs, detectors=TEXT_DETECTORS,
                         progress=not args.quiet)
-    truth = None
-    column = read_column(args.data, "is_poison")
-    if column is not None:
-        try:
-            truth = np.array([int(v) for v in column], dtype=bool)
-        except (TypeError, ValueError):
-            raise DataError(f"{args.data}: is_poison holds values other than 0/1") from None
+    truth = read_poison_column(args.data)
     result = scan_text(data, config)
     return _finish_modality_scan(args, result, truth, build_text_report, write_text_outputs,
                                  "sanitized.csv")
@@ -682,15 +675,12 @@ def _tabular_truth(path: str, n: int) -> np.ndarray:
             raise DataError(f"{path}: no 'is_poison' key")
         values = found["is_poison"].tolist()
     else:
-        from poisonguard.modalities.text.data import read_column
+        from poisonguard.modalities.text.data import read_poison_column
 
-        column = read_column(path, "is_poison")
-        if column is None:
+        truth = read_poison_column(path)
+        if truth is None:
             raise DataError(f"{path}: no is_poison column")
-        try:
-            values = [int(v) for v in column]
-        except (TypeError, ValueError):
-            raise DataError(f"{path}: is_poison holds values other than 0/1") from None
+        values = truth.astype(int).tolist()
     if len(values) != n:
         raise DataError(f"{path}: {len(values)} is_poison values for {n} rows")
     return np.asarray(values, dtype=bool)

@@ -218,23 +218,29 @@ def add_status_routes(app: Any, info: dict[str, Any], stats: Stats, flagged: Any
         return {"n": len(flagged), "flagged": list(flagged)}
 
 
+def new_service(title: str) -> tuple[FastAPI, Stats, threading.Lock, deque[dict[str, Any]]]:
+    """A bare screening app with request metrics: the app, its stats, the model lock and the
+    queue of recent suspicious inputs (``app.state`` holds the last two)."""
+    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
+    stats = Stats()
+    app.add_middleware(_MetricsMiddleware, stats=stats)
+    flagged: deque[dict[str, Any]] = deque(maxlen=FLAGGED_KEPT)
+    app.state.stats = stats
+    app.state.flagged = flagged
+    return app, stats, threading.Lock(), flagged
+
+
 def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int = 512,
                review_dir: str | Path | None = None, max_review_files: int = 10_000,
                title: str = "poisonguard screening service") -> FastAPI:
     """The FastAPI app screening inputs of ``filt``'s model."""
     if filt.threshold is None:
         raise PoisonguardError("the STRIP filter is not calibrated")
-    app = FastAPI(title=title, docs_url=None, redoc_url=None, openapi_url=None)
-    stats = Stats()
-    app.add_middleware(_MetricsMiddleware, stats=stats)
-    model_lock = threading.Lock()
-    flagged: deque[dict[str, Any]] = deque(maxlen=FLAGGED_KEPT)
+    app, stats, model_lock, flagged = new_service(title)
     review = Path(review_dir) if review_dir else None
     if review is not None:
         review.mkdir(parents=True, exist_ok=True)
     review_count = [0]
-    app.state.stats = stats
-    app.state.flagged = flagged
     info = {"threshold": filt.threshold, "n_blends": filt.config.n_blends,
             "cut_blends": filt.config.blends_for("cut") if "cut" in filt.config.tests else None,
             "blend": filt.config.blend, "statistic": filt.config.statistic,

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -196,22 +194,16 @@ def create_tabular_app(filt: RowFilter, like: TabularData, max_body_bytes: int =
     ``GET /metrics``, ``GET /flagged``; bad requests get a 4xx with the reason."""
     from poisonguard.runtime.service import (
         RequestError,
-        Stats,
-        _MetricsMiddleware,
         add_status_routes,
         check_count,
         error_response,
         log,
+        new_service,
         read_body,
         read_json,
     )
 
-    app = FastAPI(title="poisonguard tabular screening", docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    stats = Stats()
-    app.add_middleware(_MetricsMiddleware, stats=stats)
-    lock = threading.Lock()
-    flagged: deque[dict[str, Any]] = deque(maxlen=FLAGGED_KEPT)
+    app, stats, lock, flagged = new_service("poisonguard tabular screening")
     info = {"modality": "tabular", "columns": like.columns, "threshold": filt.threshold,
             "share": filt.share, "n_perturb": filt.n_perturb, "target_frr": filt.frr,
             "rules": [t for _, _, t in filt.rules], "max_inputs": max_inputs,

@@ -212,6 +212,18 @@ def read_column(path: str | Path, name: str) -> list[Any] | None:
     return [r.get(name) for r in rows]
 
 
+
+def read_poison_column(path: str | Path) -> np.ndarray | None:
+    """The file's ``is_poison`` column (as ``attack`` writes it) as booleans; None when absent;
+    :class:`DataError` when it holds anything but 0/1."""
+    column = read_column(path, "is_poison")
+    if column is None:
+        return None
+    try:
+        return np.array([int(v) for v in column], dtype=bool)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: is_poison holds values other than 0/1") from None
+
 def original_labels(data: TextData) -> list[Any]:
     """Each post's label as the file wrote it (the inverse of ``label_map``)."""
     inverse = {v: k for k, v in data.label_map.items()}

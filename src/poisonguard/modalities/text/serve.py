@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import uuid
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -143,22 +141,16 @@ def create_text_app(filt: TextFilter, model: TextModel, max_body_bytes: int = 8 
     """``POST /predict`` (JSON strings), ``GET /health``, ``/metrics``, ``/flagged``."""
     from poisonguard.runtime.service import (
         RequestError,
-        Stats,
-        _MetricsMiddleware,
         add_status_routes,
         check_count,
         error_response,
         log,
+        new_service,
         read_body,
         read_json,
     )
 
-    app = FastAPI(title="poisonguard text screening", docs_url=None, redoc_url=None,
-                  openapi_url=None)
-    stats = Stats()
-    app.add_middleware(_MetricsMiddleware, stats=stats)
-    lock = threading.Lock()
-    flagged: deque[dict[str, Any]] = deque(maxlen=FLAGGED_KEPT)
+    app, stats, lock, flagged = new_service("poisonguard text screening")
     info = {**filt.describe(), "max_inputs": max_inputs, "max_body_bytes": max_body_bytes}
 
     def screen(texts: list[str]) -> dict[str, np.ndarray]:

@@ -9,9 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from poisonguard.errors import ConfigError, DataError
+from poisonguard.errors import ConfigError
 
 
 def train_text(data: Any, defense: str = "none", epochs: int | None = None, seed: int = 0,
@@ -43,7 +41,7 @@ def train_text(data: Any, defense: str = "none", epochs: int | None = None, seed
 def cmd_train_text(args: argparse.Namespace) -> int:
     from poisonguard.io import atomic_write_json, check_writable_dir
     from poisonguard.metrics import detection_metrics
-    from poisonguard.modalities.text.data import load_text, read_column
+    from poisonguard.modalities.text.data import load_text, read_poison_column
     from poisonguard.modalities.text.io import save_text_model
 
     if args.defense == "noise" or args.noise_sigma is not None:
@@ -55,13 +53,7 @@ def cmd_train_text(args: argparse.Namespace) -> int:
     data = load_text(args.data, args.text_column, args.label_column)
     test = (load_text(args.test, args.text_column, args.label_column,
                       label_map=data.label_map, min_rows=1) if args.test else None)
-    truth = None
-    column = read_column(args.data, "is_poison")
-    if column is not None:
-        try:
-            truth = np.array([int(v) for v in column], dtype=bool)
-        except (TypeError, ValueError):
-            raise DataError(f"{args.data}: is_poison holds values other than 0/1") from None
+    truth = read_poison_column(args.data)
     result, vocab, _ = train_text(data, args.defense, args.epochs, args.seed,
                                   args.trim_fraction, progress=not args.quiet)
     from poisonguard.modalities.text.io import TextModel
