@@ -118,20 +118,205 @@ def build(name: str, ev: Any) -> tuple[Path, Any]:
     return folder, poisoned
 
 
+def victim(name: str, folder: Path, poisoned: Any, ev: Any) -> dict[str, Any]:
+    from poisonguard.metrics import accuracy
+    from poisonguard.models.io import load_model
+
+    clf = load_model(folder)
+    rec: dict[str, Any] = {"model": name, "dataset": dataset(name), "half": half(name),
+                           "backdoored": name in BACKDOORED,
+                           "clean_accuracy": round(accuracy(clf.predict(ev.x), ev.y), 4)}
+    if name in BACKDOORED:
+        attack, kwargs, target, seed = BACKDOORED[name]
+        trig = poisoned.test_triggered
+        rec.update({"attack": attack, "params": kwargs, "target": target, "seed": seed,
+                    "asr": round(accuracy(clf.predict(trig.x), trig.y), 4)})
+        rec["scored"] = rec["asr"] >= MIN_ASR
+    else:
+        rec.update({"attack": None, "target": None, "seed": CLEAN[name], "scored": True})
+    return rec
+
+
+def audit_free(folder: Path) -> dict[str, Any]:
+    from poisonguard.audit.combined import audit_with_optional_clean
+    from poisonguard.audit.mmbd import infer_domain
+    from poisonguard.audit.model import load_audit_model
+
+    model = load_audit_model(folder)
+    t0 = time.perf_counter()
+    v = audit_with_optional_clean(model, infer_domain(model))
+    ev = v["evidence"]
+    return {"backdoored": v["backdoored"], "target_class": v["target_class"],
+            "top": ev["most_anomalous_class"], "p_value": ev["p_value"],
+            "margin_anomaly_index": ev["margin_anomaly_index"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def audit_clean(folder: Path, trusted: Any) -> dict[str, Any]:
+    from poisonguard.audit.combined import audit_with_optional_clean
+    from poisonguard.audit.mmbd import infer_domain
+    from poisonguard.audit.model import load_audit_model
+
+    model = load_audit_model(folder)
+    t0 = time.perf_counter()
+    v = audit_with_optional_clean(model, infer_domain(model), trusted)
+    nc = v["evidence"]["detectors"]["neural_cleanse"]
+    return {"backdoored": v["backdoored"], "target_class": v["target_class"],
+            "decided_by": v["decided_by"], "nc_backdoored": nc["backdoored"],
+            "nc_target": nc["target_class"],
+            "nc_most_anomalous": nc["evidence"]["most_anomalous_class"],
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+RUNTIME_FRR = 0.02
+STRIP = {"blend": "cut+mix", "alpha": 0.8, "cut_area": 0.75, "statistic": "log-odds",
+         "cut_blends": 40, "n_blends": 20}
+
+
+def runtime_part(folder: Path, poisoned: Any, sp: dict[str, Any], rec: dict[str, Any],
+                 methods: tuple[str, ...] = ("strip", "scale-up", "ibd-psc")
+                 ) -> dict[str, Any]:
+    """Per method: FAR on the successful triggered inputs, FRR on clean evaluation inputs,
+    screened inputs per second (calibrated on ``sp['cal']`` at :data:`RUNTIME_FRR`)."""
+    from poisonguard.models.io import load_model
+    from poisonguard.runtime.consistency import ConsistencyConfig, ConsistencyFilter
+    from poisonguard.runtime.strip import StripConfig, StripFilter
+
+    clf = load_model(folder)
+    ev = sp["eval"]
+    trig = poisoned.test_triggered if poisoned is not None else None
+    hit = None
+    if trig is not None:
+        hit = clf.predict(trig.x) == trig.y
+    out: dict[str, Any] = {}
+    for meth in methods:
+        if meth == "strip":
+            filt = StripFilter.calibrate(clf, sp["cal"].x, StripConfig(
+                target_frr=RUNTIME_FRR, seed=0, **STRIP))
+        else:
+            filt = ConsistencyFilter.calibrate(clf, sp["cal"].x, ConsistencyConfig(
+                method=meth, target_frr=RUNTIME_FRR))
+        t0 = time.perf_counter()
+        rc = filt.screen(ev.x)
+        per_s = len(ev.x) / (time.perf_counter() - t0)
+        m: dict[str, Any] = {"frr": round(float(rc.suspicious.mean()), 4),
+                             "per_second": round(per_s, 1), "far_successful": None}
+        if trig is not None and hit is not None and hit.any():
+            rt = filt.screen(trig.x[hit])
+            m["far_successful"] = round(float((~rt.suspicious).mean()), 4)
+            m["n_successful"] = int(hit.sum())
+            m["flagged_scores"] = {"clean": rc.score, "triggered": rt.score}
+        out[meth] = m
+    for m in out.values():
+        m.pop("flagged_scores", None)
+    return out
+
+
+def right(rec: dict[str, Any], part: str) -> bool | None:
+    r = rec.get(part)
+    if r is None:
+        return None
+    if rec["backdoored"]:
+        return bool(r["backdoored"] and r["target_class"] == rec["target"])
+    return bool(r["backdoored"])
+
+
+def tally(records: list[dict[str, Any]], part: str, halfname: str | None) -> str:
+    rows = [r for r in records if r.get(part) is not None and r["scored"]
+            and (halfname is None or r["half"] == halfname)]
+    bd = [r for r in rows if r["backdoored"]]
+    cl = [r for r in rows if not r["backdoored"]]
+    hit = sum(bool(right(r, part)) for r in bd)
+    fp = sum(bool(right(r, part)) for r in cl)
+    return (f"{hit} of {len(bd)} backdoored flagged with the right target, {fp} of {len(cl)} "
+            "clean flagged")
+
+
+def _cell(r: dict[str, Any] | None, keys: tuple[str, ...]) -> str:
+    if r is None:
+        return "–"
+    tgt = r["target_class"] if r["backdoored"] else "no"
+    return f"{tgt} ({', '.join(f'{r[k]}' for k in keys)})"
+
+
+def summarise(records: list[dict[str, Any]]) -> str:
+    lines = ["# Issue 21 zoo: data-free audit, audit with clean data, runtime filters", "",
+             "Written by `benchmarks/nonpatch_zoo.py` (recipe in its docstring). Settings "
+             "(max-margin prior weight 10, 4 starts x 100 steps, alpha 0.05; SCALE-UP factors) "
+             "were chosen on the `dev` half; `held-out` models were not looked at before. "
+             "Only models with ASR >= 50% are scored.", "",
+             "## Totals", "", "| part | dev | held-out | all |", "|---|---|---|---|"]
+    for part, label in (("audit_free", "data-free audit (MM-BD + prior)"),
+                        ("audit_clean", "with 500 clean samples (NC + MM-BD)")):
+        cells = [tally(records, part, h) for h in ("dev", "held-out", None)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## Per model", "",
+              "| model | half | clean acc | ASR | scored | data-free: flagged class (p, "
+              "s) | with clean: flagged class (by, NC's, s) |",
+              "|---|---|---|---|---|---|---|"]
+    for r in records:
+        asr = "–" if r.get("asr") is None else f"{r['asr']:.1%}"
+        free = _cell(r.get("audit_free"), ("p_value", "seconds"))
+        cl = r.get("audit_clean")
+        cln = "–" if cl is None else (
+            f"{cl['target_class'] if cl['backdoored'] else 'no'} "
+            f"({'+'.join(cl['decided_by']) or '-'}, NC {cl['nc_target']}, {cl['seconds']})")
+        lines.append(f"| {r['model']} (target {r['target']}) | {r['half']} | "
+                     f"{r['clean_accuracy']:.1%} | {asr} | {r['scored']} | {free} | {cln} |")
+    rt = [r for r in records if r.get("runtime")]
+    if rt:
+        lines += ["", "## Runtime filters", "",
+                  "Calibrated on 2,000 clean test images at a 2% target FRR; FAR on the "
+                  "successful triggered inputs (triggered evaluation images the model sends to "
+                  "the target), FRR on 2,000 other clean images; speed = screened inputs per "
+                  "second, one thread.", "",
+                  "| model | method | FAR (successful triggers) | FRR | inputs/s |",
+                  "|---|---|---|---|---|"]
+        for r in rt:
+            for meth, m in r["runtime"].items():
+                far = m.get("far_successful")
+                lines.append(f"| {r['model']} | {meth} | "
+                             f"{'–' if far is None else f'{far:.1%}'} | {m['frr']:.1%} | "
+                             f"{m['per_second']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    from poisonguard.io import atomic_write_json, atomic_write_text
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(BACKDOORED) + list(CLEAN))
+    p.add_argument("--parts", nargs="+", default=["audit_free", "audit_clean", "runtime"],
+                   choices=["audit_free", "audit_clean", "runtime"])
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
+    unknown = sorted(set(args.models) - set(BACKDOORED) - set(CLEAN))
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}")
     torch.set_num_threads(args.threads)
     if args.train_only:
         for name in args.models:
             build(name, splits(dataset(name))["eval"])
         return
-    raise SystemExit("evaluation not written yet")
+    path = RESULTS / "nonpatch_zoo.json"
+    records = {r["model"]: r for r in (json.loads(path.read_text()) if path.exists() else [])}
+    for name in args.models:
+        sp = splits(dataset(name))
+        folder, poisoned = build(name, sp["eval"])
+        rec = {**records.get(name, {}), **victim(name, folder, poisoned, sp["eval"])}
+        if "audit_free" in args.parts:
+            rec["audit_free"] = audit_free(folder)
+        if "audit_clean" in args.parts:
+            rec["audit_clean"] = audit_clean(folder, sp["trusted"])
+        if "runtime" in args.parts:
+            rec["runtime"] = runtime_part(folder, poisoned, sp, rec)
+        print(json.dumps(rec), flush=True)
+        records[name] = rec
+        order = [n for n in list(BACKDOORED) + list(CLEAN) if n in records]
+        atomic_write_json(path, [records[n] for n in order])
+        atomic_write_text(RESULTS / "nonpatch_zoo.md", summarise([records[n] for n in order]))
 
 
 if __name__ == "__main__":
-    json.dumps({})
     main()
