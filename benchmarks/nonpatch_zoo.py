@@ -174,12 +174,13 @@ STRIP = {"blend": "cut+mix", "alpha": 0.8, "cut_area": 0.75, "statistic": "log-o
 
 
 def runtime_part(folder: Path, poisoned: Any, sp: dict[str, Any], rec: dict[str, Any],
-                 methods: tuple[str, ...] = ("strip", "scale-up", "ibd-psc")
+                 methods: tuple[str, ...] = ("strip", "scale-up", "ibd-psc", "feature")
                  ) -> dict[str, Any]:
     """Per method: FAR on the successful triggered inputs, FRR on clean evaluation inputs,
     screened inputs per second (calibrated on ``sp['cal']`` at :data:`RUNTIME_FRR`)."""
     from poisonguard.models.io import load_model
     from poisonguard.runtime.consistency import ConsistencyConfig, ConsistencyFilter
+    from poisonguard.runtime.feature import FeatureConfig, FeatureFilter
     from poisonguard.runtime.strip import StripConfig, StripFilter
 
     clf = load_model(folder)
@@ -193,6 +194,9 @@ def runtime_part(folder: Path, poisoned: Any, sp: dict[str, Any], rec: dict[str,
         if meth == "strip":
             filt = StripFilter.calibrate(clf, sp["cal"].x, StripConfig(
                 target_frr=RUNTIME_FRR, seed=0, **STRIP))
+        elif meth == "feature":
+            filt = FeatureFilter.calibrate(clf, sp["cal"].x, FeatureConfig(
+                target_frr=RUNTIME_FRR))
         else:
             filt = ConsistencyFilter.calibrate(clf, sp["cal"].x, ConsistencyConfig(
                 method=meth, target_frr=RUNTIME_FRR))

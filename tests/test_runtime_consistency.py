@@ -87,7 +87,7 @@ def test_union_flags_what_any_part_flags(setup: dict, tmp_path: Path) -> None:
     again = load_filter(tmp_path, clf)
     assert isinstance(again, UnionFilter)
     assert np.array_equal(again.screen(x).suspicious, r.suspicious)
-    assert parse_methods("both") == ("strip", "scale-up")
+    assert parse_methods("both") == ("strip", "feature")
     with pytest.raises(ConfigError):
         parse_methods("strip+strip")
 
@@ -98,7 +98,7 @@ def test_cli_filter_method(setup: dict, tmp_path: Path, capsys: pytest.CaptureFi
     np.savez(data, x=np.concatenate([setup["clean"][:50], setup["triggered"][:50]]))
     out = tmp_path / "both"
     rc = main(["filter", str(setup["model"]), str(data), "--clean", str(cal), "--out", str(out),
-               "--method", "both", "--frr", "0.1", "--n-blends", "8", "--quiet"])
+               "--method", "strip+scale-up", "--frr", "0.1", "--n-blends", "8", "--quiet"])
     assert rc == 1
     flags = (out / "flags.csv").read_text().splitlines()
     assert flags[0] == "index,prediction,entropy,score,suspicious" and len(flags) == 101
@@ -114,3 +114,28 @@ def test_cli_filter_method(setup: dict, tmp_path: Path, capsys: pytest.CaptureFi
                  str(bad), "--method", "magic"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--method" in err and len(err.splitlines()) == 1 and not bad.exists()
+
+
+def test_feature_filter(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from poisonguard.runtime.feature import FeatureConfig, FeatureFilter
+
+    clf = load_model(setup["model"])
+    filt = FeatureFilter.calibrate(clf, setup["cal"], FeatureConfig(target_frr=0.1))
+    assert filt.calibration.n_fit == 150 and filt.calibration.achieved_frr <= 0.1
+    clean, trig = filt.screen(setup["clean"]), filt.screen(setup["triggered"])
+    assert clean.suspicious.mean() < 0.25 < trig.suspicious.mean()
+    filt.save(tmp_path)
+    again = load_filter(tmp_path, clf)
+    assert isinstance(again, FeatureFilter)
+    assert np.array_equal(again.screen(setup["triggered"]).suspicious, trig.suspicious)
+    clf.layer = None
+    with pytest.raises(ModelError, match="representation layer"):
+        FeatureFilter.calibrate(clf, setup["cal"])
+    cal, data = tmp_path / "cal.npz", tmp_path / "data.npz"
+    np.savez(cal, x=setup["cal"])
+    np.savez(data, x=setup["triggered"][:40])
+    out = tmp_path / "both"
+    assert main(["filter", str(setup["model"]), str(data), "--clean", str(cal), "--out",
+                 str(out), "--method", "both", "--frr", "0.1", "--n-blends", "8",
+                 "--quiet"]) == 1
+    assert {"feature.json", "strip.json", "filters.json"} <= {p.name for p in out.iterdir()}

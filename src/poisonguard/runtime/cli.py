@@ -22,8 +22,10 @@ def _add_strip_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="strip",
                    help="strip (blend with clean inputs; default), scale-up (prediction "
                         "consistency under pixel amplification), ibd-psc (under batch-norm "
-                        "amplification of the model), several joined with '+', or both "
-                        "(= strip+scale-up); a union splits --frr evenly and flags an input "
+                        "amplification of the model), feature (Mahalanobis distance of the "
+                        "representation to the clean inputs of the predicted class), several "
+                        "joined with '+', or both "
+                        "(= strip+feature); a union splits --frr evenly and flags an input "
                         "when any filter fires")
     p.add_argument("--scale-factors", default="2,3,4,5,6", metavar="K,K,...",
                    help="scale-up's pixel amplification factors (default 2,3,4,5,6)")
@@ -127,6 +129,7 @@ def _load_inputs(path: str) -> np.ndarray:
 
 def build_filter(args: argparse.Namespace, classifier: Any) -> Any:
     from poisonguard.runtime.consistency import ConsistencyConfig, ConsistencyFilter
+    from poisonguard.runtime.feature import FeatureConfig, FeatureFilter
     from poisonguard.runtime.strip import StripConfig, StripFilter
     from poisonguard.runtime.union import UnionFilter, load_filter, parse_methods
 
@@ -151,6 +154,9 @@ def build_filter(args: argparse.Namespace, classifier: Any) -> Any:
                                  statistic=args.statistic, cut_area=args.cut_area,
                                  cut_blends=args.cut_blends)
             filters.append(StripFilter.calibrate(classifier, clean_x, config))
+        elif m == "feature":
+            filters.append(FeatureFilter.calibrate(classifier, clean_x,
+                                                   FeatureConfig(target_frr=frr, seed=args.seed)))
         else:
             filters.append(ConsistencyFilter.calibrate(classifier, clean_x, ConsistencyConfig(
                 method=m, factors=factors, target_frr=frr, chunk=max(args.batch_size, 1))))

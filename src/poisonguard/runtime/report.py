@@ -23,7 +23,9 @@ def method_text(filt: Any) -> str:
     texts = {"scale-up": "SCALE-UP (Guo et al. 2023): prediction consistency when pixel "
                          "values are amplified",
              "ibd-psc": "IBD-PSC (Hou et al. 2024): prediction consistency when the model's "
-                        "batch-norm layers are amplified"}
+                        "batch-norm layers are amplified",
+             "feature": "feature-space distance (Mahalanobis) of the representation to the "
+                        "clean inputs of the predicted class"}
     names = filt.name.split("+")
     return "; ".join(method_text(f) if not isinstance(f, str) else texts[f] for f in
                      ([*getattr(filt, "filters", [])] or names)) + \

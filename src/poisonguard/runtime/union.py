@@ -1,9 +1,10 @@
 """Several runtime filters as one: each is calibrated at an equal share of the false-rejection
 budget and an input is flagged when any fires (a Bonferroni union: expected FRR <= budget).
 
-``--method`` names: ``strip``, ``scale-up``, ``ibd-psc``, several joined with ``+``, or ``both``
-(= ``strip+scale-up``). The calibration folder holds each filter's own files and
-``filters.json`` listing them.
+``--method`` names: ``strip``, ``scale-up``, ``ibd-psc``, ``feature``, several joined with
+``+``, or ``both`` (= ``strip+feature``: on the issue-21 MNIST zoo the feature filter caught
+WaNet and adaptive blend, scale-up and ibd-psc did not). The calibration folder holds each
+filter's own files and ``filters.json`` listing them.
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from poisonguard.errors import ConfigError
 from poisonguard.io import atomic_write_json
 from poisonguard.runtime.strip import StripResult, validate_inputs
 
-METHOD_NAMES = ("strip", "scale-up", "ibd-psc")
+METHOD_NAMES = ("strip", "scale-up", "ibd-psc", "feature")
 FILTERS_JSON = "filters.json"
 
 
 def parse_methods(text: str) -> tuple[str, ...]:
     """``both`` or distinct names of :data:`METHOD_NAMES` joined with ``+``."""
     if text == "both":
-        return ("strip", "scale-up")
+        return ("strip", "feature")
     parts = tuple(text.split("+"))
     if any(p not in METHOD_NAMES for p in parts) or len(set(parts)) != len(parts):
         raise ConfigError(f"--method must be one of {METHOD_NAMES}, 'both', or distinct ones "
@@ -96,7 +97,15 @@ def load_filter(path: str | Path, classifier: Any) -> Any:
     (``scale-up.json`` / ``ibd-psc.json``) or STRIP (``strip.json``); ``path`` is the folder
     or one of those files."""
     from poisonguard.runtime.consistency import METHODS, ConsistencyFilter, calibration_file
+    from poisonguard.runtime.feature import FEATURE_JSON, FeatureFilter
     from poisonguard.runtime.strip import CALIBRATION_JSON, StripFilter
+
+    def one(m: str) -> Any:
+        if m == "strip":
+            return StripFilter.load(path / CALIBRATION_JSON, classifier)
+        if m == "feature":
+            return FeatureFilter.load(path / FEATURE_JSON, classifier)
+        return ConsistencyFilter.load(path / calibration_file(m), classifier)
 
     path = Path(path)
     if path.is_dir() and (path / FILTERS_JSON).exists():
@@ -105,9 +114,10 @@ def load_filter(path: str | Path, classifier: Any) -> Any:
                                              ["methods"]))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path / FILTERS_JSON}: unreadable ({exc})") from None
-        return UnionFilter([StripFilter.load(path / CALIBRATION_JSON, classifier) if m == "strip"
-                            else ConsistencyFilter.load(path / calibration_file(m), classifier)
-                            for m in methods])
+        return UnionFilter([one(m) for m in methods])
+    if path.name == FEATURE_JSON or (path.is_dir() and (path / FEATURE_JSON).exists()
+                                     and not (path / CALIBRATION_JSON).exists()):
+        return FeatureFilter.load(path, classifier)
     files = {calibration_file(m) for m in METHODS}
     if path.name in files or (path.is_dir() and not (path / CALIBRATION_JSON).exists()
                               and any((path / f).exists() for f in files)):
