@@ -139,3 +139,23 @@ def test_feature_filter(setup: dict, tmp_path: Path, capsys: pytest.CaptureFixtu
                  str(out), "--method", "both", "--frr", "0.1", "--n-blends", "8",
                  "--quiet"]) == 1
     assert {"feature.json", "strip.json", "filters.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_service_serves_a_union(setup: dict) -> None:
+    from fastapi.testclient import TestClient
+
+    from poisonguard.runtime.feature import FeatureConfig, FeatureFilter
+    from poisonguard.runtime.service import create_app
+
+    clf = load_model(setup["model"])
+    union = UnionFilter([FeatureFilter.calibrate(clf, setup["cal"], FeatureConfig(0.05)),
+                         ConsistencyFilter.calibrate(clf, setup["cal"],
+                                                     ConsistencyConfig(target_frr=0.05))])
+    client = TestClient(create_app(union, max_inputs=50))
+    health = client.get("/health").json()
+    assert health["method"] == "feature+scale-up" and health["sample_shape"] == [8, 8]
+    r = client.post("/predict", json=setup["triggered"][:20].tolist())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n"] == 20 and body["n_suspicious"] >= 10
+    assert set(body["threshold"]) == {"feature:high", "scale-up:high", "scale-up:low"}
