@@ -45,8 +45,15 @@ BACKDOORED: dict[str, tuple[str, dict[str, Any], int, int]] = {
     "lowfreq-t0": ("low-frequency", {"rate": 0.05}, 0, 1),
     "adablend-t1": ("adaptive-blend", {"rate": 0.01}, 1, 1),
     "sig-t2": ("sig", {"rate": 0.8, "delta": 60.0}, 2, 1),
+    # trained after the first held-out round (see HALVES): the fresh confirmation set
+    "badnets-t4": ("badnets", {"rate": 0.1, "size": 3}, 4, 2),
+    "blended-t6": ("blended", {"rate": 0.1}, 6, 2),
+    "wanet-t0": ("wanet", {"rate": 0.1}, 0, 2),
+    "lowfreq-t8": ("low-frequency", {"rate": 0.1}, 8, 2),
+    "adablend-t2": ("adaptive-blend", {"rate": 0.01}, 2, 2),
+    "sig-t9": ("sig", {"rate": 0.8, "delta": 80.0}, 9, 2),
 }
-CLEAN = {f"clean-c{i}": i for i in range(12)}
+CLEAN = {f"clean-c{i}": i for i in range(18)}
 # CIFAR-10 (20k JPEG-decoded training images, 4 epochs): a smaller second zoo, all held-out
 CIFAR_BACKDOORED: dict[str, tuple[str, dict[str, Any], int, int]] = {
     "cifar-badnets-t0": ("badnets", {"rate": 0.1, "size": 3}, 0, 1),
@@ -64,10 +71,20 @@ def dataset(name: str) -> str:
     return "cifar10" if name.startswith("cifar") else "mnist"
 
 
+HALVES = ("dev", "held-out", "fresh")
+
+
 def half(name: str) -> str:
+    """``dev`` (seed 0, clean c0-c3): settings chosen here; ``held-out`` (seed 1, c4-c11): the
+    first confirmation, which the prior weight 10 failed (6 of 8 clean flagged) and which
+    then informed the weight 100; ``fresh`` (seed 2, c12-c17, trained after that change):
+    the confirmation of the final settings."""
+    if name.startswith("cifar"):
+        return "held-out"
     if name in BACKDOORED:
-        return "dev" if BACKDOORED[name][3] == 0 else "held-out"
-    return "dev" if CLEAN[name] < 4 else "held-out"
+        return HALVES[BACKDOORED[name][3]]
+    i = CLEAN[name]
+    return "dev" if i < 4 else ("held-out" if i < 12 else "fresh")
 
 
 def splits(ds: str = "mnist", seed: int = 0) -> dict[str, Any]:
@@ -139,7 +156,7 @@ def victim(name: str, folder: Path, poisoned: Any, ev: Any) -> dict[str, Any]:
 
 def audit_free(folder: Path) -> dict[str, Any]:
     from poisonguard.audit.combined import audit_with_optional_clean
-    from poisonguard.audit.mmbd import infer_domain
+    from poisonguard.audit.mmbd import MarginConfig, infer_domain
     from poisonguard.audit.model import load_audit_model
 
     model = load_audit_model(folder)
@@ -147,6 +164,7 @@ def audit_free(folder: Path) -> dict[str, Any]:
     v = audit_with_optional_clean(model, infer_domain(model))
     ev = v["evidence"]
     return {"backdoored": v["backdoored"], "target_class": v["target_class"],
+            "prior": MarginConfig().prior,
             "top": ev["most_anomalous_class"], "p_value": ev["p_value"],
             "margin_anomaly_index": ev["margin_anomaly_index"],
             "seconds": round(time.perf_counter() - t0, 1)}
@@ -169,6 +187,7 @@ def audit_clean(folder: Path, trusted: Any) -> dict[str, Any]:
 
 
 RUNTIME_FRR = 0.02
+N_RUNTIME = 1000
 STRIP = {"blend": "cut+mix", "alpha": 0.8, "cut_area": 0.75, "statistic": "log-odds",
          "cut_blends": 40, "n_blends": 20}
 
@@ -176,19 +195,21 @@ STRIP = {"blend": "cut+mix", "alpha": 0.8, "cut_area": 0.75, "statistic": "log-o
 def runtime_part(folder: Path, poisoned: Any, sp: dict[str, Any], rec: dict[str, Any],
                  methods: tuple[str, ...] = ("strip", "scale-up", "ibd-psc", "feature")
                  ) -> dict[str, Any]:
-    """Per method: FAR on the successful triggered inputs, FRR on clean evaluation inputs,
-    screened inputs per second (calibrated on ``sp['cal']`` at :data:`RUNTIME_FRR`)."""
+    """Per method: FAR on (at most :data:`N_RUNTIME` of) the successful triggered inputs, FRR
+    on :data:`N_RUNTIME` clean evaluation inputs, screened inputs per second (calibrated on
+    ``sp['cal']`` at :data:`RUNTIME_FRR`)."""
     from poisonguard.models.io import load_model
     from poisonguard.runtime.consistency import ConsistencyConfig, ConsistencyFilter
     from poisonguard.runtime.feature import FeatureConfig, FeatureFilter
     from poisonguard.runtime.strip import StripConfig, StripFilter
 
     clf = load_model(folder)
-    ev = sp["eval"]
+    ev = sp["eval"].subset(np.arange(N_RUNTIME))
     trig = poisoned.test_triggered if poisoned is not None else None
     hit = None
     if trig is not None:
         hit = clf.predict(trig.x) == trig.y
+        hit &= np.cumsum(hit) <= N_RUNTIME
     out: dict[str, Any] = {}
     for meth in methods:
         if meth == "strip":
@@ -244,16 +265,30 @@ def _cell(r: dict[str, Any] | None, keys: tuple[str, ...]) -> str:
 
 
 def summarise(records: list[dict[str, Any]]) -> str:
+    from poisonguard.audit.mmbd import MarginConfig
+
+    mc = MarginConfig()
     lines = ["# Issue 21 zoo: data-free audit, audit with clean data, runtime filters", "",
-             "Written by `benchmarks/nonpatch_zoo.py` (recipe in its docstring). Settings "
-             "(max-margin prior weight 10, 4 starts x 100 steps, alpha 0.05; SCALE-UP factors) "
-             "were chosen on the `dev` half; `held-out` models were not looked at before. "
-             "Only models with ASR >= 50% are scored.", "",
-             "## Totals", "", "| part | dev | held-out | all |", "|---|---|---|---|"]
+             "Written by `benchmarks/nonpatch_zoo.py` (recipe and the three halves in its "
+             f"docstring). Max-margin settings: prior weight {mc.prior:g}, {mc.restarts} starts "
+             f"x {mc.steps} steps, alpha {mc.alpha:g}. Only models with ASR >= 50% are "
+             "scored.", "",
+             "## Totals", "", "| part | dev | held-out | fresh | all |",
+             "|---|---|---|---|---|"]
     for part, label in (("audit_free", "data-free audit (MM-BD + prior)"),
                         ("audit_clean", "with 500 clean samples (NC + MM-BD)")):
-        cells = [tally(records, part, h) for h in ("dev", "held-out", None)]
+        cells = [tally(records, part, h) for h in (*HALVES, None)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    first = RESULTS / "nonpatch_zoo_round1.json"
+    if first.exists():
+        old = json.loads(first.read_text())
+        lines += ["", "First round (`nonpatch_zoo_round1.json`, prior weight 10, the same script "
+                  "before the change): data-free " + "; ".join(
+                      f"{h}: {tally(old, 'audit_free', h)}" for h in ("dev", "held-out")) +
+                  ". The held-out clean twins' false alarms (all class 8, the digit with the "
+                  "most ink) led to weight 100, checked on the dev models and two held-out "
+                  "ones (clean-c2, clean-c4 among them), then confirmed on the `fresh` models "
+                  "trained afterwards."]
     lines += ["", "## Per model", "",
               "| model | half | clean acc | ASR | scored | data-free: flagged class (p, "
               "s) | with clean: flagged class (by, NC's, s) |",
@@ -313,7 +348,7 @@ def main() -> None:
             rec["audit_free"] = audit_free(folder)
         if "audit_clean" in args.parts:
             rec["audit_clean"] = audit_clean(folder, sp["trusted"])
-        if "runtime" in args.parts:
+        if "runtime" in args.parts and name in BACKDOORED:  # FRR: measured on every one
             rec["runtime"] = runtime_part(folder, poisoned, sp, rec)
         print(json.dumps(rec), flush=True)
         records[name] = rec

@@ -50,7 +50,7 @@ class MarginConfig:
     steps: int = 100
     lr: float = 0.05
     alpha: float = 0.05
-    prior: float = 10.0
+    prior: float = 100.0
     seed: int = 0
     batch: int = 256
 
