@@ -183,6 +183,9 @@ def audit_clean(folder: Path, trusted: Any) -> dict[str, Any]:
             "decided_by": v["decided_by"], "nc_backdoored": nc["backdoored"],
             "nc_target": nc["target_class"],
             "nc_most_anomalous": nc["evidence"]["most_anomalous_class"],
+            "nc_guard": {k: nc["evidence"].get(k) for k in (
+                "anomaly_index", "mask_ratio_to_median", "additive_anomaly_index",
+                "additive_ratio_to_median")},
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -302,6 +305,21 @@ def summarise(records: list[dict[str, Any]]) -> str:
             f"({'+'.join(cl['decided_by']) or '-'}, NC {cl['nc_target']}, {cl['seconds']})")
         lines.append(f"| {r['model']} (target {r['target']}) | {r['half']} | "
                      f"{r['clean_accuracy']:.1%} | {asr} | {r['scored']} | {free} | {cln} |")
+    guard = [r for r in records if (r.get("audit_clean") or {}).get("nc_guard")]
+    if guard:
+        lines += ["", "## Neural Cleanse's norm-ratio guards (item 4)", "",
+                  "Neural Cleanse flags a class when its anomaly index is > 2 in the mask or "
+                  "the additive search AND its norm is at most 0.33 (mask) / 0.4 (additive) "
+                  "of the median class's. Per model, NC's most anomalous class with both "
+                  "searches' anomaly index and norm ratio:", "",
+                  "| model | target | NC most anomalous | mask AI / ratio | additive AI / "
+                  "ratio | NC flagged |", "|---|---|---|---|---|---|"]
+        for r in guard:
+            c, g = r["audit_clean"], r["audit_clean"]["nc_guard"]
+            lines.append(f"| {r['model']} | {r['target']} | {c['nc_most_anomalous']} | "
+                         f"{g['anomaly_index']} / {g['mask_ratio_to_median']} | "
+                         f"{g['additive_anomaly_index']} / {g['additive_ratio_to_median']} | "
+                         f"{c['nc_target'] if c['nc_backdoored'] else 'no'} |")
     rt = [r for r in records if r.get("runtime")]
     if rt:
         lines += ["", "## Runtime filters", "",
