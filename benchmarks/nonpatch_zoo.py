@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -408,8 +409,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     unknown = sorted(set(args.models) - set(BACKDOORED) - set(CLEAN))
-    if unknown:
-        raise SystemExit(f"unknown model(s) {unknown}")
+    problem = (f"unknown model(s) {unknown}" if unknown else
+               "a zoo of one model cannot be split into halves or scored; name at least two"
+               if len(set(args.models)) < 2 and not (args.train_only or args.speed_only)
+               else None)
+    if problem:
+        print(f"nonpatch_zoo.py: error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     torch.set_num_threads(args.threads)
     if args.speed_only:
         rec = speed()
