@@ -60,7 +60,7 @@ def register(sub: Any) -> None:
                    help="max-margin random starts per class (default 4)")
     a.add_argument("--alpha", type=float, default=None,
                    help="max-margin p-value below which a backdoor is reported (default "
-                        "0.05)")
+                        "0.001)")
     a.add_argument("--layer", default=None,
                    help="layer for the dormant-unit scan (default: the model's representation "
                         "layer or its last convolution)")
