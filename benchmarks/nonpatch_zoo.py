@@ -303,6 +303,12 @@ def summarise(records: list[dict[str, Any]]) -> str:
                         ("audit_clean", "with 500 clean samples (NC + MM-BD)")):
         cells = [tally(records, part, h) for h in (*HALVES, None)]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    at05 = [{**r, "audit_free_05": {"backdoored": r["audit_free"]["p_value"] < 0.05,
+                                    "target_class": r["audit_free"]["top"]}}
+            for r in records if r.get("audit_free")]
+    cells = [tally(at05, "audit_free_05", h) for h in (*HALVES, None)]
+    lines.append("| data-free at MM-BD's alpha 0.05 (from the p-values above) | "
+                 + " | ".join(cells) + " |")
     sp = RESULTS / "nonpatch_zoo_speed.json"
     if sp.exists():
         v = json.loads(sp.read_text())
@@ -317,8 +323,10 @@ def summarise(records: list[dict[str, Any]]) -> str:
                       f"{h}: {tally(old, 'audit_free', h)}" for h in ("dev", "held-out")) +
                   ". The held-out clean twins' false alarms (all class 8, the digit with the "
                   "most ink) led to weight 100, checked on the dev models and two held-out "
-                  "ones (clean-c2, clean-c4 among them), then confirmed on the `fresh` models "
-                  "trained afterwards."]
+                  "ones (clean-c2, clean-c4), before the `fresh` models were trained. With "
+                  "weight 100 some clean twins still fell below MM-BD's alpha 0.05 (class 4; "
+                  "row above), so alpha became 0.001, read off the dev and held-out p-values; "
+                  "the fresh models had been seen at 0.05 by then (compare the two rows)."]
     lines += ["", "## Per model", "",
               "| model | half | clean acc | ASR | scored | data-free: flagged class (p, "
               "s) | with clean: flagged class (by, NC's, s) |",
