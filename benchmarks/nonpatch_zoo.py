@@ -359,6 +359,17 @@ def summarise(records: list[dict[str, Any]]) -> str:
                          f"{g['anomaly_index']} / {g['mask_ratio_to_median']} | "
                          f"{g['additive_anomaly_index']} / {g['additive_ratio_to_median']} | "
                          f"{c['nc_target'] if c['nc_backdoored'] else 'no'} |")
+    rep = [r for r in records if r.get("repair")]
+    if rep:
+        lines += ["", "## Repair of the models only the max-margin search found", "",
+                  "ANP (`repair --method anp` defaults: trigger-free, 500 trusted samples, "
+                  "1-point accuracy budget on them); evaluation split before -> after.", "",
+                  "| model | clean acc | ASR | units pruned | s |", "|---|---|---|---|---|"]
+        for r in rep:
+            b, a = r["repair"]["before"], r["repair"]["after"]
+            lines.append(f"| {r['model']} | {b['clean_accuracy']:.1%} -> "
+                         f"{a['clean_accuracy']:.1%} | {b['asr']:.1%} -> {a['asr']:.1%} | "
+                         f"{r['repair']['n_pruned']} | {r['repair']['seconds']} |")
     rt = [r for r in records if r.get("runtime")]
     if rt:
         lines += ["", "## Runtime filters", "",
@@ -366,8 +377,17 @@ def summarise(records: list[dict[str, Any]]) -> str:
                   f"FRR; FAR on (at most {N_RUNTIME}) successful triggered inputs (triggered "
                   "evaluation images the model sends to the target), FRR on "
                   f"{N_RUNTIME} other clean images; speed = screened inputs per second, one "
-                  "thread, in-process (not through the HTTP service).", "",
-                  "| model | method | FAR (successful triggers) | FRR | inputs/s |",
+                  "thread, in-process (not through the HTTP service).", ""]
+        scored = [r for r in rt if r["scored"]]
+        for meth in rt[0]["runtime"]:
+            fars = [r["runtime"][meth]["far_successful"] for r in scored
+                    if r["runtime"].get(meth, {}).get("far_successful") is not None]
+            frrs = [r["runtime"][meth]["frr"] for r in rt if meth in r["runtime"]]
+            ok = sum(f <= 0.05 for f in fars)
+            lines.append(f"- {meth}: FAR <= 5% on {ok} of {len(fars)} scored models (worst "
+                         f"{max(fars):.1%}); FRR {min(frrs):.1%}-{max(frrs):.1%} over "
+                         f"{len(frrs)} models")
+        lines += ["", "| model | method | FAR (successful triggers) | FRR | inputs/s |",
                   "|---|---|---|---|---|"]
         for r in rt:
             for meth, m in r["runtime"].items():
@@ -376,6 +396,28 @@ def summarise(records: list[dict[str, Any]]) -> str:
                              f"{'–' if far is None else f'{far:.1%}'} | {m['frr']:.1%} | "
                              f"{m['per_second']:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def repair_part(folder: Path, poisoned: Any, sp: dict[str, Any]) -> dict[str, Any]:
+    """ANP (the trigger-free repair, ``repair --method anp`` defaults) with the 500 trusted
+    samples; clean accuracy and ASR on the evaluation split before and after."""
+    from poisonguard.audit.anp import ANPConfig, anp_prune
+    from poisonguard.audit.model import load_audit_model
+    from poisonguard.metrics import accuracy
+
+    model = load_audit_model(folder)
+    ev, trig = sp["eval"], poisoned.test_triggered
+
+    def score() -> dict[str, float]:
+        clf = model.classifier
+        return {"clean_accuracy": round(accuracy(clf.predict(ev.x), ev.y), 4),
+                "asr": round(accuracy(clf.predict(trig.x), trig.y), 4)}
+
+    before = score()
+    t0 = time.perf_counter()
+    info = anp_prune(model, sp["trusted"], ANPConfig(seed=0))
+    return {"method": "anp", "before": before, "after": score(),
+            "n_pruned": info["n_pruned"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def speed() -> dict[str, Any]:
@@ -410,7 +452,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(BACKDOORED) + list(CLEAN))
     p.add_argument("--parts", nargs="+", default=["audit_free", "audit_clean", "runtime"],
-                   choices=["audit_free", "audit_clean", "runtime"])
+                   choices=["audit_free", "audit_clean", "runtime", "repair"],
+                   help="repair (not in the default): ANP on the backdoored models named")
     p.add_argument("--train-only", action="store_true")
     p.add_argument("--reuse-nc", action="store_true",
                    help="audit_clean: reuse the Neural Cleanse verdict already in the JSON "
@@ -452,6 +495,8 @@ def main() -> None:
                 rec["audit_clean"] = recombine(prev, rec["audit_free"])
             else:
                 rec["audit_clean"] = audit_clean(folder, sp["trusted"])
+        if "repair" in args.parts and name in BACKDOORED:
+            rec["repair"] = repair_part(folder, poisoned, sp)
         if "runtime" in args.parts and name in BACKDOORED:  # FRR: measured on every one
             rec["runtime"] = runtime_part(folder, poisoned, sp, rec)
         print(json.dumps(rec), flush=True)
