@@ -9,7 +9,18 @@ the model's seed), poisoned with the attack's recipe below. Models are split in 
 and ``held-out`` (the rest), reported separately. Only models with ASR >= 50% are scored.
 
     python benchmarks/nonpatch_zoo.py --train-only      # build benchmarks/cache/nonpatch_zoo/
-    python benchmarks/nonpatch_zoo.py [--models NAME ...] [--skip-clean-audit]
+    python benchmarks/nonpatch_zoo.py [--models NAME ...] [--parts audit_free audit_clean
+                                      runtime repair] [--reuse-nc]
+    python benchmarks/nonpatch_zoo.py --speed-only      # data-free audit on a CIFAR-sized CNN
+
+Parts: ``audit_free`` (``audit-model`` without --clean), ``audit_clean`` (with the 500 trusted
+test images; ``--reuse-nc`` recombines the Neural Cleanse verdict already in the JSON with the
+new data-free one instead of rerunning NC), ``runtime`` (STRIP, scale-up, ibd-psc and feature
+filters, backdoored models), ``repair`` (ANP). The results of 2026-12-03 were made with
+``--parts audit_free`` and ``--parts audit_clean --reuse-nc`` over the 36 MNIST models after
+the last setting change, ``--parts runtime`` over the 18 backdoored ones, ``--parts
+audit_clean`` (full) over the 12 dev and held-out backdoored ones and ``--parts repair`` over
+the three WaNet models. The CIFAR-10 entries were not trained (CPU time).
 
 Writes benchmarks/results/nonpatch_zoo.{json,md}; models are cached (git-ignored).
 """
