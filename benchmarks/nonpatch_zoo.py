@@ -330,6 +330,14 @@ def summarise(records: list[dict[str, Any]]) -> str:
         lines += ["", f"Speed (`--speed-only`): the data-free audit took {v['data_free_seconds']}"
                   f" s on a {v['model']}, {v['threads']} thread(s), on the shared 2-core "
                   "machine."]
+    svc = RESULTS / "nonpatch_zoo_service.json"
+    if svc.exists():
+        v = json.loads(svc.read_text())
+        lines += ["", f"Service (`--service-speed`, {v['model']}, {v['requests']} sequential "
+                  "single-input requests through `poisonguard serve`, one torch thread): "
+                  + "; ".join(f"{m}: {v[m]['requests_per_s']} screened predictions/s, p50 "
+                              f"{v[m]['latency_ms']['p50']} ms, {v[m]['errors']} errors"
+                              for m in ("feature", "both") if m in v) + "."]
     first = RESULTS / "nonpatch_zoo_round1.json"
     if first.exists():
         old = json.loads(first.read_text())
@@ -431,6 +439,64 @@ def repair_part(folder: Path, poisoned: Any, sp: dict[str, Any]) -> dict[str, An
             "n_pruned": info["n_pruned"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def service_speed(name: str = "wanet-t3", n_requests: int = 2000) -> dict[str, Any]:
+    """Single-input POST /predict requests per second through ``poisonguard serve`` (a
+    uvicorn subprocess, one torch thread) for the feature filter and for ``both``
+    (strip+feature), sent by benchmarks/loadgen.py from a second process."""
+    import socket
+    import subprocess
+    import tempfile
+    import urllib.request
+
+    from poisonguard.models.io import load_model
+    from poisonguard.runtime.feature import FeatureConfig, FeatureFilter
+    from poisonguard.runtime.strip import StripConfig, StripFilter
+    from poisonguard.runtime.union import UnionFilter
+
+    sp = splits(dataset(name))
+    folder, poisoned = build(name, sp["eval"])
+    clf = load_model(folder)
+    cal_x = sp["cal"].x[:N_CAL]
+    out: dict[str, Any] = {"model": name, "requests": n_requests}
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "inputs.npy"
+        np.save(inputs, np.concatenate([sp["eval"].x[:400], poisoned.test_triggered.x[:100]]))
+        for meth in ("feature", "both"):
+            feat = FeatureFilter.calibrate(clf, cal_x, FeatureConfig(
+                target_frr=RUNTIME_FRR / (2 if meth == "both" else 1)))
+            filt: Any = feat if meth == "feature" else UnionFilter([StripFilter.calibrate(
+                clf, cal_x, StripConfig(target_frr=RUNTIME_FRR / 2, **STRIP)), feat])
+            cal_dir = Path(tmp) / meth
+            cal_dir.mkdir()
+            filt.save(cal_dir)
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            server = subprocess.Popen(
+                [sys.executable, "-m", "poisonguard", "serve", str(folder), "--calibration",
+                 str(cal_dir), "--port", str(port), "--threads", "1"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                for _ in range(300):
+                    try:
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                        break
+                    except OSError:
+                        time.sleep(0.2)
+                gen = subprocess.run([sys.executable, str(ROOT / "loadgen.py"), "--port",
+                                      str(port), "--inputs", str(inputs), "--requests",
+                                      str(n_requests)], capture_output=True, text=True,
+                                     check=True)
+                res = json.loads(gen.stdout)
+            finally:
+                server.terminate()
+                server.wait(timeout=20)
+            out[meth] = {k: res[k] for k in ("requests_per_s", "latency_ms", "errors",
+                                             "suspicious_answers", "loadavg_before")}
+            print(meth, out[meth], flush=True)
+    return out
+
+
 def speed() -> dict[str, Any]:
     """Seconds of the data-free audit (``audit-model`` without --clean, default settings) on a
     CIFAR-10-sized built-in CNN (3x32x32, width 32; seeded random weights: the cost does not
@@ -470,6 +536,10 @@ def main() -> None:
                    help="audit_clean: reuse the Neural Cleanse verdict already in the JSON "
                         "(unchanged NC code and seeds) and recombine it with this run's "
                         "data-free verdict, instead of rerunning NC")
+    p.add_argument("--summary-only", action="store_true",
+                   help="rewrite nonpatch_zoo.md from the JSON files")
+    p.add_argument("--service-speed", action="store_true",
+                   help="requests per second through `poisonguard serve` (feature, both)")
     p.add_argument("--speed-only", action="store_true",
                    help="time the data-free audit on a CIFAR-10-sized CNN only")
     p.add_argument("--threads", type=int, default=1)
@@ -477,12 +547,22 @@ def main() -> None:
     unknown = sorted(set(args.models) - set(BACKDOORED) - set(CLEAN))
     problem = (f"unknown model(s) {unknown}" if unknown else
                "a zoo of one model cannot be split into halves or scored; name at least two"
-               if len(set(args.models)) < 2 and not (args.train_only or args.speed_only)
+               if len(set(args.models)) < 2
+               and not (args.train_only or args.speed_only or args.service_speed
+                        or args.summary_only)
                else None)
     if problem:
         print(f"nonpatch_zoo.py: error: {problem}", file=sys.stderr)
         raise SystemExit(2)
     torch.set_num_threads(args.threads)
+    if args.summary_only:
+        recs = json.loads((RESULTS / "nonpatch_zoo.json").read_text())
+        atomic_write_text(RESULTS / "nonpatch_zoo.md", summarise(recs))
+        return
+    if args.service_speed:
+        rec = service_speed()
+        atomic_write_json(RESULTS / "nonpatch_zoo_service.json", rec)
+        return
     if args.speed_only:
         rec = speed()
         print(rec)
