@@ -17,13 +17,15 @@ import numpy as np
 EXIT_CLEAN, EXIT_FOUND = 0, 1
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, clean_required: bool = True) -> None:
     p.add_argument("model", help="model: a folder / model.json written by poisonguard "
                                  "(scan, train), or a TorchScript file; pickles are refused")
-    p.add_argument("--clean", required=True, metavar="DATA.npz",
+    p.add_argument("--clean", required=clean_required, metavar="DATA.npz",
                    help="trusted clean samples with labels (x/y or x_train/y_train; for a "
                         "text model, posts in a .csv/.tsv/.jsonl/.parquet with text and label "
-                        "columns); a few hundred suffice")
+                        "columns); a few hundred suffice" + (
+                            "" if clean_required else "; without them only the data-free "
+                            "max-margin audit runs (image and vector models)"))
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--max-clean", type=int, default=500,
                    help="use at most this many clean samples (default 500)")
@@ -45,11 +47,25 @@ def register(sub: Any) -> None:
     a = sub.add_parser(
         "audit-model", help="audit a trained model for a backdoor (Neural Cleanse, dormant "
                             "units) with a small trusted clean set",
-        description="Reverse-engineer the smallest trigger of every class (Neural Cleanse, all "
-                    "classes batched), flag small-norm outliers, scan dormant units; write "
-                    "DIR/report.json, DIR/report.html and DIR/triggers.npz. Exit 1 when a "
-                    "backdoor is found.")
-    _add_common(a)
+        description="Data-free: find the largest classification margin every class reaches "
+                    "from the input domain (MM-BD) and test the largest against the others. "
+                    "With --clean also reverse-engineer the smallest trigger of every class "
+                    "(Neural Cleanse, all classes batched) and scan dormant units; the verdict "
+                    "combines both. Writes DIR/report.json, DIR/report.html (and "
+                    "DIR/triggers.npz with --clean). Exit 1 when a backdoor is found.")
+    _add_common(a, clean_required=False)
+    a.add_argument("--input-shape", default=None, metavar="H,W[,C]",
+                   help="one sample's shape, when model.json does not record it (e.g. 28,28)")
+    a.add_argument("--input-range", default=None, metavar="LOW,HIGH",
+                   help="the inputs' value range, when model.json does not record it (e.g. "
+                        "0,255)")
+    a.add_argument("--margin-steps", type=int, default=None,
+                   help="max-margin search steps per start (default 100)")
+    a.add_argument("--margin-restarts", type=int, default=None,
+                   help="max-margin random starts per class (default 4)")
+    a.add_argument("--alpha", type=float, default=None,
+                   help="max-margin p-value below which a backdoor is reported (default "
+                        "0.001)")
     a.add_argument("--layer", default=None,
                    help="layer for the dormant-unit scan (default: the model's representation "
                         "layer or its last convolution)")
@@ -110,30 +126,67 @@ def _write_report(out: Path, report: dict[str, Any]) -> None:
     atomic_write_text(out / "report.html", render_html(report))
 
 
+def _margin_config(args: argparse.Namespace) -> Any:
+    from poisonguard.audit.mmbd import MarginConfig
+
+    kw: dict[str, Any] = {"seed": args.seed}
+    for flag, key in (("margin_steps", "steps"), ("margin_restarts", "restarts"),
+                      ("alpha", "alpha")):
+        if getattr(args, flag, None) is not None:
+            kw[key] = getattr(args, flag)
+    return MarginConfig(**kw)
+
+
 def cmd_audit_model(args: argparse.Namespace) -> int:
-    from poisonguard.audit.core import audit_model, build_audit_report, save_triggers
+    from poisonguard.audit.combined import combined_audit, data_free_report
+    from poisonguard.audit.core import build_audit_report, save_triggers
+    from poisonguard.audit.mmbd import (
+        check_classifier_output,
+        infer_domain,
+        max_margin_audit,
+        parse_range,
+        parse_shape,
+    )
     from poisonguard.audit.model import load_audit_model
     from poisonguard.io import check_writable_dir
     from poisonguard.modalities.text.io import is_text_model
 
     if is_text_model(args.model):
+        from poisonguard.errors import ConfigError
         from poisonguard.modalities.text.audit_cli import cmd_audit_text
 
+        if not args.clean:
+            raise ConfigError("a text model is audited with clean posts: give --clean")
         return cmd_audit_text(args)
     check_writable_dir(args.out)
+    mcfg = _margin_config(args)
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    vrange = parse_range(args.input_range) if args.input_range else None
     model = load_audit_model(args.model)
-    clean = _load_clean(args.clean, args.max_clean, args.seed)
-    result = audit_model(model, clean, _cleanse_config(args), layer=args.layer)
+    clean = _load_clean(args.clean, args.max_clean, args.seed) if args.clean else None
+    domain = infer_domain(model, shape, vrange, None if clean is None else clean.x)
+    k = check_classifier_output(model, domain)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_triggers(out / "triggers.npz", result.cleanse)
-    report = build_audit_report(result, clean, model, command="audit-model")
+    if clean is None:
+        margin = max_margin_audit(model, domain, mcfg, k)
+        report = data_free_report(margin, model)
+        verdict, seconds, files = report["verdict"], margin.runtime_s, ["report.json",
+                                                                          "report.html"]
+        out.mkdir(parents=True, exist_ok=True)
+    else:
+        result, margin = combined_audit(model, clean, _cleanse_config(args), mcfg, domain,
+                                        layer=args.layer)
+        report = build_audit_report(result, clean, model, command="audit-model",
+                                    margin=margin)
+        verdict, seconds = result.verdict, result.timings["audit_s"]
+        files = ["report.json", "report.html", "triggers.npz"]
+        out.mkdir(parents=True, exist_ok=True)
+        save_triggers(out / "triggers.npz", result.cleanse)
     _write_report(out, report)
     if not args.quiet:
-        print(result.verdict["summary"])
-        print(f"wrote {out / 'report.json'}, {out / 'report.html'}, {out / 'triggers.npz'} "
-              f"({result.timings['audit_s']:.1f} s)")
-    return EXIT_FOUND if result.verdict["backdoored"] else EXIT_CLEAN
+        print(verdict["summary"])
+        print(f"wrote {', '.join(str(out / f) for f in files)} ({seconds:.1f} s)")
+    return EXIT_FOUND if verdict["backdoored"] else EXIT_CLEAN
 
 
 def _evaluate(model: Any, test: dict[str, np.ndarray] | None) -> dict[str, float]:

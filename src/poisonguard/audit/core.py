@@ -200,9 +200,10 @@ def trigger_images(nc: CleanseResult, classes: list[int]) -> list[dict[str, Any]
 
 
 def build_audit_report(result: AuditResult, clean: LabeledData, model: AuditModel,
-                       command: str = "audit-model", repair: dict[str, Any] | None = None
-                       ) -> dict[str, Any]:
-    """The canonical report (schema as the scan's; the audit lives in layers.model_audit)."""
+                       command: str = "audit-model", repair: dict[str, Any] | None = None,
+                       margin: Any = None) -> dict[str, Any]:
+    """The canonical report (schema as the scan's; the audit lives in layers.model_audit);
+    ``margin`` (a :class:`~poisonguard.audit.mmbd.MarginResult`) adds the max-margin search."""
     from poisonguard import SCHEMA_VERSION, __version__
     from poisonguard.report.builder import environment
 
@@ -216,6 +217,10 @@ def build_audit_report(result: AuditResult, clean: LabeledData, model: AuditMode
         "triggers": trigger_images(nc, shown),
         "dormant_neurons": result.dormant.summary() if result.dormant is not None else None,
     }
+    if margin is not None:
+        from poisonguard.audit.combined import margin_layer
+
+        layer["max_margin"] = margin_layer(margin)
     if result.notes:
         layer["notes"] = list(result.notes)
     if repair is not None:

@@ -78,6 +78,23 @@ def model_audit_section(r: Mapping[str, Any]) -> str:
         out.append(_table(["class", "mask L1 (px)", "anomaly index", "reversed-trigger ASR",
                            "additive L2", "additive anomaly index", "steps", ""], rows,
                           row_classes))
+    mm = layer.get("max_margin") or {}
+    if mm.get("margins"):
+        top = mm.get("top") if mm.get("flagged") else None
+        dom = mm.get("domain") or {}
+        where = (f"{'x'.join(str(v) for v in dom.get('shape') or [])} in "
+                 f"[{', '.join(_fmt(v) for v in dom.get('range') or [])}] "
+                 f"(from {dom.get('source')})")
+        rows = [[_td(k), _td(v), _td("flagged" if k == top else "")]
+                for k, v in enumerate(mm["margins"])]
+        out.append("<h3>Max-margin search (data-free)</h3>")
+        out.append(f'<p class="muted">largest classification margin each class reaches from '
+                   f'the input domain {_e(where)}; the largest against a '
+                   f'Gamma fitted to the others: p = {_e(_fmt(mm.get("p_value")))}; '
+                   f'feature prior {"on" if mm.get("prior_used") else "off"}; '
+                   f'{_e(_fmt(mm.get("runtime_s")))} s</p>')
+        out.append(_table(["class", "max margin", ""], rows,
+                          ["poisoned" if k == top else "" for k in range(len(rows))]))
     triggers = layer.get("triggers") or []
     if triggers:
         out.append("<h3>Recovered trigger(s)</h3>")

@@ -19,6 +19,16 @@ EXIT_CLEAN, EXIT_FOUND = 0, 1
 
 
 def _add_strip_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", default="strip",
+                   help="strip (blend with clean inputs; default), scale-up (prediction "
+                        "consistency under pixel amplification), ibd-psc (under batch-norm "
+                        "amplification of the model), feature (Mahalanobis distance of the "
+                        "representation to the clean inputs of the predicted class), several "
+                        "joined with '+', or both "
+                        "(= strip+feature); a union splits --frr evenly and flags an input "
+                        "when any filter fires")
+    p.add_argument("--scale-factors", default="2,3,4,5,6", metavar="K,K,...",
+                   help="scale-up's pixel amplification factors (default 2,3,4,5,6)")
     p.add_argument("--clean", default=None, metavar="CLEAN",
                    help="held-out clean inputs (.npz: x, or x_test) to calibrate on; the blend "
                         "pool is drawn from them")
@@ -144,18 +154,39 @@ def _load_inputs(path: str) -> np.ndarray:
 
 
 def build_filter(args: argparse.Namespace, classifier: Any) -> Any:
+    from poisonguard.runtime.consistency import ConsistencyConfig, ConsistencyFilter
+    from poisonguard.runtime.feature import FeatureConfig, FeatureFilter
     from poisonguard.runtime.strip import StripConfig, StripFilter
+    from poisonguard.runtime.union import UnionFilter, load_filter, parse_methods
 
+    methods = parse_methods(getattr(args, "method", "strip"))
     if args.calibration:
-        return StripFilter.load(args.calibration, classifier)
+        return load_filter(args.calibration, classifier)
     if not args.clean:
         raise ConfigError("give --clean CLEAN.npz (held-out clean inputs to calibrate on) or "
                           "--calibration PATH (a saved calibration)")
-    config = StripConfig(n_blends=args.n_blends, blend=args.blend, alpha=args.alpha,
-                         target_frr=args.frr, seed=args.seed, chunk=args.batch_size,
-                         statistic=args.statistic, cut_area=args.cut_area,
-                         cut_blends=args.cut_blends)
-    return StripFilter.calibrate(classifier, _load_inputs(args.clean), config)
+    try:
+        factors = tuple(float(v) for v in str(args.scale_factors).split(","))
+    except ValueError:
+        raise ConfigError(f"--scale-factors {args.scale_factors!r}: expected numbers like "
+                          "2,3,4") from None
+    frr = args.frr / len(methods)
+    clean_x = _load_inputs(args.clean)
+    filters = []
+    for m in methods:
+        if m == "strip":
+            config = StripConfig(n_blends=args.n_blends, blend=args.blend, alpha=args.alpha,
+                                 target_frr=frr, seed=args.seed, chunk=args.batch_size,
+                                 statistic=args.statistic, cut_area=args.cut_area,
+                                 cut_blends=args.cut_blends)
+            filters.append(StripFilter.calibrate(classifier, clean_x, config))
+        elif m == "feature":
+            filters.append(FeatureFilter.calibrate(classifier, clean_x,
+                                                   FeatureConfig(target_frr=frr, seed=args.seed)))
+        else:
+            filters.append(ConsistencyFilter.calibrate(classifier, clean_x, ConsistencyConfig(
+                method=m, factors=factors, target_frr=frr, chunk=max(args.batch_size, 1))))
+    return filters[0] if len(filters) == 1 else UnionFilter(filters)
 
 
 def _evaluation(filt: Any, path: str) -> dict[str, Any]:
@@ -234,7 +265,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def write_filter_report(out: Path, filt: Any, x: Any, result: Any, evaluation: Any,
                         timings: dict[str, float], quiet: bool, what: str = "inputs",
                         data: dict[str, Any] | None = None) -> int:
-    """``report.json``/``.html`` of a STRIP ``filter`` run (``data`` added to its data block),
+    """``report.json``/``.html`` of a ``filter`` run (``data`` added to its data block),
     the console lines; returns the number of flagged inputs."""
     from poisonguard.io import atomic_write_json, atomic_write_text
     from poisonguard.report.html import render_html
@@ -251,7 +282,7 @@ def write_filter_report(out: Path, filt: Any, x: Any, result: Any, evaluation: A
             print(f"evaluation: FAR {evaluation['far']:.4f} on {evaluation['n_triggered']} "
                   f"triggered {what}, FRR {evaluation['frr']:.4f} on {evaluation['n_clean']} "
                   f"clean {what}")
-        print(f"wrote {out}/flags.csv, report.json, report.html, strip.json, strip_pool.npz")
+        print(f"wrote {out}/flags.csv, report.json, report.html, and the calibration")
     return int(result.suspicious.sum())
 
 
@@ -283,12 +314,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         filt.save(args.save_calibration)
     app = create_app(filt, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                      max_inputs=args.max_inputs, review_dir=args.review_dir)
-    cal = filt.calibration
-    thr = ", ".join(f"{k} {v:.4g}" for k, v in cal.thresholds.items())
-    run_service(app, args, f"STRIP {cal.config.blend} / {cal.config.statistic}, thresholds "
-                           f"{thr} (N={cal.config.n_blends}, cut N="
-                           f"{cal.config.blends_for('cut')}, target FRR "
-                           f"{cal.target_frr:.2%})")
+    from poisonguard.runtime.strip import StripFilter
+
+    thr = ", ".join(f"{k} {v:.4g}" for k, v in filt.threshold.items())
+    if isinstance(filt, StripFilter):
+        cal = filt.calibration
+        what = (f"STRIP {cal.config.blend} / {cal.config.statistic}, thresholds {thr} "
+                f"(N={cal.config.n_blends}, cut N={cal.config.blends_for('cut')}, target FRR "
+                f"{cal.target_frr:.2%})")
+    else:
+        what = (f"{filt.name}, thresholds {thr} (target FRR "
+                f"{filt.describe().get('target_frr', 0.0):.2%})")
+    run_service(app, args, what)
     return EXIT_CLEAN
 
 

@@ -14,16 +14,38 @@ from poisonguard.runtime.strip import StripFilter, StripResult, histogram, score
 from poisonguard.types import jsonable
 
 
-def runtime_layer(filt: StripFilter, result: StripResult,
+def method_text(filt: Any) -> str:
+    """What the filter does, in a sentence, for the report."""
+    if isinstance(filt, StripFilter):
+        return ("STRIP (Gao et al. 2019): a prediction that survives blending with clean "
+                f"inputs is suspicious (blend {filt.config.blend}, statistic "
+                f"{_statistics(filt)})")
+    texts = {"scale-up": "SCALE-UP (Guo et al. 2023): prediction consistency when pixel "
+                         "values are amplified",
+             "ibd-psc": "IBD-PSC (Hou et al. 2024): prediction consistency when the model's "
+                        "batch-norm layers are amplified",
+             "feature": "feature-space distance (Mahalanobis) of the representation to the "
+                        "clean inputs of the predicted class"}
+    names = filt.name.split("+")
+    return "; ".join(method_text(f) if not isinstance(f, str) else texts[f] for f in
+                     ([*getattr(filt, "filters", [])] or names)) + \
+        ("" if len(names) == 1 else " (union: flagged when any fires)")
+
+
+def _target_frr(filt: Any) -> float:
+    if isinstance(filt, StripFilter):
+        return float(filt.config.target_frr)
+    return float(filt.describe().get("target_frr") or 0.0)
+
+
+def runtime_layer(filt: Any, result: StripResult,
                   evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
     ent = result.entropy
     edges = score_edges(result.score)
     sus_pred = np.bincount(result.prediction[result.suspicious]) if result.suspicious.any() \
         else np.zeros(0, dtype=int)
     layer: dict[str, Any] = {
-        "method": "STRIP (Gao et al. 2019): a prediction that survives blending with clean "
-                  f"inputs is suspicious (blend {filt.config.blend}, statistic "
-                  f"{_statistics(filt)})",
+        "method": method_text(filt),
         "calibration": filt.describe(),
         "n_screened": int(len(ent)), "n_suspicious": int(result.suspicious.sum()),
         "suspicious_fraction": float(result.suspicious.mean()) if len(ent) else 0.0,
@@ -38,23 +60,27 @@ def runtime_layer(filt: StripFilter, result: StripResult,
     return layer
 
 
-def build_filter_report(filt: StripFilter, x: np.ndarray, result: StripResult,
+def build_filter_report(filt: Any, x: np.ndarray, result: StripResult,
                         evaluation: dict[str, Any] | None, timings: dict[str, float],
                         command: str = "filter") -> dict[str, Any]:
     from poisonguard.report.builder import environment
     from poisonguard.verdict import runtime_status, set_verdict
 
     n_sus = int(result.suspicious.sum())
-    summary = (f"{n_sus} of {len(x)} inputs flagged by STRIP ({filt.config.blend}, "
-               f"{_statistics(filt)}; calibrated at {filt.config.target_frr:.1%} FRR)")
+    frr = _target_frr(filt)
+    if isinstance(filt, StripFilter):
+        summary = (f"{n_sus} of {len(x)} inputs flagged by STRIP ({filt.config.blend}, "
+                   f"{_statistics(filt)}; calibrated at {frr:.1%} FRR)")
+    else:
+        summary = f"{n_sus} of {len(x)} inputs flagged by {filt.name} (calibrated at {frr:.1%} FRR)"
     layer = runtime_layer(filt, result, evaluation)
     report = jsonable({
         "schema_version": SCHEMA_VERSION,
         "tool": {"name": "poisonguard", "version": __version__},
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command, "environment": environment(),
-        "seeds": {"strip": filt.config.seed},
-        "config": filt.config.to_dict(),
+        "seeds": {"strip": filt.config.seed} if isinstance(filt, StripFilter) else {},
+        "config": filt.config.to_dict() if isinstance(filt, StripFilter) else filt.describe(),
         "data": {"fingerprint": hashlib.sha256(np.ascontiguousarray(x).tobytes()).hexdigest(),
                  "n_samples": int(len(x)), "sample_shape": list(x.shape[1:]),
                  "dtype": str(x.dtype)},
@@ -63,7 +89,7 @@ def build_filter_report(filt: StripFilter, x: np.ndarray, result: StripResult,
         "layers": {"runtime": layer},
         "timings": timings,
     })
-    status = runtime_status(layer, filt.config.target_frr, len(x))
+    status = runtime_status(layer, frr, len(x))
     status["summary"] = status["summary"].replace("training inputs", "inputs")
     return set_verdict(report, {"runtime": status})
 

@@ -230,23 +230,30 @@ def new_service(title: str) -> tuple[FastAPI, Stats, threading.Lock, deque[dict[
     return app, stats, threading.Lock(), flagged
 
 
-def create_app(filt: StripFilter, max_body_bytes: int = 8 << 20, max_inputs: int = 512,
+def create_app(filt: Any, max_body_bytes: int = 8 << 20, max_inputs: int = 512,
                review_dir: str | Path | None = None, max_review_files: int = 10_000,
                title: str = "poisonguard screening service") -> FastAPI:
-    """The FastAPI app screening inputs of ``filt``'s model."""
+    """The FastAPI app screening inputs of ``filt``'s model (a calibrated STRIP,
+    consistency or union filter)."""
     if filt.threshold is None:
-        raise PoisonguardError("the STRIP filter is not calibrated")
+        raise PoisonguardError("the runtime filter is not calibrated")
     app, stats, model_lock, flagged = new_service(title)
     review = Path(review_dir) if review_dir else None
     if review is not None:
         review.mkdir(parents=True, exist_ok=True)
     review_count = [0]
-    info = {"threshold": filt.threshold, "n_blends": filt.config.n_blends,
-            "cut_blends": filt.config.blends_for("cut") if "cut" in filt.config.tests else None,
-            "blend": filt.config.blend, "statistic": filt.config.statistic,
-            "target_frr": filt.config.target_frr,
-            "sample_shape": list(filt.sample_shape), "input_dtype": str(filt.pool.dtype),
-            "max_inputs": max_inputs, "max_body_bytes": max_body_bytes}
+    if isinstance(filt, StripFilter):
+        info = {"method": "strip", "threshold": filt.threshold,
+                "n_blends": filt.config.n_blends,
+                "cut_blends": filt.config.blends_for("cut") if "cut" in filt.config.tests
+                else None, "blend": filt.config.blend, "statistic": filt.config.statistic,
+                "target_frr": filt.config.target_frr, "input_dtype": str(filt.pool.dtype)}
+    else:  # scale-up / ibd-psc, or a union (poisonguard.runtime.union)
+        info = {"method": filt.name, "threshold": filt.threshold,
+                "target_frr": filt.describe().get("target_frr"),
+                "input_dtype": str(filt.input_dtype)}
+    info.update({"sample_shape": list(filt.sample_shape), "max_inputs": max_inputs,
+                 "max_body_bytes": max_body_bytes})
 
     def screen(x: np.ndarray) -> Any:
         with model_lock:
