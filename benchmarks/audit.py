@@ -181,21 +181,24 @@ def write(results: dict[str, Any], out: Path) -> None:
              "images; BadNets 2x2, 10% into class 0) and their clean twin; a model trained on "
              "each; 360 trusted test digits; a manifest of the training file (tampered: one "
              "sample changed after pinning).", "",
-             "| data | profile | exit | seconds | CPU s | load | overall | provenance | "
+             "| data | profile | code | exit | seconds | CPU s | load | overall | provenance | "
              "quarantine | model audit | runtime | flagged | recall | clean flagged |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["records"]:
         lay = r.get("layers", {})
         rec = r.get("recall")
         fp = r.get("fp_rate")
         lines.append(
-            f"| {r['data']} | {r['profile']} | {r['exit']} | {r['seconds']} | "
+            f"| {r['data']} | {r['profile']} | {r.get('code', '-')} | {r['exit']} | "
+            f"{r['seconds']} | "
             f"{r.get('cpu_seconds', '-')} | {r.get('load_avg', '-')} | "
             f"{r.get('overall', r.get('error', '-'))} | {lay.get('provenance', '-')} | "
             f"{lay.get('quarantine', '-')} | {lay.get('model_audit', '-')} | "
             f"{lay.get('runtime', '-')} | {r.get('n_flagged', '-')} | "
             f"{'-' if rec is None else f'{rec:.3f}'} | "
             f"{'-' if fp is None else f'{100 * fp:.2f}%'} |")
+    notes = sorted({r["note"] for r in results["records"] if r.get("note")})
+    lines += [""] + [f"Note: {n}." for n in notes] if notes else []
     for r in results["records"]:
         if r.get("recheck_confirms_true") is not None or r.get("recheck_confirms_false"):
             def pct(v: Any) -> str:
