@@ -26,15 +26,21 @@ def _add_common(p: argparse.ArgumentParser, clean_required: bool = True) -> None
                         "columns); a few hundred suffice" + (
                             "" if clean_required else "; without them only the data-free "
                             "max-margin audit runs (image and vector models)"))
+    p.add_argument("--text-column", default="text",
+                   help="text models: the column of CLEAN.csv holding the posts")
+    p.add_argument("--label-column", default="label",
+                   help="text models: the column of CLEAN.csv holding the labels")
+    add_run_options(p)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--out``, ``--max-clean``, ``--steps``, ``--seed``, ``--quiet``, ``--threads``: shared by
+    ``audit-model``, ``repair`` and ``compare``."""
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
     p.add_argument("--max-clean", type=int, default=500,
                    help="use at most this many clean samples (default 500)")
     p.add_argument("--steps", type=int, default=None,
                    help="Neural Cleanse step budget (default 160)")
-    p.add_argument("--text-column", default="text",
-                   help="text models: the column of CLEAN.csv holding the posts")
-    p.add_argument("--label-column", default="label",
-                   help="text models: the column of CLEAN.csv holding the labels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--threads", type=int, default=None,

@@ -10,6 +10,8 @@ from typing import Any
 
 def register(sub: Any) -> None:
     """Add ``compare`` to an argparse subparsers object."""
+    from poisonguard.audit.cli import add_run_options
+
     c = sub.add_parser(
         "compare", help="compare two versions of one model (a model you trust and a fine-tune "
                         "of it): changed classes, layers, moved predictions, planted triggers",
@@ -22,16 +24,7 @@ def register(sub: Any) -> None:
     c.add_argument("tuned", help="the new version of it (same architecture)")
     c.add_argument("--clean", required=True, metavar="DATA.npz",
                    help="trusted clean samples with labels; a few hundred suffice")
-    c.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    c.add_argument("--max-clean", type=int, default=500,
-                   help="use at most this many clean samples (default 500)")
-    c.add_argument("--steps", type=int, default=None,
-                   help="Neural Cleanse step budget (default 160)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--quiet", action="store_true")
-    c.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the CPUs this process may use, or "
-                        "OMP_NUM_THREADS when set)")
+    add_run_options(c)
     c.set_defaults(handler=cmd_compare)
 
 
