@@ -156,15 +156,9 @@ class FeatureFilter:
 
     def coerce(self, x: np.ndarray) -> np.ndarray:
         """Inputs in the calibration's integer dtype (range checked), others as they are."""
-        if self.input_dtype.kind not in "iu" or x.dtype == self.input_dtype:
-            return x
-        info = np.iinfo(self.input_dtype)
-        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-        if lo < info.min or hi > info.max:
-            raise DataError(f"inputs: values span [{lo:g}, {hi:g}]; the model takes "
-                            f"{self.input_dtype} values in [{info.min}, {info.max}]")
-        return np.rint(x).astype(self.input_dtype) if x.dtype.kind == "f" else \
-            x.astype(self.input_dtype)
+        from poisonguard.runtime.strip import coerce_inputs
+
+        return coerce_inputs(x, self.input_dtype)
 
     def describe(self) -> dict[str, Any]:
         if self.calibration is not None:

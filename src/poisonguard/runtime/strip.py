@@ -243,6 +243,20 @@ def cut_masks(sample_shape: tuple[int, ...], n: int, area: float, seed: int) -> 
     return out
 
 
+def coerce_inputs(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``x`` in an integer ``dtype`` (rounded, range checked: values outside it are a
+    :class:`DataError`); unchanged when ``dtype`` is not an integer type or already matches."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iu" or x.dtype == dtype:
+        return x
+    info = np.iinfo(dtype)
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    if lo < info.min or hi > info.max:
+        raise DataError(f"inputs: values span [{lo:g}, {hi:g}]; the model takes {dtype} "
+                        f"values in [{info.min}, {info.max}]")
+    return np.rint(x).astype(dtype) if x.dtype.kind == "f" else x.astype(dtype)
+
+
 class StripFilter:
     """Screens inputs of ``classifier`` against the ``pool`` of clean images (raw samples, as the
     data holds them). ``threshold=None`` means not calibrated yet (see :meth:`calibrate`).
@@ -488,15 +502,7 @@ class StripFilter:
     def coerce(self, x: np.ndarray) -> np.ndarray:
         """Inputs in the pool's integer dtype (e.g. JSON numbers for a uint8 model), range
         checked; other inputs are returned as they are."""
-        if self.pool.dtype.kind not in "iu" or x.dtype == self.pool.dtype:
-            return x
-        info = np.iinfo(self.pool.dtype)
-        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-        if lo < info.min or hi > info.max:
-            raise DataError(f"inputs: values span [{lo:g}, {hi:g}]; the model takes "
-                            f"{self.pool.dtype} values in [{info.min}, {info.max}]")
-        return np.rint(x).astype(self.pool.dtype) if x.dtype.kind == "f" else \
-            x.astype(self.pool.dtype)
+        return coerce_inputs(x, self.pool.dtype)
 
     def entropies(self, x: np.ndarray) -> np.ndarray:
         return self.screen(x).entropy
