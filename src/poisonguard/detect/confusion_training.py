@@ -19,10 +19,10 @@ are the last check at which at most ``max_clean_fitted`` of the held-out clean s
 fitted (MNIST 5k, 10% WaNet: 0% of held-out clean samples fitted at steps 25-100, 0.4% at 175,
 2.4% at 200 with 93% of poisons, 12% at 300). A class is suspicious when its count
 of confident samples is far above the share of its own held-out trusted samples still fitted
-(Laplace-smoothed; one-sided binomial tail below ``alpha`` after a Bonferroni correction over
-classes, and at least ``min_fraction`` of the class) and its
+(a one-sided beta-binomial tail below ``alpha`` after a Bonferroni correction over classes:
+the held-out rate's uncertainty counts; and at least ``min_fraction`` of the class) and its
 share is also an outlier among the classes (robust z > ``k``), or, when at least half the
-classes pass the binomial test, for all of them: the whole dataset looks poisoned (all-to-all).
+classes pass the tail test, for all of them: the whole dataset looks poisoned (all-to-all).
 Needs a trusted set; without one the detector does not run (a confusion set drawn from the
 scanned data would confuse the trigger as much as the clean features).
 """
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import binom
+from scipy.stats import betabinom
 
 from poisonguard.data.labeled import LabeledData
 from poisonguard.detect.common import robust_z
@@ -56,7 +56,7 @@ class ConfusionTraining:
     confusion_weight: float = 1.0
     lr: float = 1e-3
     confident: float = 0.8
-    alpha: float = 1e-6
+    alpha: float = 1e-3      # family-wise: tail p < alpha / n_classes
     min_fraction: float = 0.01
     k: float = 3.5
     dataset_wide_share: float = 0.5
@@ -91,8 +91,19 @@ class ConfusionTraining:
         cal_fitted = p_cal > self.confident
         rates = np.array([(cal_fitted[calibration.y == c].sum() + 1.0)
                           / ((calibration.y == c).sum() + 2.0) for c in classes])
-        tails = np.array([float(binom.sf(k - 1, n, r)) if k > 0 else 1.0
-                          for (n, k), r in zip(counts, rates)])
+        # the class's rate of fitted held-out samples is itself a count of a few dozen, so its
+        # uncertainty counts: a beta-binomial tail, the rate's Beta posterior built from the
+        # class's own held-out counts plus the pooled rate weighted as one class's share of the
+        # held-out set (a binomial tail against the point estimate called a clean MNIST-60k
+        # class at 12.5% against 0 of 25)
+        pooled = (float(cal_fitted.sum()) + 1.0) / (len(cal_fitted) + 2.0)
+        weight = len(calibration) / max(len(classes), 1)
+        cal_counts = [(int((calibration.y == c).sum()), int(cal_fitted[calibration.y == c].sum()))
+                      for c in classes]
+        tails = np.array([float(betabinom.sf(k - 1, n, ck + weight * pooled,
+                                             cn - ck + weight * (1 - pooled)))
+                          if k > 0 else 1.0
+                          for (n, k), (cn, ck) in zip(counts, cal_counts)])
         excess = (tails * len(classes) < self.alpha) & (frac >= self.min_fraction)
         z = robust_z(frac) if len(classes) > 2 else np.zeros(len(classes))
         wide = bool(excess.mean() >= self.dataset_wide_share)
@@ -102,16 +113,16 @@ class ConfusionTraining:
                                                 suspicious):
             findings.append(ClassFinding(int(c), bool(s_c), int(n), int(k) if s_c else 0, {
                 "confident_fraction": round(float(f), 4), "clean_rate": round(float(r), 4),
-                "binomial_tail": float(f"{t:.3g}"), "fraction_z": round(float(zc), 2),
+                "tail_p": float(f"{t:.3g}"), "fraction_z": round(float(zc), 2),
                 "reason": (f"{k} of {n} samples still fit their label (p > {self.confident}) "
                            f"after confusion training, against {r:.1%} (smoothed) of the "
                            "class's held-out trusted samples"),
             }))
         flags = confident & np.isin(data.y, classes[suspicious])
         rule = {"rule": "p(label) under the confused model > confident, in classes whose count "
-                        "of such samples has a binomial tail < alpha / n_classes against the "
-                        "held-out trusted samples' share and whose share is a robust-z outlier "
-                        "among classes (or in every such class when they are at least "
+                        "of such samples exceeds what the held-out trusted samples' rate allows "
+                        "(beta-binomial tail < alpha / n_classes) and whose share is a robust-z "
+                        "outlier among classes (or in every such class when they are at least "
                         "dataset_wide_share of classes)",
                 "confident": self.confident, "alpha": self.alpha, "k": self.k,
                 "min_fraction": self.min_fraction, "dataset_wide_share": self.dataset_wide_share}
