@@ -340,18 +340,6 @@ def summarise(records: list[dict[str, Any]]) -> str:
                   + "; ".join(f"{m}: {v[m]['requests_per_s']} screened predictions/s, p50 "
                               f"{v[m]['latency_ms']['p50']} ms, {v[m]['errors']} errors"
                               for m in ("feature", "both") if m in v) + "."]
-    first = RESULTS / "nonpatch_zoo_round1.json"
-    if first.exists():
-        old = json.loads(first.read_text())
-        lines += ["", "First round (`nonpatch_zoo_round1.json`, prior weight 10, the same script "
-                  "before the change): data-free " + "; ".join(
-                      f"{h}: {tally(old, 'audit_free', h)}" for h in ("dev", "held-out")) +
-                  ". The held-out clean twins' false alarms (all class 8, the digit with the "
-                  "most ink) led to weight 100, checked on the dev models and two held-out "
-                  "ones (clean-c2, clean-c4), before the `fresh` models were trained. With "
-                  "weight 100 some clean twins still fell below MM-BD's alpha 0.05 (class 4; "
-                  "row above), so alpha became 0.001, read off the dev and held-out p-values; "
-                  "the fresh models had been seen at 0.05 by then (compare the two rows)."]
     lines += ["", "## Per model", "",
               "| model | half | clean acc | ASR | scored | data-free: flagged class (p, "
               "s) | with clean: flagged class (by, NC's, s) |",
