@@ -33,6 +33,7 @@ from poisonguard.verdict import (
     runtime_status,
     set_verdict,
     skipped,
+    worse_status,
 )
 
 TRAIN_DEFENSES = ("abl", "trim")
@@ -271,10 +272,11 @@ def _quarantine(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
         recheck, confirmed = _recheck_guarded(results[0], votes > 0, seed, quiet)
     result = results[0] if len(results) == 1 else _vote_seeds(results, confirmed)
     sanitized, removed = sanitize(result)
-    for r in removed if len(results) > 1 or confirmed is not None else []:
-        r["seed_votes"] = int(votes[r["index"]])
-        if confirmed is not None:
-            r["recheck_confirmed"] = int(confirmed[r["index"]])
+    if len(results) > 1 or confirmed is not None:
+        for r in removed:
+            r["seed_votes"] = int(votes[r["index"]])
+            if confirmed is not None:
+                r["recheck_confirmed"] = int(confirmed[r["index"]])
     info = {"n_removed": len(removed), "n_kept": len(sanitized),
             "removed_file": "flagged.csv", "sanitized_file": "sanitized.npz"}
     report = build_scan_report(result, "audit", sanitize_info=info)
@@ -407,19 +409,6 @@ def _compare(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
     rep = build_compare_report(result, inp.clean, inp.base_model, inp.model)
     layer = {**rep["layers"]["model_audit"], "verdict": result.verdict}
     return layer, rep["verdict"]["layers"]["model_audit"], result
-
-
-_SEVERITY = {"skipped": 0, "clean": 1, "suspicious": 2, "error": 3, "compromised": 4}
-
-
-def _worse(current: dict[str, Any], other: dict[str, Any], what: str) -> dict[str, Any]:
-    """The more severe of two statuses of one layer; the other's summary is appended."""
-    worst = other if _SEVERITY[other["status"]] > _SEVERITY[current["status"]] else current
-    merged = dict(worst)
-    merged["summary"] = (f"{current['summary']}; {what}: {other['summary']}"
-                         if worst is current else f"{what}: {other['summary']}; "
-                                                  f"{current['summary']}")
-    return merged
 
 
 RUNTIME_SCREEN_MAX = 5000   # training inputs STRIP screens (a uniform sample beyond this)
@@ -595,7 +584,8 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
             entry = got[1] if got is not None else failed["comparison"]
             layers.setdefault("model_audit", {})["comparison"] = (
                 got[0] if got is not None else {"error": entry["summary"]})
-            statuses["model_audit"] = _worse(statuses["model_audit"], entry, "comparison")
+            statuses["model_audit"] = worse_status(statuses["model_audit"], entry,
+                                                   "comparison")
             if got is not None:
                 artifacts["comparison"] = got[2]
                 ran.append("model comparison with the base model")

@@ -28,6 +28,21 @@ def layer_status(status: str, summary: str, reason: str, **extra: Any) -> dict[s
     return {"status": status, "summary": summary, "reason": reason, **extra}
 
 
+SEVERITY = {"skipped": 0, "clean": 1, "suspicious": 2, "error": 3, "compromised": 4}
+
+
+def worse_status(current: Mapping[str, Any], other: Mapping[str, Any], what: str
+                 ) -> dict[str, Any]:
+    """The more severe of two statuses of one layer (``other`` is the ``what`` check); the
+    milder one's summary is appended to the kept one's."""
+    worst = other if SEVERITY[other["status"]] > SEVERITY[current["status"]] else current
+    merged = dict(worst)
+    merged["summary"] = (f"{current['summary']}; {what}: {other['summary']}"
+                         if worst is current else f"{what}: {other['summary']}; "
+                                                  f"{current['summary']}")
+    return merged
+
+
 def skipped(reason: str) -> dict[str, Any]:
     return layer_status("skipped", "not run", reason)
 

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from poisonguard.audit.model import AuditModel, check_clean_data, to_data_tensor
+from poisonguard.audit.model import AuditModel, check_clean_data
 from poisonguard.audit.neural_cleanse import (
     MAD_SCALE,
     CleanseConfig,
@@ -40,6 +40,7 @@ from poisonguard.audit.neural_cleanse import (
     reversed_asr,
 )
 from poisonguard.data.labeled import LabeledData
+from poisonguard.detect.common import robust_z
 from poisonguard.errors import ModelError
 
 MIN_DIFFERENTIAL = 0.5     # share of clean samples a planted trigger moves in TUNED, not BASE
@@ -78,11 +79,11 @@ def check_same_architecture(base: AuditModel, tuned: AuditModel) -> None:
                              f"{tuple(v.shape)} in BASE and {tuple(pt[k].shape)} in TUNED")
 
 
-def robust_z(v: np.ndarray, floor: float = 1e-9) -> np.ndarray:
-    """(v - median) / (1.4826 MAD), MAD floored at 5% of |median| and at ``floor``."""
-    med = float(np.median(v))
-    mad = float(np.median(np.abs(v - med)))
-    return (v - med) / (MAD_SCALE * max(mad, 0.05 * abs(med), floor))
+def _robust_z(v: np.ndarray, floor: float = 1e-9) -> np.ndarray:
+    """Robust z with the MAD floored at 5% of |median| and at ``floor`` (shares of a few
+    hundred samples are often all zero but one)."""
+    scale_floor = MAD_SCALE * max(0.05 * abs(float(np.median(v))), floor)
+    return robust_z(np.asarray(v, dtype=np.float64), floor=scale_floor)
 
 
 def layer_changes(base: AuditModel, tuned: AuditModel, n_classes: int
@@ -102,12 +103,6 @@ def layer_changes(base: AuditModel, tuned: AuditModel, n_classes: int
     return rows, head
 
 
-def _probs(model: AuditModel, xd: torch.Tensor, batch: int = 512) -> np.ndarray:
-    with torch.no_grad():
-        return torch.cat([torch.softmax(model.logits(xd[i:i + batch]), 1)
-                          for i in range(0, len(xd), batch)]).numpy()
-
-
 def compare_models(base: AuditModel, tuned: AuditModel, clean: LabeledData,
                    config: CleanseConfig | None = None) -> CompareResult:
     """Compare ``tuned`` against ``base`` on the trusted ``clean`` set (see the module doc)."""
@@ -116,8 +111,7 @@ def compare_models(base: AuditModel, tuned: AuditModel, clean: LabeledData,
     k = check_clean_data(tuned, clean)
     if check_clean_data(base, clean) != k:
         raise ModelError("BASE and TUNED give different numbers of classes")
-    xd = to_data_tensor(clean.x)
-    p_b, p_t = _probs(base, xd), _probs(tuned, xd)
+    p_b, p_t = base.classifier.predict_proba(clean.x), tuned.classifier.predict_proba(clean.x)
     pred_b, pred_t = p_b.argmax(1), p_t.argmax(1)
     acc = {"base": round(float(np.mean(pred_b == clean.y)), 4),
            "tuned": round(float(np.mean(pred_t == clean.y)), 4)}
@@ -140,8 +134,8 @@ def compare_models(base: AuditModel, tuned: AuditModel, clean: LabeledData,
         add_diff = add_t - reversed_asr(base, nc, clean, additive=True)
     best = np.maximum(diff, add_diff) if add_diff is not None else diff
     planted = [int(c) for c in np.argsort(-best) if best[c] >= MIN_DIFFERENTIAL]
-    head_z = robust_z(head) if head is not None else None
-    moved_z = robust_z(moved_to, floor=1.0 / len(clean))  # one sample's share
+    head_z = _robust_z(head) if head is not None else None
+    moved_z = _robust_z(moved_to, floor=1.0 / len(clean))  # one sample's share
     classes = []
     for c in range(k):
         row: dict[str, Any] = {

@@ -36,11 +36,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         _load_clean,
         _write_report,
     )
-    from poisonguard.audit.compare import (
-        build_compare_report,
-        check_same_architecture,
-        compare_models,
-    )
+    from poisonguard.audit.compare import build_compare_report, compare_models
     from poisonguard.audit.core import save_triggers
     from poisonguard.audit.model import load_audit_model
     from poisonguard.io import check_writable_dir
@@ -48,7 +44,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     check_writable_dir(args.out)
     base = load_audit_model(args.base)
     tuned = load_audit_model(args.tuned)
-    check_same_architecture(base, tuned)
     clean = _load_clean(args.clean, args.max_clean, args.seed)
     result = compare_models(base, tuned, clean, _cleanse_config(args))
     out = Path(args.out)

@@ -45,18 +45,19 @@ def check_trusted_features(features: np.ndarray, trusted_features: np.ndarray | 
                         f"the features {features.shape[1]}; extract both from the same layer")
 
 
-def robust_location_scale(values: np.ndarray,
-                          center: float | None = None) -> tuple[float, float]:
-    """Median (or ``center``) and 1.4826 MAD around it, the scale floored so constant data
-    gives z = 0 rather than a division by zero."""
+def robust_location_scale(values: np.ndarray, center: float | None = None,
+                          floor: float = 0.0) -> tuple[float, float]:
+    """Median (or ``center``) and 1.4826 MAD around it, the scale floored (at ``floor`` too) so
+    constant data gives z = 0 rather than a division by zero."""
     med = float(np.median(values)) if center is None else center
     mad = float(np.median(np.abs(values - med))) * MAD_TO_SIGMA
-    return med, max(mad, 1e-12, 1e-6 * float(np.std(values)))
+    return med, max(mad, 1e-12, 1e-6 * float(np.std(values)), floor)
 
 
-def robust_z(values: np.ndarray, center: float | None = None) -> np.ndarray:
+def robust_z(values: np.ndarray, center: float | None = None,
+             floor: float = 0.0) -> np.ndarray:
     """(v - median) / (1.4826 MAD), with a floor on the scale so constant data gives 0."""
-    med, scale = robust_location_scale(values, center)
+    med, scale = robust_location_scale(values, center, floor)
     return (values - med) / scale
 
 
