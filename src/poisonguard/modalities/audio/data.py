@@ -144,6 +144,18 @@ def read_wav(path: Path, name: str) -> tuple[np.ndarray, int, bool]:
     return to_float(samples, name), int(rate), samples.ndim == 2
 
 
+def read_wavs(files: list[Path], root: Path) -> tuple[list[np.ndarray], list[int], int]:
+    """Every file's mono wave and sample rate (errors name the path under ``root``), and how
+    many were multi-channel (mixed down)."""
+    waves, rates, multi = [], [], 0
+    for p in files:
+        w, r, m = read_wav(p, str(p.relative_to(root)))
+        waves.append(w)
+        rates.append(r)
+        multi += m
+    return waves, rates, multi
+
+
 def from_waves(waves: list[np.ndarray], rates: list[int], y: np.ndarray, ids: np.ndarray,
                label_map: dict[str, int], groups: np.ndarray | None = None,
                sample_rate: int | None = None, max_seconds: float = MAX_SECONDS,
@@ -193,12 +205,7 @@ def load_wav_folder(root: str | Path, sample_rate: int | None = None,
     unknown = sorted(set(names) - set(mapping))
     if unknown:
         raise DataError(f"{root}: labels {unknown[:5]} are not in the training labels")
-    waves, rates, stereo = [], [], 0
-    for p in files:
-        w, r, multi = read_wav(p, str(p.relative_to(root)))
-        waves.append(w)
-        rates.append(r)
-        stereo += multi
+    waves, rates, stereo = read_wavs(files, root)
     ids = np.array([str(p.relative_to(root)) for p in files])
     y = np.array([mapping[n] for n in names], dtype=np.int64)
     return from_waves(waves, rates, y, ids, mapping, None, sample_rate, max_seconds, stereo,

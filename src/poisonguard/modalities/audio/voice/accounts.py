@@ -34,7 +34,7 @@ import numpy as np
 from scipy.stats import binom
 
 from poisonguard.errors import DataError
-from poisonguard.modalities.audio.data import read_wav, resample
+from poisonguard.modalities.audio.data import read_wavs, resample
 from poisonguard.modalities.audio.voice.features import speaker_features
 
 MIN_CLIPS = 3
@@ -78,12 +78,7 @@ def load_accounts(root: str | Path, min_clips: int = MIN_CLIPS) -> Accounts:
         raise DataError(f"{root}: {len(counts) - len(skipped)} account(s) with at least "
                         f"{min_clips} clips; the audit compares voices across accounts and "
                         f"needs at least {MIN_ACCOUNTS}")
-    waves, rates, multi = [], [], 0
-    for p in kept:
-        w, r, m = read_wav(p, str(p.relative_to(root)))
-        waves.append(w)
-        rates.append(r)
-        multi += m
+    waves, rates, multi = read_wavs(kept, root)
     rate = Counter(rates).most_common(1)[0][0]
     if rate < 1000:
         raise DataError(f"{root}: sample rate {rate} Hz; expected at least 1000 Hz")
