@@ -380,13 +380,19 @@ def _guarded(inp: AuditInputs, defense: str, profile: Profile, seed: int, quiet:
     return layer, result
 
 
+def _cleanse_config(profile: Profile, seed: int) -> Any:
+    """The trigger search the profile asks for (the model audit's and the comparison's)."""
+    from poisonguard.audit.neural_cleanse import CleanseConfig
+
+    return CleanseConfig(seed=seed, max_steps=profile.cleanse_steps,
+                         min_steps=profile.cleanse_min_steps, additive=profile.additive_search)
+
+
 def _model_audit(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
                  ) -> tuple[dict[str, Any], Any, Any]:
     from poisonguard.audit.core import audit_model, build_audit_report
-    from poisonguard.audit.neural_cleanse import CleanseConfig
 
-    cfg = CleanseConfig(seed=seed, max_steps=profile.cleanse_steps,
-                        min_steps=profile.cleanse_min_steps, additive=profile.additive_search)
+    cfg = _cleanse_config(profile, seed)
     _log(quiet, f"model audit: Neural Cleanse over {inp.model.n_outputs(inp.clean.x)} classes "
                 f"with {len(inp.clean)} clean samples ({cfg.max_steps} steps)")
     result = audit_model(inp.model, inp.clean, cfg, dormant=profile.dormant)
@@ -394,18 +400,16 @@ def _model_audit(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
     return rep["layers"]["model_audit"], rep["verdict"], result
 
 
-def _compare(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
+def _compare(inp: AuditInputs, profile: Profile, seed: int, quiet: bool, cleanse: Any = None
              ) -> tuple[dict[str, Any], dict[str, Any], Any]:
-    """``compare`` of the model against the base model: its report layer, its status and the
-    result (triggers)."""
+    """``compare`` of the model against the base model (reusing the model audit's reversed
+    triggers ``cleanse`` when it ran: the same search on the same model and clean set): its
+    report layer, its status and the result."""
     from poisonguard.audit.compare import build_compare_report, compare_models
-    from poisonguard.audit.neural_cleanse import CleanseConfig
 
-    cfg = CleanseConfig(seed=seed, max_steps=profile.cleanse_steps,
-                        min_steps=profile.cleanse_min_steps, additive=profile.additive_search)
-    _log(quiet, "comparison: reversing the model's triggers and checking them on the base "
-                "model")
-    result = compare_models(inp.base_model, inp.model, inp.clean, cfg)
+    cfg = _cleanse_config(profile, seed)
+    _log(quiet, "comparison: checking the model's reversed triggers on the base model")
+    result = compare_models(inp.base_model, inp.model, inp.clean, cfg, cleanse)
     rep = build_compare_report(result, inp.clean, inp.base_model, inp.model)
     layer = {**rep["layers"]["model_audit"], "verdict": result.verdict}
     return layer, rep["verdict"]["layers"]["model_audit"], result
@@ -579,8 +583,9 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
                        + (", dormant units" if prof.dormant else "") + ")")
         if inp.base_model is not None:
             failed: dict[str, Any] = {}
+            audited = artifacts.get("audit")
             got = _run_layer("comparison", failed, timings, quiet, _compare, inp, prof, seed,
-                             quiet)
+                             quiet, audited.cleanse if audited is not None else None)
             entry = got[1] if got is not None else failed["comparison"]
             layers.setdefault("model_audit", {})["comparison"] = (
                 got[0] if got is not None else {"error": entry["summary"]})

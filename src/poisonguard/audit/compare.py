@@ -104,8 +104,11 @@ def layer_changes(base: AuditModel, tuned: AuditModel, n_classes: int
 
 
 def compare_models(base: AuditModel, tuned: AuditModel, clean: LabeledData,
-                   config: CleanseConfig | None = None) -> CompareResult:
-    """Compare ``tuned`` against ``base`` on the trusted ``clean`` set (see the module doc)."""
+                   config: CleanseConfig | None = None,
+                   cleanse: CleanseResult | None = None) -> CompareResult:
+    """Compare ``tuned`` against ``base`` on the trusted ``clean`` set (see the module doc).
+    ``cleanse``: TUNED's reversed triggers when an audit of it on ``clean`` already found them
+    (otherwise Neural Cleanse runs here with ``config``)."""
     t0 = time.perf_counter()
     check_same_architecture(base, tuned)
     k = check_clean_data(tuned, clean)
@@ -124,7 +127,7 @@ def compare_models(base: AuditModel, tuned: AuditModel, clean: LabeledData,
              for i in top if shift[i] > 0]
     t1 = time.perf_counter()
     layers, head = layer_changes(base, tuned, k)
-    nc = neural_cleanse(tuned, clean, k, config)
+    nc = cleanse if cleanse is not None else neural_cleanse(tuned, clean, k, config)
     t2 = time.perf_counter()
     asr_t, asr_b = reversed_asr(tuned, nc, clean), reversed_asr(base, nc, clean)
     diff = asr_t - asr_b
