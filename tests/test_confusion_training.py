@@ -64,3 +64,31 @@ def test_stamped_flip_rate_separates_a_trigger_from_a_natural_feature(backdoored
     natural = np.zeros(zeros.shape[1], dtype=bool)
     natural[np.argsort(zeros.mean(0))[-5:]] = True
     assert stamped_flip_rate(clf, data, 0, natural, zeros.mean(0)[natural]) < 0.5
+
+
+def _confused_probabilities(rng: np.random.Generator, widths: list[float], n: int = 500
+                            ) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.repeat(np.arange(len(widths)), n)
+    logits = np.concatenate([rng.normal(0.0, w, n) for w in widths])
+    return 1 / (1 + np.exp(-logits)), labels
+
+
+def test_within_class_test_finds_a_weakly_fitted_group() -> None:
+    """A group fitted at p 0.71-0.79 (never above ``confident``) in a class fitted at p ~0.5 is
+    called by the within-class test; classes that are merely wider than others are not."""
+    rng = np.random.default_rng(0)
+    widths = [0.3, 0.3, 0.9, 0.3, 0.6, 0.3, 0.3, 1.2, 0.3, 0.3]
+    p, labels = _confused_probabilities(rng, widths)
+    p_cal, cal_labels = _confused_probabilities(rng, widths, n=25)
+    poison = np.zeros(len(p), dtype=bool)
+    poison[np.flatnonzero(labels == 3)[:25]] = True
+    p[poison] = 1 / (1 + np.exp(-rng.uniform(0.9, 1.35, poison.sum())))
+    assert p[poison].max() < ConfusionTraining().confident
+    ct = ConfusionTraining()
+    called, z, evidence = ct._within_class(p, p_cal, labels, cal_labels, np.arange(10))
+    assert np.flatnonzero(called).tolist() == [3]
+    flags = (z > ct.flag_z) & (labels == 3)
+    assert flags[poison].mean() >= 0.9 and flags[~poison].mean() <= 0.01
+    assert evidence["p"][3] < 1e-6 and evidence["counts"][3] >= 10
+    clean_p, _ = _confused_probabilities(rng, widths)
+    assert not ct._within_class(clean_p, p_cal, labels, cal_labels, np.arange(10))[0].any()

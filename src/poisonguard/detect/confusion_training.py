@@ -39,12 +39,13 @@ import torch.nn.functional as F
 from scipy.stats import betabinom
 
 from poisonguard.data.labeled import LabeledData
-from poisonguard.detect.common import robust_z
+from poisonguard.detect.common import robust_location_scale, robust_z
 from poisonguard.errors import DataError
 from poisonguard.models.adapter import TorchClassifier
 from poisonguard.types import ClassFinding, DetectorResult
 
 MIN_TRUSTED = 20
+LOGIT_SCALE_FLOOR = 0.1  # logit units: a class fitted all alike gives no huge z
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class ConfusionTraining:
     min_fraction: float = 0.01
     k: float = 3.5
     dataset_wide_share: float = 0.5
+    tail_z: float = 3.0      # within-class test: a sample's logit z among its class's samples
+    flag_z: float = 2.0      # ... and the z above which a called class's samples are flagged
     seed: int = 0
     name: str = "confusion_training"
 
@@ -107,32 +110,98 @@ class ConfusionTraining:
         excess = (tails * len(classes) < self.alpha) & (frac >= self.min_fraction)
         z = robust_z(frac) if len(classes) > 2 else np.zeros(len(classes))
         wide = bool(excess.mean() >= self.dataset_wide_share)
-        suspicious = excess & ((z > self.k) | wide)
+        absolute = excess & ((z > self.k) | wide)
+        within, sample_z, tail = self._within_class(p_label, p_cal, data.y, calibration.y,
+                                                     classes)
+        suspicious = absolute | within
+        flags = ((confident & np.isin(data.y, classes[absolute]))
+                 | ((sample_z > self.flag_z) & np.isin(data.y, classes[within])))
         findings = []
-        for c, (n, k), f, r, t, zc, s_c in zip(classes, counts, frac, rates, tails, z,
-                                                suspicious):
-            findings.append(ClassFinding(int(c), bool(s_c), int(n), int(k) if s_c else 0, {
+        for i, (c, (n, k), f, r, t, zc, s_c) in enumerate(zip(classes, counts, frac, rates, tails,
+                                                             z, suspicious)):
+            absolute_reason = (f"{k} of {n} samples still fit their label (p > {self.confident})"
+                               f" after confusion training, against {r:.1%} (smoothed) of the "
+                               "class's held-out trusted samples")
+            within_reason = (f"{tail['counts'][i]} of {n} samples fit their label far better "
+                             f"than the rest of their class (logit robust z > {self.tail_z}) "
+                             f"after confusion training, against {tail['rates'][i]:.2%} in the "
+                             "other classes and the held-out trusted samples")
+            fired = [name for name, on in (("absolute", absolute[i]),
+                                           ("within_class", within[i])) if on]
+            reason = "; ".join(text for name, text in (("absolute", absolute_reason),
+                                                       ("within_class", within_reason))
+                               if name in fired or not fired)
+            findings.append(ClassFinding(int(c), bool(s_c), int(n),
+                                         int(flags[data.y == c].sum()), {
                 "confident_fraction": round(float(f), 4), "clean_rate": round(float(r), 4),
                 "tail_p": float(f"{t:.3g}"), "fraction_z": round(float(zc), 2),
-                "reason": (f"{k} of {n} samples still fit their label (p > {self.confident}) "
-                           f"after confusion training, against {r:.1%} (smoothed) of the "
-                           "class's held-out trusted samples"),
+                "within_class_fraction": round(float(tail["fractions"][i]), 4),
+                "within_class_p": float(f"{tail['p'][i]:.3g}"),
+                "within_class_fraction_z": round(float(tail["z"][i]), 2),
+                "fired": fired, "reason": reason,
             }))
-        flags = confident & np.isin(data.y, classes[suspicious])
         rule = {"rule": "p(label) under the confused model > confident, in classes whose count "
                         "of such samples exceeds what the held-out trusted samples' rate allows "
                         "(beta-binomial tail < alpha / n_classes) and whose share is a robust-z "
                         "outlier among classes (or in every such class when they are at least "
-                        "dataset_wide_share of classes)",
+                        "dataset_wide_share of classes); or, within classes whose count of "
+                        "samples with logit robust z > tail_z among their own class exceeds the "
+                        "other classes' and the held-out samples' rate (beta-binomial tail < "
+                        "alpha / n_classes, share >= min_fraction and a robust-z outlier among "
+                        "classes), the samples with z > flag_z",
                 "confident": self.confident, "alpha": self.alpha, "k": self.k,
-                "min_fraction": self.min_fraction, "dataset_wide_share": self.dataset_wide_share}
+                "min_fraction": self.min_fraction, "dataset_wide_share": self.dataset_wide_share,
+                "tail_z": self.tail_z, "flag_z": self.flag_z}
         params = {"max_steps": self.max_steps, "steps": steps,
                   "confusion_weight": self.confusion_weight, "lr": self.lr,
                   "n_confusion": len(confusion), "n_calibration": len(calibration)}
         return DetectorResult(self.name, p_label, flags, self.confident, rule, tuple(findings),
                               time.perf_counter() - t0, params=params,
                               extras={"clean_rate": clean_rate, "calibration_scores": p_cal,
-                                      "calibration_history": history, "dataset_wide": wide})
+                                      "calibration_history": history, "dataset_wide": wide,
+                                      "within_class_z": sample_z})
+
+    def _within_class(self, p_label: np.ndarray, p_cal: np.ndarray, labels: np.ndarray,
+                      cal_labels: np.ndarray, classes: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Classes holding a separate group that the confused model fits far better than the rest
+        of the class, however low its absolute confidence (a few poisons whose trigger is weak
+        or partly hidden by cover samples: adaptive blend at 1%, p 0.6-0.9 against 0.4-0.6).
+
+        Each sample's logit of p(label) becomes a robust z among its own class's samples (so a
+        class the confusion leaves wider does not look poisoned); the held-out trusted samples
+        are scored with their class's location and scale. A class is called when its count above
+        ``tail_z`` is improbable at the rate of the other classes together with the held-out
+        samples (beta-binomial tail, Bonferroni over classes), at least ``min_fraction`` of it,
+        and its share is a robust-z outlier among the classes (> ``k``)."""
+        logit = _logit(p_label)
+        logit_cal = _logit(p_cal)
+        z = np.zeros(len(logit))
+        z_cal = np.zeros(len(logit_cal))
+        for c in classes:
+            m = labels == c
+            med, scale = robust_location_scale(logit[m], floor=LOGIT_SCALE_FLOOR)
+            z[m] = (logit[m] - med) / scale
+            cal_c = cal_labels == c
+            z_cal[cal_c] = (logit_cal[cal_c] - med) / scale
+        above = z > self.tail_z
+        cal_above = int((z_cal > self.tail_z).sum())
+        counts = np.array([int(above[labels == c].sum()) for c in classes])
+        sizes = np.array([int((labels == c).sum()) for c in classes])
+        fractions = counts / np.maximum(sizes, 1)
+        rates, p = np.zeros(len(classes)), np.ones(len(classes))
+        for i, (k, n) in enumerate(zip(counts, sizes)):
+            ref_k = int(counts.sum() - k) + cal_above
+            ref_n = int(sizes.sum() - n) + len(z_cal)
+            rates[i] = (ref_k + 1.0) / (ref_n + 2.0)
+            if k > 0:
+                p[i] = float(betabinom.sf(k - 1, n, ref_k + 1.0, ref_n - ref_k + 1.0))
+        fz = (robust_z(fractions, floor=1e-3) if len(classes) > 2
+              else np.zeros(len(classes)))
+        called = ((p * len(classes) < self.alpha) & (fractions >= self.min_fraction)
+                  & (fz > self.k))
+        return called, z, {"counts": counts, "fractions": fractions, "rates": rates, "p": p,
+                           "z": fz}
 
     def _confuse(self, classifier: TorchClassifier, data: LabeledData, confusion: LabeledData,
                  calibration: LabeledData, n_classes: int, rng: np.random.Generator
@@ -176,6 +245,11 @@ class ConfusionTraining:
             model.load_state_dict(best[1])
         model.eval()
         return model, best[0] if best else step, history
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
 
 
 def _label_probability(classifier: TorchClassifier, data: LabeledData) -> np.ndarray:
