@@ -85,10 +85,17 @@ def test_within_class_test_finds_a_weakly_fitted_group() -> None:
     p[poison] = 1 / (1 + np.exp(-rng.uniform(0.9, 1.35, poison.sum())))
     assert p[poison].max() < ConfusionTraining().confident
     ct = ConfusionTraining()
-    called, z, evidence = ct._within_class(p, p_cal, labels, cal_labels, np.arange(10))
+    classes = np.arange(10)
+    look = (25, *ct._within_class(p, p_cal, labels, cal_labels, classes))
+    called, z, evidence, steps = ct._strongest_looks([look], labels, classes)
     assert np.flatnonzero(called).tolist() == [3]
     flags = (z > ct.flag_z) & (labels == 3)
     assert flags[poison].mean() >= 0.9 and flags[~poison].mean() <= 0.01
-    assert evidence["p"][3] < 1e-6 and evidence["counts"][3] >= 10
-    clean_p, _ = _confused_probabilities(rng, widths)
-    assert not ct._within_class(clean_p, p_cal, labels, cal_labels, np.arange(10))[0].any()
+    assert evidence["p"][3] < 1e-6 and evidence["counts"][3] >= 10 and steps[3] == 25
+    # nine looks at clean data: the Bonferroni correction covers the looks too
+    looks = [(s, *ct._within_class(_confused_probabilities(rng, widths)[0], p_cal, labels,
+                                   cal_labels, classes)) for s in range(9)]
+    assert not ct._strongest_looks(looks, labels, classes)[0].any()
+    # a strong look among weak ones is found, with its step
+    called, _, _, steps = ct._strongest_looks([*looks[:4], look, *looks[4:]], labels, classes)
+    assert np.flatnonzero(called).tolist() == [3] and steps[3] == 25
