@@ -99,3 +99,27 @@ def test_within_class_test_finds_a_weakly_fitted_group() -> None:
     # a strong look among weak ones is found, with its step
     called, _, _, steps = ct._strongest_looks([*looks[:4], look, *looks[4:]], labels, classes)
     assert np.flatnonzero(called).tolist() == [3] and steps[3] == 25
+
+
+def test_a_within_class_call_is_one_vote() -> None:
+    """Confusion training's absolute call makes a class poisoned alone; its within-class call
+    (reference: the other classes) leaves the class suspect until a second detector agrees."""
+    from poisonguard.detect.crossref import CrossReference
+    from poisonguard.types import ClassFinding, DetectorResult
+
+    labels = np.repeat([0, 1], 10)
+    flags = np.zeros(20, dtype=bool)
+    flags[:3] = True
+
+    def result(name: str, decisive: bool | None) -> DetectorResult:
+        evidence = {} if decisive is None else {"decisive": decisive}
+        return DetectorResult(name, flags.astype(float), flags, 0.5, {}, (
+            ClassFinding(0, True, 10, 3, evidence), ClassFinding(1, False, 10, 0, {})), 0.0)
+
+    other = DetectorResult("spectral_signatures", np.zeros(20), np.zeros(20, dtype=bool), 0.5,
+                           {}, (), 0.0)
+    verdict = {True: "poisoned", False: "suspect", None: "poisoned"}
+    for decisive, expected in verdict.items():
+        combined = CrossReference().combine([result("confusion_training", decisive), other],
+                                            labels)
+        assert combined.findings[0].evidence["verdict"] == expected

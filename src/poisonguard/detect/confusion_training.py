@@ -152,6 +152,11 @@ class ConfusionTraining:
                 "within_class_fraction_z": round(float(tail["z"][i]), 2),
                 "within_class_step": int(look_steps[i]),
                 "fired": fired, "reason": reason,
+                # the absolute test has the class's own held-out samples as its reference: its
+                # call stands alone; the within-class test's reference is the other classes,
+                # so its call is one vote (a class whose easiest samples fit far better than
+                # the rest, as MNIST 1s can, needs a second detector or input-space stage)
+                "decisive": bool(absolute[i]),
             }))
         rule = {"rule": "p(label) under the confused model > confident, in classes whose count "
                         "of such samples exceeds what the held-out trusted samples' rate allows "

@@ -10,7 +10,9 @@ above the ``class_tail`` quantile of the class's unflagged samples on a cluster 
 tail, and the price is at most about 1 - class_tail of one class's clean samples per detector.
 A detector in ``calibrated`` tests each class against held-out trusted clean samples (confusion
 training): its call alone makes a class poisoned, since the trusted set stands in for the second
-opinion. Confidence = share of detectors flagging the sample (higher = more suspicious).
+opinion, unless its finding says the call is not ``decisive`` (confusion training's within-class
+test, whose reference is the other classes: one vote, as any detector's). Confidence = share of
+detectors flagging the sample (higher = more suspicious).
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ class CrossReference:
         for c in np.unique(labels):
             idx = labels == c
             voters = [r.name for r in results if c in r.suspicious_classes]
-            decisive = any(v in self.calibrated for v in voters)
+            decisive = any(r.name in self.calibrated and _decisive_call(r, int(c))
+                           for r in results if r.name in voters)
             verdict = ("poisoned" if len(voters) >= need_class or decisive
                        else "suspect" if voters else "clean")
             if verdict == "poisoned":
@@ -77,6 +80,11 @@ class CrossReference:
         return DetectorResult(self.name, votes / len(results), flags, None, rule,
                               tuple(findings), time.perf_counter() - t0,
                               extras={"votes": votes, "detector_flags": attributed})
+
+
+def _decisive_call(result: DetectorResult, label: int) -> bool:
+    finding = next((f for f in result.findings if f.label == label), None)
+    return finding is None or bool(finding.evidence.get("decisive", True))
 
 
 def cross_reference(results: list[DetectorResult], labels: np.ndarray,
