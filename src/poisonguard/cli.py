@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     from poisonguard.audit.compare_cli import register as register_compare
 
     register_compare(sub)
+    from poisonguard.audit.meta_cli import register as register_meta
+
+    register_meta(sub)
 
     from poisonguard.runtime.cli import register as register_runtime
 
