@@ -16,7 +16,12 @@ Evaluation (features of every model computed once; the meta-classifier is refit 
   clean models' out-of-fold scores, 5% false positives intended);
 - held-out seeds: fit on backdoored seeds 0-1 and even clean models, test on seeds 2-3 and odd
   clean models;
-- feature families: the leave-one-attack-out AUROC with each family alone.
+- feature families: the leave-one-attack-out AUROC with each family alone;
+- controls (never in the zoo): clean models whose training draw has one class oversampled
+  (duplicates, as many as a 10% dirty-label poison adds to its target) and clean models with
+  10% symmetric label noise (random other classes, no target). They hold no backdoor; the meta
+  model fit on the whole zoo scores them, to show whether it keys on the backdoor or on the
+  class imbalance / label noise that dirty-label poisoning also brings.
 
 Finally the meta model fit on the whole zoo is written to the package
 (src/poisonguard/audit/meta_models/digits-cnn), which ``poisonguard meta predict digits-cnn``
@@ -112,6 +117,72 @@ def build(rec: dict[str, Any], train: Any, test: Any) -> dict[str, Any]:
         trig = poisoned.test_triggered
         out["asr"] = round(float(np.mean(clf.predict(trig.x) == trig.y)), 4)
     info.write_text(json.dumps(out, indent=1) + "\n")
+    return out
+
+
+N_CONTROLS = 6
+
+
+def build_control(kind: str, i: int, train: Any, test: Any) -> dict[str, Any]:
+    """A clean control model: ``imbalanced`` (one class oversampled) or ``noisy`` (10%
+    symmetric label noise)."""
+    from poisonguard.data import LabeledData
+    from poisonguard.models.io import describe_inputs, load_model, save_model
+    from poisonguard.models.training import TrainConfig, train_classifier
+
+    name = f"{kind}-{i}"
+    folder = CACHE / "controls" / name
+    info = folder / "record.json"
+    if info.exists():
+        return json.loads(info.read_text())
+    seed = 500 + 10 * (kind == "noisy") + i
+    rng = np.random.default_rng(seed)
+    draw = train.subset(np.sort(rng.choice(len(train), int(SUBSET * len(train)),
+                                           replace=False)))
+    cls = int(rng.integers(0, 10))
+    rec: dict[str, Any] = {"folder": name, "kind": kind, "train_seed": seed}
+    if kind == "imbalanced":
+        pool = np.flatnonzero(draw.y == cls)
+        extra = rng.choice(pool, int(0.1 * len(draw)), replace=True)
+        idx = np.concatenate([np.arange(len(draw)), extra])
+        data = LabeledData(x=draw.x[idx], y=draw.y[idx], ids=np.arange(len(idx)))
+        rec["oversampled_class"] = cls
+    else:
+        y = draw.y.copy()
+        flip = rng.random(len(y)) < 0.1
+        y[flip] = (y[flip] + rng.integers(1, 10, int(flip.sum()))) % 10
+        data = LabeledData(x=draw.x, y=y, ids=draw.ids)
+        rec["noisy_share"] = round(float(flip.mean()), 4)
+    result = train_classifier(data, TrainConfig(epochs=EPOCHS, seed=seed))
+    clf = result.classifier
+    save_model(folder, clf.model, result.arch, result.arch_kwargs, clf.input_spec, 10,
+               clf.layer, inputs=describe_inputs(train.x))
+    clf = load_model(folder)
+    rec["clean_accuracy"] = round(float(np.mean(clf.predict(test.x) == test.y)), 4)
+    info.write_text(json.dumps(rec, indent=1) + "\n")
+    return rec
+
+
+def controls(train: Any, test: Any) -> dict[str, Any]:
+    """The meta model fit on the whole zoo (the shipped one's fit) on the control models."""
+    from poisonguard.audit.meta import ZOO_JSON, train_meta
+    from poisonguard.models.io import load_model
+
+    meta = train_meta(CACHE / "zoo")
+    assert (CACHE / "zoo" / ZOO_JSON).exists()
+    out: dict[str, Any] = {}
+    for kind in ("imbalanced", "noisy"):
+        recs = []
+        for i in range(N_CONTROLS):
+            r = build_control(kind, i, train, test)
+            r.update(meta.predict(load_model(CACHE / "controls" / r["folder"])))
+            print(json.dumps(r), flush=True)
+            recs.append(r)
+        out[kind] = {"n": len(recs), "flagged": sum(r["backdoored"] for r in recs),
+                     "p_backdoored": [r["p_backdoored"] for r in recs], "records": recs}
+    order = np.argsort(-np.abs(meta.coef))[:12]
+    out["top_features"] = [[meta.feature_names[j], round(float(meta.coef[j]), 4)]
+                           for j in order]
     return out
 
 
@@ -248,6 +319,17 @@ def write(results: dict[str, Any], out: Path) -> None:
         lines.append(f"| {r['folder']} | {r['attack'] or '-'} | {r.get('target', '-')} | "
                      f"{r.get('rate', '-')} | {r.get('asr', '-')} | {r['clean_accuracy']} | "
                      f"{'yes' if r['in_zoo'] else 'no (ASR < 50%)'} |")
+    c = results.get("controls")
+    if c:
+        lines += ["", "## Controls: clean models without a backdoor, outside the zoo", "",
+                  "Scored by the meta model fit on the whole zoo:", "",
+                  f"- one class oversampled by 10% of the data (duplicates): flagged "
+                  f"**{c['imbalanced']['flagged']} of {c['imbalanced']['n']}**, P(backdoored) "
+                  f"{c['imbalanced']['p_backdoored']}",
+                  f"- 10% symmetric label noise: flagged **{c['noisy']['flagged']} of "
+                  f"{c['noisy']['n']}**, P(backdoored) {c['noisy']['p_backdoored']}", "",
+                  "Largest standardised coefficients of that fit: "
+                  + ", ".join(f"`{n}` {w}" for n, w in c["top_features"])]
     if results.get("shipped"):
         s = results["shipped"]
         lines += ["", f"Shipped meta model: `{s['path']}` ({s['bytes']} bytes), trained on the "
@@ -261,19 +343,25 @@ def write(results: dict[str, Any], out: Path) -> None:
         tmp.replace(out / f"meta.{suffix}")
 
 
-def ship(zoo: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fit on the whole zoo through the library's own path and write the package's copy."""
-    from poisonguard.audit.meta import ZOO_FORMAT, ZOO_JSON, save_meta, train_meta
+def write_zoo(zoo: list[dict[str, Any]]) -> None:
+    """``CACHE/zoo/zoo.json``: the zoo as ``poisonguard meta train`` reads it."""
+    from poisonguard.audit.meta import ZOO_FORMAT, ZOO_JSON
 
-    zoo_dir = CACHE / "zoo"
-    (zoo_dir / ZOO_JSON).write_text(json.dumps(
+    (CACHE / "zoo" / ZOO_JSON).write_text(json.dumps(
         {"format": ZOO_FORMAT, "description": "benchmarks/meta.py: digits CNNs",
          "models": zoo}, indent=1) + "\n")
-    meta = train_meta(zoo_dir)
+
+
+def ship(zoo: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fit on the whole zoo through the library's own path and write the package's copy."""
+    from poisonguard.audit.meta import save_meta, train_meta
+
+    meta = train_meta(CACHE / "zoo")
     meta.zoo["source"] = "benchmarks/meta.py (benchmarks/cache/meta/zoo)"
     save_meta(SHIP, meta)
     size = sum(p.stat().st_size for p in SHIP.iterdir())
-    return {"path": str(SHIP.relative_to(ROOT.parent)), "bytes": size,
+    shown = SHIP.relative_to(ROOT.parent) if SHIP.is_relative_to(ROOT.parent) else SHIP
+    return {"path": str(shown), "bytes": size,
             "cv_auroc": meta.info["cv_auroc"], "threshold": meta.threshold}
 
 
@@ -315,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
                 "n_backdoored": sum(r["backdoored"] for r in zoo),
                 "n_not_learned": sum(not r["in_zoo"] for r in records)},
         "records": records}
+    write_zoo(zoo)
+    results["controls"] = controls(train, test)
     if not args.no_ship:
         results["shipped"] = ship(zoo)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
