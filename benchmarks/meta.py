@@ -123,24 +123,26 @@ def build(rec: dict[str, Any], train: Any, test: Any) -> dict[str, Any]:
 N_CONTROLS = 6
 
 
-def build_control(kind: str, i: int, train: Any, test: Any) -> dict[str, Any]:
+def build_control(kind: str, i: int, train: Any, test: Any, where: str = "controls"
+                  ) -> dict[str, Any]:
     """A clean control model: ``imbalanced`` (one class oversampled) or ``noisy`` (10%
-    symmetric label noise)."""
+    symmetric label noise), in ``CACHE/where``."""
     from poisonguard.data import LabeledData
     from poisonguard.models.io import describe_inputs, load_model, save_model
     from poisonguard.models.training import TrainConfig, train_classifier
 
     name = f"{kind}-{i}"
-    folder = CACHE / "controls" / name
+    folder = CACHE / where / name
     info = folder / "record.json"
     if info.exists():
         return json.loads(info.read_text())
-    seed = 500 + 10 * (kind == "noisy") + i
+    seed = (600 if where == "zoo" else 500) + 10 * (kind == "noisy") + i
     rng = np.random.default_rng(seed)
     draw = train.subset(np.sort(rng.choice(len(train), int(SUBSET * len(train)),
                                            replace=False)))
     cls = int(rng.integers(0, 10))
-    rec: dict[str, Any] = {"folder": name, "kind": kind, "train_seed": seed}
+    rec: dict[str, Any] = {"folder": name, "backdoored": False, "attack": None, "seed": i,
+                           "kind": kind, "train_seed": seed}
     if kind == "imbalanced":
         pool = np.flatnonzero(draw.y == cls)
         extra = rng.choice(pool, int(0.1 * len(draw)), replace=True)
@@ -163,8 +165,15 @@ def build_control(kind: str, i: int, train: Any, test: Any) -> dict[str, Any]:
     return rec
 
 
+def hard_negatives(train: Any, test: Any) -> list[dict[str, Any]]:
+    """Clean models with an oversampled class or label noise (seeds other than the
+    controls'), labelled clean: the zoo variant that shows the meta model such models."""
+    return [build_control(kind, i, train, test, where="zoo")
+            for kind in ("imbalanced", "noisy") for i in range(N_CONTROLS, 2 * N_CONTROLS)]
+
+
 def controls(train: Any, test: Any) -> dict[str, Any]:
-    """The meta model fit on the whole zoo (the shipped one's fit) on the control models."""
+    """The meta model fit on the whole zoo (as written to zoo.json) on the control models."""
     from poisonguard.audit.meta import ZOO_JSON, train_meta
     from poisonguard.models.io import load_model
 
@@ -330,6 +339,26 @@ def write(results: dict[str, Any], out: Path) -> None:
                   f"{c['noisy']['n']}**, P(backdoored) {c['noisy']['p_backdoored']}", "",
                   "Largest standardised coefficients of that fit: "
                   + ", ".join(f"`{n}` {w}" for n, w in c["top_features"])]
+    h = results.get("hard_negatives")
+    if h:
+        hc, hs2 = h["controls"], h["held_out_seeds"]
+        lines += ["", f"## With {h['n_hard_negatives']} hard negatives in the zoo (the shipped "
+                  "meta model)", "",
+                  "Clean models with an oversampled class or 10% label noise (other seeds "
+                  "than the controls'), labelled clean, join the zoo; the held-out clean "
+                  "models of each split include them.", "",
+                  "| held-out attack | AUROC | detected at threshold | negatives flagged |",
+                  "|---|---|---|---|"]
+        for a, r in h["leave_one_attack_out"].items():
+            lines.append(f"| {a} | {r['auroc']} | {r['detected_at_threshold']} | "
+                         f"{r['clean_flagged_at_threshold']} |")
+        lines += ["", f"Mean AUROC {h['mean_auroc']}, minimum {h['min_auroc']}. Held-out "
+                  f"seeds: AUROC {hs2['auroc']}, detected {hs2['detected_at_threshold']}, "
+                  f"negatives flagged {hs2['clean_flagged_at_threshold']}. Controls: "
+                  f"oversampled class flagged {hc['imbalanced']['flagged']} of "
+                  f"{hc['imbalanced']['n']}, label noise flagged {hc['noisy']['flagged']} of "
+                  f"{hc['noisy']['n']} (P {hc['noisy']['p_backdoored']}). Largest "
+                  "coefficients: " + ", ".join(f"`{n}` {w}" for n, w in hc["top_features"])]
     if results.get("shipped"):
         s = results["shipped"]
         lines += ["", f"Shipped meta model: `{s['path']}` ({s['bytes']} bytes), trained on the "
@@ -405,8 +434,21 @@ def main(argv: list[str] | None = None) -> int:
         "records": records}
     write_zoo(zoo)
     results["controls"] = controls(train, test)
+    # the zoo with hard negatives: clean models with an oversampled class or label noise
+    hard = zoo + hard_negatives(train, test)
+    names, xh, _ = features(hard)
+    loao = leave_one_attack_out(xh, hard)
+    aucs = [r["auroc"] for r in loao.values()]
+    results["hard_negatives"] = {
+        "n_hard_negatives": len(hard) - len(zoo), "leave_one_attack_out": loao,
+        "mean_auroc": round(float(np.mean(aucs)), 4), "min_auroc": round(float(np.min(aucs)), 4),
+        "held_out_seeds": held_out_seeds(xh, hard)}
+    print("hard negatives", results["hard_negatives"]["mean_auroc"],
+          {a: r["auroc"] for a, r in loao.items()}, flush=True)
+    write_zoo(hard)
+    results["hard_negatives"]["controls"] = controls(train, test)
     if not args.no_ship:
-        results["shipped"] = ship(zoo)
+        results["shipped"] = ship(hard)
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     write(results, Path(args.out))
     return 0
