@@ -206,3 +206,14 @@ def test_audit_meta_bad_input_is_refused_before_anything_runs(
                                    str(meta_dir), "--out", str(tmp_path / "b")])
     assert "another architecture" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_weights_only_meta_model_has_no_queries(zoo: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w"
+    assert main(["meta", "train", str(zoo), "--out", str(out), "--features", "weights",
+                 "--quiet"]) == 0
+    assert not (out / "queries.safetensors").exists()
+    meta = load_meta(out)
+    assert meta.queries is None and all(not n.startswith("q:") for n in meta.feature_names)
+    assert set(meta.predict(load_model(zoo / "clean-2"))) == {"p_backdoored", "threshold",
+                                                             "backdoored"}
