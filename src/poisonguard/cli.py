@@ -219,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     from poisonguard.audit.compare_cli import register as register_compare
 
     register_compare(sub)
+    from poisonguard.audit.meta_cli import register as register_meta
+
+    register_meta(sub)
 
     from poisonguard.runtime.cli import register as register_runtime
 
@@ -251,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--base-model", default=None, metavar="BASE",
                     help="a trusted earlier version of --model (same architecture): compare "
                          "them and report a backdoor the change planted (`compare`)")
+    au.add_argument("--meta", default=None, metavar="META",
+                    help="a zoo meta model (`poisonguard meta train`, or the built-in "
+                         "digits-cnn): its prediction on --model joins the model audit")
     au.add_argument("--public-key", default=None,
                     help="require the manifest to be signed by this Ed25519 public key")
     au.add_argument("--profile", default="standard", choices=["quick", "standard", "paranoid"])
@@ -854,7 +860,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     outcome = run_audit(data=args.data, model=args.model, clean=args.clean,
                         manifest=args.manifest, public_key=args.public_key,
                         profile=args.profile, train=args.train, out=args.out, seed=args.seed,
-                        quiet=args.quiet, base_model=args.base_model)
+                        quiet=args.quiet, base_model=args.base_model, meta=args.meta)
     v = outcome.report["verdict"]
     print(v["overall_summary"])
     if not args.quiet:

@@ -55,6 +55,8 @@ class AuditInputs:
     public_key: str | None = None
     base_model: Any = None
     base_model_path: str | None = None
+    meta: Any = None
+    meta_path: str | None = None
 
 
 @dataclass
@@ -121,8 +123,8 @@ def _commit_out(tmp: Path, out: Path) -> None:
 
 def load_inputs(data: Any = None, model: Any = None, clean: Any = None,
                 manifest: str | Path | None = None, public_key: str | Path | None = None,
-                max_clean: int = MAX_CLEAN, seed: int = 0, base_model: Any = None
-                ) -> AuditInputs:
+                max_clean: int = MAX_CLEAN, seed: int = 0, base_model: Any = None,
+                meta: Any = None) -> AuditInputs:
     """Load and cross-check every input; raises :class:`PoisonguardError` on the first
     problem (nothing has run yet). ``data``/``clean`` may be paths or ``LabeledData``;
     ``model`` a path (pickles refused) or an ``AuditModel``."""
@@ -171,7 +173,26 @@ def load_inputs(data: Any = None, model: Any = None, clean: Any = None,
         inp.base_model_path = str(getattr(inp.base_model, "path", base_model))
         check_same_architecture(inp.base_model, inp.model)
         check_clean_data(inp.base_model, inp.clean)
+    if meta is not None:
+        _load_meta(inp, meta)
     return inp
+
+
+def _load_meta(inp: AuditInputs, meta: Any) -> None:
+    """The zoo meta model (a folder, a built-in name or a loaded ``MetaModel``), checked
+    against the audited model's architecture and inputs before anything runs."""
+    from poisonguard.audit.meta import MetaModel, load_meta, resolve_meta_path
+    from poisonguard.models.io import check_inputs
+
+    if inp.model is None:
+        raise ConfigError("a meta model (--meta) judges --model: give the model")
+    inp.meta = meta if isinstance(meta, MetaModel) else load_meta(meta)
+    inp.meta_path = None if isinstance(meta, MetaModel) else str(resolve_meta_path(meta))
+    clf = inp.model.classifier
+    inp.meta.check_architecture(clf, "--model")
+    if inp.meta.queries is not None:
+        check_inputs(getattr(clf, "expected_inputs", None), inp.meta.queries,
+                     "the meta model's queries")
 
 
 def _check_data_fits_model(model: Any, data: Any) -> None:
@@ -415,6 +436,18 @@ def _compare(inp: AuditInputs, profile: Profile, seed: int, quiet: bool, cleanse
     return layer, rep["verdict"]["layers"]["model_audit"], result
 
 
+def _meta_predict(inp: AuditInputs, quiet: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The zoo meta model's prediction on the model: its report entry and status."""
+    from poisonguard.audit.meta import zoo_summary
+    from poisonguard.verdict import meta_classifier_status
+
+    _log(quiet, "meta-classifier: features of the model's weights and query outputs")
+    rec = inp.meta.predict(inp.model.classifier)
+    entry = {**rec, "meta": inp.meta_path, "features": list(inp.meta.config.families),
+             "zoo": zoo_summary(inp.meta.zoo), "training": inp.meta.info}
+    return entry, meta_classifier_status(entry)
+
+
 RUNTIME_SCREEN_MAX = 5000   # training inputs STRIP screens (a uniform sample beyond this)
 
 
@@ -465,7 +498,7 @@ def run_audit(data: Any = None, model: Any = None, clean: Any = None,
               manifest: str | Path | None = None, profile: str | Profile = "standard",
               train: str | None = None, out: str | Path | None = None, seed: int = 0,
               public_key: str | Path | None = None, quiet: bool = True,
-              base_model: Any = None) -> AuditOutcome:
+              base_model: Any = None, meta: Any = None) -> AuditOutcome:
     """Audit whatever is given and fold every layer into one verdict.
 
     ``data``: a training set (path or ``LabeledData``); ``model``: a model folder,
@@ -473,6 +506,8 @@ def run_audit(data: Any = None, model: Any = None, clean: Any = None,
     (path or ``LabeledData``; at most 500 are used); ``manifest``: a ``poisonguard pin``
     manifest of the data; ``train``: ``"abl"`` or ``"trim"`` for guarded training;
     ``base_model``: a trusted earlier version of ``model``, compared with it (``compare``);
+    ``meta``: a zoo meta model (folder or built-in name, ``poisonguard meta``) whose
+    prediction on ``model`` joins the model-audit layer (no clean data needed);
     ``out``:
     folder for ``report.json``, ``report.html`` and the layers' files (None: write nothing).
     Raises :class:`PoisonguardError` on bad input before anything runs."""
@@ -485,7 +520,7 @@ def run_audit(data: Any = None, model: Any = None, clean: Any = None,
     out_final, tmp = _prepare_out(out) if out is not None else (None, None)
     try:
         outcome = _audit(data, model, clean, manifest, prof, train, seed, public_key, quiet,
-                         tmp, base_model)
+                         tmp, base_model, meta)
         outcome.report["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
         if tmp is not None and out_final is not None:
             _write(outcome, tmp)
@@ -499,14 +534,14 @@ def run_audit(data: Any = None, model: Any = None, clean: Any = None,
 
 def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
            train: str | None, seed: int, public_key: Any, quiet: bool,
-           tmp: Path | None, base_model: Any = None) -> AuditOutcome:
+           tmp: Path | None, base_model: Any = None, meta: Any = None) -> AuditOutcome:
     from poisonguard import __version__
     from poisonguard.models.io import describe_inputs
     from poisonguard.report.builder import environment
     from poisonguard.types import jsonable
 
     inp = load_inputs(data, model, clean, manifest, public_key, seed=seed,
-                      base_model=base_model)
+                      base_model=base_model, meta=meta)
     statuses: dict[str, Any] = {}
     layers: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -519,7 +554,7 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
         "profile": {"name": prof.name, "settings": prof.to_dict(), "ran": ran},
         "inputs": {"data": inp.data_path, "model": inp.model_path, "clean": inp.clean_path,
                    "manifest": inp.manifest, "train": train,
-                   "base_model": inp.base_model_path},
+                   "base_model": inp.base_model_path, "meta": inp.meta_path},
         "seeds": {"audit": seed},
     }
 
@@ -597,6 +632,18 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
     else:
         need = "a model (--model)" if inp.model is None else "clean data (--clean)"
         statuses["model_audit"] = skipped(f"needs {need}")
+    if inp.meta is not None:
+        failed_meta: dict[str, Any] = {}
+        got = _run_layer("meta_classifier", failed_meta, timings, quiet, _meta_predict, inp,
+                         quiet)
+        entry = got[1] if got is not None else failed_meta["meta_classifier"]
+        layers.setdefault("model_audit", {})["meta_classifier"] = (
+            got[0] if got is not None else {"error": entry["summary"]})
+        prior = statuses["model_audit"]
+        statuses["model_audit"] = (entry if prior["status"] == "skipped"
+                                   else worse_status(prior, entry, "meta-classifier"))
+        if got is not None:
+            ran.append("meta-classifier (zoo meta model)")
 
     runtime_screen = None
     if inp.model is None or inp.clean is None:

@@ -161,6 +161,19 @@ def model_audit_status(audit_verdict: Mapping[str, Any],
                         key_numbers=numbers)
 
 
+def meta_classifier_status(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A zoo meta model's prediction: above its threshold is suspicious (a statistical
+    judgement of the weights that names no trigger or class), otherwise clean."""
+    p, thr = float(entry["p_backdoored"]), float(entry["threshold"])
+    numbers = {"p_backdoored": p, "threshold": thr}
+    if entry.get("backdoored"):
+        return layer_status("suspicious", f"the meta-classifier reads the weights as "
+                            f"backdoored (P {p:.2f} > threshold {thr:.2f})",
+                            "zoo meta model", key_numbers=numbers)
+    return layer_status("clean", f"the meta-classifier reads the weights as clean (P {p:.2f} "
+                        f"<= threshold {thr:.2f})", "zoo meta model", key_numbers=numbers)
+
+
 def guarded_training_status(layer: Mapping[str, Any]) -> dict[str, Any]:
     """ABL whose seed expansion accepted a poison cluster in a class is compromised; gradient
     outlier classes are suspicious; otherwise clean (ABL's fixed 1% isolation share and the

@@ -104,6 +104,8 @@ def model_audit_section(r: Mapping[str, Any]) -> str:
     if dormant:
         out.append(f"<h3>Dormant units at {_e(dormant.get('layer'))}</h3>")
         out.append(_value({k: v for k, v in dormant.items() if k != "layer"}))
+    if layer.get("meta_classifier"):
+        out.append(f"<h3>Meta-classifier (zoo meta model)</h3>{_value(layer['meta_classifier'])}")
     if layer.get("repair"):
         out.append(f"<h3>Repair</h3>{_value(layer['repair'])}")
     return "".join(out) + "</section>"
