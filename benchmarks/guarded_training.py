@@ -44,7 +44,34 @@ MODES = {
     "abl": GuardConfig(defense="abl"),
     "monitor": GuardConfig(monitor_gradients=True),
     "noise": GuardConfig(defense="noise"),
+    "adv": GuardConfig(defense="adv"),
+    "adv0.3": GuardConfig(defense="adv", adv_epsilon=0.3),
 }
+ROBUST_EPS = (8 / 255, 0.3)  # PGD-10 test budgets recorded for plain and adv runs
+ROBUST_N = 1000
+
+
+def robust_accuracy(clf, train, test) -> dict[str, float]:
+    """Accuracy on the first ``ROBUST_N`` test inputs under L-inf PGD-10 at each of
+    ``ROBUST_EPS`` (fractions of the input range): does adversarial training take hold?"""
+    import torch
+
+    from poisonguard.train.guarded import input_range, pgd_attack
+
+    spec = clf.input_spec
+    lo, hi = input_range(train, spec)
+    out = {}
+    for eps in ROBUST_EPS:
+        gen = torch.Generator().manual_seed(0)
+        right = 0
+        for start in range(0, min(ROBUST_N, len(test)), 250):
+            x = spec.prepare(test.x[start:start + 250])
+            y = torch.from_numpy(test.y[start:start + 250])
+            adv = pgd_attack(clf.model, x, y, eps * (hi - lo), 10, lo, hi, generator=gen)
+            with torch.no_grad():
+                right += int((clf.model(adv).argmax(1) == y).sum())
+        out[f"{eps:.4g}"] = right / min(ROBUST_N, len(test))
+    return out
 
 
 def run(name: str, scenario: str, mode: str, seed: int, train, test, plain_cost: dict) -> dict:
@@ -67,6 +94,8 @@ def run(name: str, scenario: str, mode: str, seed: int, train, test, plain_cost:
                    if poisoned else None),
            "wall_s": round(res.wall_s, 2), "cpu_s": round(cpu_s, 2), "info": res.info,
            "trim_fraction": res.trim_fraction}
+    if mode == "plain" or mode.startswith("adv"):
+        rec["robust_accuracy_pgd10"] = robust_accuracy(clf, train, test)
     key = (name, scenario, seed)
     if mode == "plain":
         plain_cost[key] = (res.wall_s, cpu_s)
