@@ -46,6 +46,7 @@ MODES = {
     "noise": GuardConfig(defense="noise"),
     "adv": GuardConfig(defense="adv"),
     "adv0.3": GuardConfig(defense="adv", adv_epsilon=0.3),
+    "adv0.3-ramp": GuardConfig(defense="adv", adv_epsilon=0.3, adv_warmup=0.5),
 }
 ROBUST_EPS = (8 / 255, 0.3)  # PGD-10 test budgets recorded for plain and adv runs
 ROBUST_N = 1000

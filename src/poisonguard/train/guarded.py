@@ -56,7 +56,9 @@ class GuardConfig:
     al. 2020), generated against the model in eval mode and clipped to the inputs' range.
     ``adv_epsilon`` is a fraction of that range: [0, 1] for integer images, the data's min-max
     for float images, each feature's min-max for vectors (default 8/255, the CIFAR-10 budget;
-    the MNIST literature uses 0.3). The literature does not expect it to stop backdoors in
+    the MNIST literature uses 0.3); with ``adv_warmup`` > 0 the budget grows linearly from 0 over
+    that share of the training steps (large budgets keep a small network from training at all
+    without it). The literature does not expect it to stop backdoors in
     general: Weng et al. (NeurIPS 2020) found adversarially robust models *more* vulnerable to
     some triggers; later work (Gao et al. 2023) finds it helps only when the budget covers the
     trigger's magnitude (e.g. a low-alpha blend), not against a full-contrast patch. Geiping et
@@ -89,6 +91,7 @@ class GuardConfig:
     noise_sigma: float = 0.5
     adv_epsilon: float = 8 / 255
     adv_steps: int = 3
+    adv_warmup: float = 0.0
     monitor_gradients: bool = False
     monitor_params: tuple[str, ...] = ("embed", "head")
 
@@ -111,6 +114,9 @@ class GuardConfig:
         if isinstance(self.adv_steps, bool) or not isinstance(self.adv_steps, int) \
                 or self.adv_steps < 1:
             raise ConfigError(f"adv steps must be an integer >= 1, got {self.adv_steps}")
+        if not 0.0 <= self.adv_warmup < 1.0:
+            raise ConfigError(f"adv warmup must be in [0, 1) (a share of the training steps), "
+                              f"got {self.adv_warmup}")
         if self.abl_gamma < 0:
             raise ConfigError(f"abl_gamma must be >= 0, got {self.abl_gamma}")
 
@@ -194,7 +200,7 @@ def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
         batch_inputs = None
         adv_info: dict[str, Any] = {}
         if guard.defense == "adv":
-            batch_inputs, adv_info = _adversarial_inputs(data, spec, guard, config.seed)
+            batch_inputs, adv_info = _adversarial_inputs(data, spec, guard, config)
         if guard.defense == "trim" and guard.trim_warmup_epochs == 0 and state["fraction"] is None:
             raise ConfigError("an estimated trim fraction needs trim_warmup_epochs >= 1")
         train = train_classifier(data, config, model=model, input_spec=spec, arch=arch,
@@ -263,21 +269,26 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: torc
         model.train(was_training)
 
 
-def _adversarial_inputs(data: LabeledData, spec: Any, guard: GuardConfig, seed: int
+def _adversarial_inputs(data: LabeledData, spec: Any, guard: GuardConfig, config: TrainConfig
                         ) -> tuple[Any, dict[str, Any]]:
     """The batch hook of ``adv`` training and what it records."""
     lo, hi = input_range(data, spec)
     eps = guard.adv_epsilon * (hi - lo)
-    gen = torch.Generator().manual_seed(seed + 7919)
+    gen = torch.Generator().manual_seed(config.seed + 7919)
+    total = config.epochs * math.ceil(len(data) / config.batch_size)
+    ramp = round(guard.adv_warmup * total)
+    seen = [0]
 
     def batch_inputs(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        return pgd_attack(model, xb, yb, eps, guard.adv_steps, lo, hi, generator=gen)
+        seen[0] += 1
+        share = min(1.0, seen[0] / ramp) if ramp else 1.0
+        return pgd_attack(model, xb, yb, eps * share, guard.adv_steps, lo, hi, generator=gen)
 
     span = (hi - lo).flatten()
     rel_step = 1.25 if guard.adv_steps == 1 else 2.5 / guard.adv_steps
     info = {"adv_recipe": f"PGD-{guard.adv_steps}, L-inf, random start, step {rel_step:.4g} x "
                           "epsilon, training on the adversarial batch only",
-            "adv_epsilon_relative": guard.adv_epsilon,
+            "adv_epsilon_relative": guard.adv_epsilon, "adv_warmup_steps": ramp,
             "adv_input_range": [float(lo.min()), float(hi.max())],
             "adv_epsilon_max": float(guard.adv_epsilon * span.max())}
     return batch_inputs, info
