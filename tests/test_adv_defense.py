@@ -111,12 +111,31 @@ def test_training_batches_are_the_perturbed_ones(small, monkeypatch) -> None:
         assert 0.05 < d <= 0.2 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
 
 
+def test_warmup_grows_the_budget(small, monkeypatch) -> None:
+    import poisonguard.train.guarded as guarded
+
+    budgets: list[float] = []
+    real = guarded.pgd_attack
+
+    def spy(model, x, y, epsilon, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        budgets.append(float(torch.as_tensor(epsilon).max()))
+        return real(model, x, y, epsilon, *args, **kwargs)
+
+    monkeypatch.setattr(guarded, "pgd_attack", spy)
+    r = train_guarded(small, GuardConfig(defense="adv", adv_epsilon=0.2, adv_warmup=0.5), CFG)
+    assert r.info["adv_warmup_steps"] == 5  # half of 2 epochs x 5 batches
+    assert budgets[:5] == pytest.approx([0.04, 0.08, 0.12, 0.16, 0.2])
+    assert budgets[5:] == pytest.approx([0.2] * 5)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"adv_epsilon": 0.0}, "adv epsilon"),
     ({"adv_epsilon": -0.1}, "adv epsilon"),
     ({"adv_epsilon": 1.5}, "adv epsilon"),
     ({"adv_steps": 0}, "adv steps"),
     ({"adv_steps": 1.5}, "adv steps"),
+    ({"adv_warmup": 1.0}, "adv warmup"),
+    ({"adv_warmup": -0.1}, "adv warmup"),
 ])
 def test_adv_options_are_checked(kwargs: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -135,6 +154,7 @@ def test_train_command_adv(tmp_path, small, capsys) -> None:
     capsys.readouterr()
     for argv, msg in [(["--defense", "trim", "--adv-epsilon", "0.1"], "apply to --defense adv"),
                       (["--adv-steps", "2"], "apply to --defense adv"),
+                      (["--adv-warmup", "0.2"], "apply to --defense adv"),
                       (["--defense", "adv", "--adv-epsilon", "0"], "adv epsilon must be"),
                       (["--defense", "adv", "--adv-steps", "0"], "adv steps must be")]:
         assert main(["train", str(data), *argv, "--out", str(tmp_path / "bad")]) == 2
