@@ -177,8 +177,9 @@ def summarise(records: list[dict], history: list[dict] | None = None) -> str:
              "and is recorded in runs from commit 8bd6a60 on.", "",
              "## Summary over seeds", "", *aggregate(records, history), "", "## Every run", "",
              "| dataset | scenario | mode | seed | clean acc % | ASR % | wall s (x plain) | "
-             "CPU s (x plain) | singled out: precision / recall / AUROC | code |",
-             "|" + "---|" * 10]
+             "CPU s (x plain) | singled out: precision / recall / AUROC | "
+             "PGD-10 acc % at eps 8/255 / 0.3 | code |",
+             "|" + "---|" * 11]
     for r in sorted(records, key=lambda r: (r["dataset"], r["scenario"], r["seed"], r["mode"])):
         det = r.get("isolation") or r.get("monitor") or r.get("trim_drops")
         det_s = "-" if det is None else (f"{det['precision']:.3f} / {det['recall']:.3f} / "
@@ -187,8 +188,14 @@ def summarise(records: list[dict], history: list[dict] | None = None) -> str:
         lines.append(f"| {r['dataset']} | {r['scenario']} | {r['mode']} | {r['seed']} | "
                      f"{100 * r['clean_accuracy']:.2f} | {asr} | {r['wall_s']} "
                      f"({r.get('wall_vs_plain', '-')}) | {r.get('cpu_s', '-')} "
-                     f"({r.get('cpu_vs_plain', '-')}) | {det_s} | {r.get('commit')} |")
+                     f"({r.get('cpu_vs_plain', '-')}) | {det_s} | {_robust(r)} | "
+                     f"{r.get('commit')} |")
     return "\n".join(lines) + "\n"
+
+
+def _robust(r: dict) -> str:
+    rob = r.get("robust_accuracy_pgd10")
+    return "-" if not rob else " / ".join(f"{100 * v:.1f}" for v in rob.values())
 
 
 def main() -> None:
