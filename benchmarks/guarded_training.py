@@ -44,7 +44,35 @@ MODES = {
     "abl": GuardConfig(defense="abl"),
     "monitor": GuardConfig(monitor_gradients=True),
     "noise": GuardConfig(defense="noise"),
+    "adv": GuardConfig(defense="adv"),
+    "adv0.3": GuardConfig(defense="adv", adv_epsilon=0.3),
+    "adv0.3-ramp": GuardConfig(defense="adv", adv_epsilon=0.3, adv_warmup=0.5),
 }
+ROBUST_EPS = (8 / 255, 0.3)  # PGD-10 test budgets recorded for plain and adv runs
+ROBUST_N = 1000
+
+
+def robust_accuracy(clf, train, test) -> dict[str, float]:
+    """Accuracy on the first ``ROBUST_N`` test inputs under L-inf PGD-10 at each of
+    ``ROBUST_EPS`` (fractions of the input range): does adversarial training take hold?"""
+    import torch
+
+    from poisonguard.train.guarded import input_range, pgd_attack
+
+    spec = clf.input_spec
+    lo, hi = input_range(train, spec)
+    out = {}
+    for eps in ROBUST_EPS:
+        gen = torch.Generator().manual_seed(0)
+        right = 0
+        for start in range(0, min(ROBUST_N, len(test)), 250):
+            x = spec.prepare(test.x[start:start + 250])
+            y = torch.from_numpy(test.y[start:start + 250])
+            adv = pgd_attack(clf.model, x, y, eps * (hi - lo), 10, lo, hi, generator=gen)
+            with torch.no_grad():
+                right += int((clf.model(adv).argmax(1) == y).sum())
+        out[f"{eps:.4g}"] = right / min(ROBUST_N, len(test))
+    return out
 
 
 def run(name: str, scenario: str, mode: str, seed: int, train, test, plain_cost: dict) -> dict:
@@ -67,6 +95,8 @@ def run(name: str, scenario: str, mode: str, seed: int, train, test, plain_cost:
                    if poisoned else None),
            "wall_s": round(res.wall_s, 2), "cpu_s": round(cpu_s, 2), "info": res.info,
            "trim_fraction": res.trim_fraction}
+    if mode == "plain" or mode.startswith("adv"):
+        rec["robust_accuracy_pgd10"] = robust_accuracy(clf, train, test)
     key = (name, scenario, seed)
     if mode == "plain":
         plain_cost[key] = (res.wall_s, cpu_s)
@@ -147,8 +177,9 @@ def summarise(records: list[dict], history: list[dict] | None = None) -> str:
              "and is recorded in runs from commit 8bd6a60 on.", "",
              "## Summary over seeds", "", *aggregate(records, history), "", "## Every run", "",
              "| dataset | scenario | mode | seed | clean acc % | ASR % | wall s (x plain) | "
-             "CPU s (x plain) | singled out: precision / recall / AUROC | code |",
-             "|" + "---|" * 10]
+             "CPU s (x plain) | singled out: precision / recall / AUROC | "
+             "PGD-10 acc % at eps 8/255 / 0.3 | code |",
+             "|" + "---|" * 11]
     for r in sorted(records, key=lambda r: (r["dataset"], r["scenario"], r["seed"], r["mode"])):
         det = r.get("isolation") or r.get("monitor") or r.get("trim_drops")
         det_s = "-" if det is None else (f"{det['precision']:.3f} / {det['recall']:.3f} / "
@@ -157,8 +188,14 @@ def summarise(records: list[dict], history: list[dict] | None = None) -> str:
         lines.append(f"| {r['dataset']} | {r['scenario']} | {r['mode']} | {r['seed']} | "
                      f"{100 * r['clean_accuracy']:.2f} | {asr} | {r['wall_s']} "
                      f"({r.get('wall_vs_plain', '-')}) | {r.get('cpu_s', '-')} "
-                     f"({r.get('cpu_vs_plain', '-')}) | {det_s} | {r.get('commit')} |")
+                     f"({r.get('cpu_vs_plain', '-')}) | {det_s} | {_robust(r)} | "
+                     f"{r.get('commit')} |")
     return "\n".join(lines) + "\n"
+
+
+def _robust(r: dict) -> str:
+    rob = r.get("robust_accuracy_pgd10")
+    return "-" if not rob else " / ".join(f"{100 * v:.1f}" for v in rob.values())
 
 
 def main() -> None:

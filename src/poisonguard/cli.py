@@ -182,12 +182,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a model with a guarded-training defence")
     t.add_argument("data", help="training set (.npz with x and y, image folder, …; posts in a "
                                 ".csv/.tsv/.jsonl/.parquet train the built-in text model)")
-    t.add_argument("--defense", default="none", choices=["none", "trim", "abl", "noise"],
+    t.add_argument("--defense", default="none",
+                   choices=["none", "trim", "abl", "noise", "adv"],
                    help="none; trim (trimmed loss); abl (anti-backdoor learning); noise "
-                        "(Gaussian noise on every training input)")
+                        "(Gaussian noise on every training input); adv (PGD adversarial "
+                        "training)")
     t.add_argument("--noise-sigma", type=float, default=None,
                    help="noise: the noise's standard deviation on the model-input scale (0-1 "
                         "for images; default 0.5)")
+    t.add_argument("--adv-epsilon", type=float, default=None,
+                   help="adv: the L-inf budget as a fraction of the input range (default "
+                        "8/255; the MNIST literature uses 0.3)")
+    t.add_argument("--adv-steps", type=int, default=None,
+                   help="adv: PGD steps per batch (default 3; 1 is FGSM with random start)")
+    t.add_argument("--adv-warmup", type=float, default=None,
+                   help="adv: share of the training steps over which the budget grows from 0 "
+                        "(default 0)")
     t.add_argument("--trim-fraction", type=float, default=None,
                    help="share of each batch's highest losses to drop, in [0, 0.5) (default: "
                         "estimated from the loss distribution after one warm-up epoch)")
@@ -779,8 +789,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_writable_dir(args.out)
     if args.noise_sigma is not None and args.defense != "noise":
         raise ConfigError("--noise-sigma applies to --defense noise only")
+    adv = {k: v for k, v in (("adv_epsilon", args.adv_epsilon), ("adv_steps", args.adv_steps),
+                             ("adv_warmup", args.adv_warmup)) if v is not None}
+    if adv and args.defense != "adv":
+        raise ConfigError("--adv-epsilon/--adv-steps/--adv-warmup apply to --defense adv only")
     guard = GuardConfig(defense=args.defense, trim_fraction=args.trim_fraction,
-                        monitor_gradients=args.monitor_gradients,
+                        monitor_gradients=args.monitor_gradients, **adv,
                         **({} if args.noise_sigma is None else {"noise_sigma": args.noise_sigma}))
     data = load_dataset(args.data)
     from poisonguard.data.labeled import check_label_range

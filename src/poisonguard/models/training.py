@@ -84,6 +84,7 @@ def _augment(xb: torch.Tensor, gen: torch.Generator, flip: bool) -> torch.Tensor
 BatchLoss = Callable[[torch.Tensor, np.ndarray, int], torch.Tensor]
 BatchTargets = Callable[[np.ndarray, int], torch.Tensor | None]
 EpochEnd = Callable[[int, nn.Module], None]
+BatchInputs = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def train_classifier(data: LabeledData, config: TrainConfig | None = None,
@@ -92,6 +93,7 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
                      progress: bool = False, batch_loss: BatchLoss | None = None,
                      epoch_end: EpochEnd | None = None,
                      batch_targets: BatchTargets | None = None,
+                     batch_inputs: BatchInputs | None = None,
                      stage: str = "training") -> TrainResult:
     """Train ``model`` (default: a built-in architecture sized to ``data``) on ``data``.
 
@@ -99,6 +101,8 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
     into the scalar to minimise (default: their mean); guarded training plugs in here.
     ``batch_targets(dataset_indices, epoch)`` may return a (batch, classes) matrix of target
     distributions that replaces the labels for that batch (``None``: the labels).
+    ``batch_inputs(model, inputs, labels)`` may replace a batch's (augmented, noised) model
+    inputs before the training step (adversarial training plugs in here).
     ``epoch_end(epoch, model)`` runs after every epoch. Deterministic for a given seed on one
     machine. Returns the trained adapter and history. With ``progress``, one bar per call
     named ``stage`` counts every step of every epoch (so its ETA is the whole stage's).
@@ -153,6 +157,8 @@ def train_classifier(data: LabeledData, config: TrainConfig | None = None,
             if config.input_noise > 0 and xb.is_floating_point():
                 xb = xb + config.input_noise * torch.randn(xb.shape, generator=gen)
             yb = y_all[idx]
+            if batch_inputs is not None:
+                xb = batch_inputs(model, xb, yb)
             logits = model(xb)
             if logits.ndim != 2 or logits.shape[1] < n_classes:
                 raise DataError(f"model output shape {tuple(logits.shape)} does not match "

@@ -1,5 +1,6 @@
-"""Guarded training: trimmed loss (TRIM / ITLM), anti-backdoor learning (ABL, Li et al. 2021)
-and per-sample gradient-norm monitoring, on top of the seeded training loop."""
+"""Guarded training: trimmed loss (TRIM / ITLM), anti-backdoor learning (ABL, Li et al. 2021),
+noise injection, PGD adversarial training (Madry et al. 2018) and per-sample gradient-norm
+monitoring, on top of the seeded training loop."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from poisonguard.train.relabel import RELABEL_MODES, other_class_targets, relabe
 from poisonguard.train.seeded import expand_from_seed, loss_floor_ascent, loss_floor_epochs
 from poisonguard.types import DetectorResult
 
-DEFENSES = ("none", "trim", "abl", "noise")
+DEFENSES = ("none", "trim", "abl", "noise", "adv")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,19 @@ class GuardConfig:
     (model-input scale: 0-1 for images) at every visit, so that a small trigger must stand out
     of the noise to be learnt (noise injection, as RAB's training does, Weber et al. 2023);
     the model is evaluated on clean inputs.
+    adv: PGD adversarial training (Madry et al. 2018): every training batch is replaced by its
+    L-inf PGD adversarial examples (random start in the ball, ``adv_steps`` signed-gradient steps
+    of 2.5 * epsilon / steps, or 1.25 * epsilon for one step: FGSM with random start, Wong et
+    al. 2020), generated against the model in eval mode and clipped to the inputs' range.
+    ``adv_epsilon`` is a fraction of that range: [0, 1] for integer images, the data's min-max
+    for float images, each feature's min-max for vectors (default 8/255, the CIFAR-10 budget;
+    the MNIST literature uses 0.3); with ``adv_warmup`` > 0 the budget grows linearly from 0 over
+    that share of the training steps (large budgets keep a small network from training at all
+    without it). The literature does not expect it to stop backdoors in
+    general: Weng et al. (NeurIPS 2020) found adversarially robust models *more* vulnerable to
+    some triggers; later work (Gao et al. 2023) finds it helps only when the budget covers the
+    trigger's magnitude (e.g. a low-alpha blend), not against a full-contrast patch. Geiping et
+    al. (2021) defend with adversarial *poisons* crafted during training, which this is not.
     monitor_gradients: record per-sample gradient norms of ``monitor_params`` every epoch.
     """
 
@@ -75,6 +89,9 @@ class GuardConfig:
     abl_expand_seed: bool = True
     abl_relabel_in_training: bool = True
     noise_sigma: float = 0.5
+    adv_epsilon: float = 8 / 255
+    adv_steps: int = 3
+    adv_warmup: float = 0.0
     monitor_gradients: bool = False
     monitor_params: tuple[str, ...] = ("embed", "head")
 
@@ -91,6 +108,15 @@ class GuardConfig:
                               f"{self.abl_relabel!r}")
         if not self.noise_sigma > 0:
             raise ConfigError(f"noise sigma must be > 0, got {self.noise_sigma}")
+        if not 0.0 < self.adv_epsilon <= 1.0:
+            raise ConfigError(f"adv epsilon must be in (0, 1] (a fraction of the input range), "
+                              f"got {self.adv_epsilon}")
+        if isinstance(self.adv_steps, bool) or not isinstance(self.adv_steps, int) \
+                or self.adv_steps < 1:
+            raise ConfigError(f"adv steps must be an integer >= 1, got {self.adv_steps}")
+        if not 0.0 <= self.adv_warmup < 1.0:
+            raise ConfigError(f"adv warmup must be in [0, 1) (a share of the training steps), "
+                              f"got {self.adv_warmup}")
         if self.abl_gamma < 0:
             raise ConfigError(f"abl_gamma must be >= 0, got {self.abl_gamma}")
 
@@ -171,20 +197,101 @@ def train_guarded(data: LabeledData, guard: GuardConfig | None = None,
 
         if guard.defense == "noise":
             config = replace(config, input_noise=guard.noise_sigma)
+        batch_inputs = None
+        adv_info: dict[str, Any] = {}
+        if guard.defense == "adv":
+            batch_inputs, adv_info = _adversarial_inputs(data, spec, guard, config)
         if guard.defense == "trim" and guard.trim_warmup_epochs == 0 and state["fraction"] is None:
             raise ConfigError("an estimated trim fraction needs trim_warmup_epochs >= 1")
         train = train_classifier(data, config, model=model, input_spec=spec, arch=arch,
                                  n_classes=n_classes, progress=progress, batch_loss=batch_loss,
-                                 epoch_end=epoch_end,
+                                 epoch_end=epoch_end, batch_inputs=batch_inputs,
                                  stage=f"guarded training ({guard.defense})")
         result = GuardedResult(train.classifier, train, guard, 0.0,
                                drop_counts=drop_counts if guard.defense == "trim" else None,
-                               trim_fraction=state["fraction"])
+                               trim_fraction=state["fraction"], info=adv_info)
     if history:
         result.grad_history = np.stack(history)
         result.monitor = GradientNormMonitor().detect(result.grad_history, data.y)
     result.wall_s = time.perf_counter() - t0
     return result
+
+
+def input_range(data: LabeledData, spec: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range adversarial examples stay in, shaped to broadcast over prepared batches:
+    [0, 1] (times the spec's scale) for integer images, the data's min and max for float
+    images, each feature's min and max for vectors. Token ids and uint8 model inputs have no
+    continuous range: ConfigError."""
+    if spec.layout in ("tokens", "raw") or spec.dtype != "float32":
+        raise ConfigError("--defense adv perturbs float image or feature inputs; it does not "
+                          f"apply to {spec.layout}/{spec.dtype} model inputs (text, raw uint8)")
+    x = data.x
+    if spec.layout == "flat":
+        flat = x.reshape(len(x), -1)
+        lo, hi = flat.min(axis=0), flat.max(axis=0)
+        return (torch.from_numpy(np.asarray(lo * spec.scale, dtype=np.float32))[None],
+                torch.from_numpy(np.asarray(hi * spec.scale, dtype=np.float32))[None])
+    if np.issubdtype(x.dtype, np.integer):  # 0-255 pixel values
+        lo, hi = 0.0, 255.0 * spec.scale
+    else:
+        lo, hi = float(x.min()) * spec.scale, float(x.max()) * spec.scale
+    return torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32)
+
+
+def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: torch.Tensor | float,
+               steps: int, lo: torch.Tensor | float, hi: torch.Tensor | float,
+               step_size: torch.Tensor | float | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """L-inf PGD with a uniform random start (Madry et al. 2018): ``steps`` signed-gradient
+    ascent steps on the cross-entropy, each projected onto the ``epsilon`` ball around ``x`` and
+    the box [``lo``, ``hi``]. ``step_size`` defaults to 2.5 * epsilon / steps (1.25 * epsilon for
+    a single step: FGSM with random start, Wong et al. 2020). Runs ``model`` in eval mode and
+    restores its mode; accumulates no parameter gradients. Returns detached inputs."""
+    eps = torch.as_tensor(epsilon, dtype=x.dtype)
+    lo_t, hi_t = torch.as_tensor(lo, dtype=x.dtype), torch.as_tensor(hi, dtype=x.dtype)
+    alpha = (torch.as_tensor(step_size, dtype=x.dtype) if step_size is not None
+             else eps * (1.25 if steps == 1 else 2.5 / steps))
+    was_training = model.training
+    model.eval()
+    try:
+        x = x.detach()
+        start = torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1
+        adv = torch.max(torch.min(x + start * eps, hi_t), lo_t)
+        for _ in range(steps):
+            adv.requires_grad_(True)
+            loss = F.cross_entropy(model(adv), y)
+            (grad,) = torch.autograd.grad(loss, adv)
+            adv = adv.detach() + alpha * grad.sign()
+            adv = torch.max(torch.min(adv, x + eps), x - eps)
+            adv = torch.max(torch.min(adv, hi_t), lo_t)
+        return adv.detach()
+    finally:
+        model.train(was_training)
+
+
+def _adversarial_inputs(data: LabeledData, spec: Any, guard: GuardConfig, config: TrainConfig
+                        ) -> tuple[Any, dict[str, Any]]:
+    """The batch hook of ``adv`` training and what it records."""
+    lo, hi = input_range(data, spec)
+    eps = guard.adv_epsilon * (hi - lo)
+    gen = torch.Generator().manual_seed(config.seed + 7919)
+    total = config.epochs * math.ceil(len(data) / config.batch_size)
+    ramp = round(guard.adv_warmup * total)
+    seen = [0]
+
+    def batch_inputs(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        seen[0] += 1
+        share = min(1.0, seen[0] / ramp) if ramp else 1.0
+        return pgd_attack(model, xb, yb, eps * share, guard.adv_steps, lo, hi, generator=gen)
+
+    span = (hi - lo).flatten()
+    rel_step = 1.25 if guard.adv_steps == 1 else 2.5 / guard.adv_steps
+    info = {"adv_recipe": f"PGD-{guard.adv_steps}, L-inf, random start, step {rel_step:.4g} x "
+                          "epsilon, training on the adversarial batch only",
+            "adv_epsilon_relative": guard.adv_epsilon, "adv_warmup_steps": ramp,
+            "adv_input_range": [float(lo.min()), float(hi.max())],
+            "adv_epsilon_max": float(guard.adv_epsilon * span.max())}
+    return batch_inputs, info
 
 
 def _estimate_trim(model: nn.Module, data: LabeledData, guard: GuardConfig, spec: Any

@@ -47,6 +47,10 @@ def cmd_train_text(args: argparse.Namespace) -> int:
     if args.defense == "noise" or args.noise_sigma is not None:
         raise ConfigError("--defense noise adds Gaussian noise to pixels or features; for text "
                           "choose none, trim or abl")
+    if args.defense == "adv" or any(v is not None for v in (args.adv_epsilon, args.adv_steps,
+                                                             args.adv_warmup)):
+        raise ConfigError("--defense adv perturbs pixels or features; for text choose none, "
+                          "trim or abl")
     if args.monitor_gradients:
         raise ConfigError("--monitor-gradients applies to image and vector data")
     check_writable_dir(args.out)
