@@ -101,9 +101,9 @@ def test_within_class_test_finds_a_weakly_fitted_group() -> None:
     assert np.flatnonzero(called).tolist() == [3] and steps[3] == 25
 
 
-def test_a_within_class_call_is_one_vote() -> None:
-    """Confusion training's absolute call makes a class poisoned alone; its within-class call
-    (reference: the other classes) leaves the class suspect until a second detector agrees."""
+def test_a_confusion_training_call_is_one_vote() -> None:
+    """Confusion training's call alone leaves a class suspect; a second detector makes it
+    poisoned."""
     from poisonguard.detect.crossref import CrossReference
     from poisonguard.types import ClassFinding, DetectorResult
 
@@ -111,15 +111,14 @@ def test_a_within_class_call_is_one_vote() -> None:
     flags = np.zeros(20, dtype=bool)
     flags[:3] = True
 
-    def result(name: str, decisive: bool | None) -> DetectorResult:
-        evidence = {} if decisive is None else {"decisive": decisive}
-        return DetectorResult(name, flags.astype(float), flags, 0.5, {}, (
-            ClassFinding(0, True, 10, 3, evidence), ClassFinding(1, False, 10, 0, {})), 0.0)
+    def result(name: str, calls: bool) -> DetectorResult:
+        called = flags if calls else np.zeros(20, dtype=bool)
+        return DetectorResult(name, called.astype(float), called, 0.5, {}, (
+            ClassFinding(0, calls, 10, int(called.sum()), {}),
+            ClassFinding(1, False, 10, 0, {})), 0.0)
 
-    other = DetectorResult("spectral_signatures", np.zeros(20), np.zeros(20, dtype=bool), 0.5,
-                           {}, (), 0.0)
-    verdict = {True: "poisoned", False: "suspect", None: "poisoned"}
-    for decisive, expected in verdict.items():
-        combined = CrossReference().combine([result("confusion_training", decisive), other],
-                                            labels)
+    for second, expected in ((False, "suspect"), (True, "poisoned")):
+        combined = CrossReference().combine([result("confusion_training", True),
+                                             result("spectral_signatures", second)], labels)
         assert combined.findings[0].evidence["verdict"] == expected
+        assert combined.findings[1].evidence["verdict"] == "clean"

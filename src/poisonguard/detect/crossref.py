@@ -8,11 +8,12 @@ agreement backs a single detector's sample-level call). In a poisoned class, sam
 above the ``class_tail`` quantile of the class's unflagged samples on a cluster detector
 (``tail_detectors``) are flagged too: poisons the representation only half-separates sit in that
 tail, and the price is at most about 1 - class_tail of one class's clean samples per detector.
-A detector in ``calibrated`` tests each class against held-out trusted clean samples (confusion
-training): its call alone makes a class poisoned, since the trusted set stands in for the second
-opinion, unless its finding says the call is not ``decisive`` (confusion training's within-class
-test, whose reference is the other classes: one vote, as any detector's). Confidence = share of
-detectors flagging the sample (higher = more suspicious).
+Every detector's class call is one vote, confusion training's included: its held-out trusted
+samples are a few dozen a class, and a class the data stream memorises more than its held-out
+samples (MNIST 5k class 6: 14.7% of it fitted against 4% held out) or whose easiest samples fit
+far better than the rest (MNIST 1s) is called on clean data; a second detector or input-space
+stage has to agree. Confidence = share of detectors flagging the sample (higher = more
+suspicious).
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ class CrossReference:
     min_sample_votes: int = 2
     class_tail: float | None = 0.99
     tail_detectors: tuple[str, ...] = ("activation_clustering", "spectral_signatures")
-    calibrated: tuple[str, ...] = ("confusion_training",)
     name: str = "cross_reference"
 
     def combine(self, results: list[DetectorResult], labels: np.ndarray) -> DetectorResult:
@@ -52,9 +52,7 @@ class CrossReference:
         for c in np.unique(labels):
             idx = labels == c
             voters = [r.name for r in results if c in r.suspicious_classes]
-            decisive = any(r.name in self.calibrated and _decisive_call(r, int(c))
-                           for r in results if r.name in voters)
-            verdict = ("poisoned" if len(voters) >= need_class or decisive
+            verdict = ("poisoned" if len(voters) >= need_class
                        else "suspect" if voters else "clean")
             if verdict == "poisoned":
                 unflagged = idx & (votes == 0)
@@ -74,17 +72,11 @@ class CrossReference:
                         "scores above the class_tail quantile of its unflagged samples",
                 "min_class_votes": need_class, "min_sample_votes": need_sample,
                 "class_tail": self.class_tail, "tail_detectors": list(self.tail_detectors),
-                "calibrated": list(self.calibrated),
                 "detectors": [r.name for r in results]}
         votes = np.sum(list(attributed.values()), axis=0)
         return DetectorResult(self.name, votes / len(results), flags, None, rule,
                               tuple(findings), time.perf_counter() - t0,
                               extras={"votes": votes, "detector_flags": attributed})
-
-
-def _decisive_call(result: DetectorResult, label: int) -> bool:
-    finding = next((f for f in result.findings if f.label == label), None)
-    return finding is None or bool(finding.evidence.get("decisive", True))
 
 
 def cross_reference(results: list[DetectorResult], labels: np.ndarray,
