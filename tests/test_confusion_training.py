@@ -45,6 +45,8 @@ def test_confusion_training_needs_trusted(backdoored) -> None:
 def test_scan_says_confusion_training_was_skipped(digits) -> None:
     train, _ = digits
     assert "trusted" in skipped_detectors(ScanConfig())["confusion_training"]
+    assert "2000 scanned samples" in skipped_detectors(ScanConfig(), 1797)["confusion_training"]
+    assert skipped_detectors(ScanConfig(), 5000) == {}
     few = LabeledData.create(train.x[:10], train.y[:10])
     assert "20" in skipped_detectors(ScanConfig(trusted=few))["confusion_training"]
     assert skipped_detectors(ScanConfig(trusted=train)) == {}

@@ -259,11 +259,15 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
     # the data teaches; on MNIST 5k WaNet the round-2 model (26 poisons left) had not learned
     # it, and confusing it only flagged clean samples (54 of one class)
     if first and "confusion_training" in config.detectors and "confusion_training" not in \
-            skipped_detectors(config):
-        from poisonguard.detect.confusion_training import ConfusionTraining
+            skipped_detectors(config, len(subset)):
+        from poisonguard.detect.confusion_training import ConfusionTraining, self_confusion_set
 
-        extra.append(ConfusionTraining(seed=config.seed).detect(classifier, subset,
-                                                                config.trusted))
+        if config.trusted is not None:
+            extra.append(ConfusionTraining(seed=config.seed).detect(classifier, subset,
+                                                                    config.trusted))
+        else:
+            extra.append(ConfusionTraining(seed=config.seed, self_confusion=True).detect(
+                classifier, subset, self_confusion_set(subset, config.seed)))
     results, combined = run_detectors(out["representations"], subset.y, out["losses"],
                                       config.detectors, config.seed, config.min_class_votes,
                                       extra_results=tuple(extra), **trusted)
@@ -278,15 +282,18 @@ def _scan_round(data: LabeledData, kept: np.ndarray, config: ScanConfig,
     return RoundResult(kept, results, combined, classifier, train, timings), out
 
 
-def skipped_detectors(config: ScanConfig) -> dict[str, str]:
-    """Detectors named in ``config`` that cannot run with its inputs, and why."""
-    from poisonguard.detect.confusion_training import MIN_TRUSTED
+def skipped_detectors(config: ScanConfig, n_samples: int | None = None) -> dict[str, str]:
+    """Detectors named in ``config`` that cannot run with its inputs (``n_samples`` scanned),
+    and why."""
+    from poisonguard.detect.confusion_training import MIN_SELF_CONFUSION, MIN_TRUSTED
 
     out = {}
     if "confusion_training" in config.detectors:
-        if config.trusted is None:
-            out["confusion_training"] = "needs a trusted set (scan --trusted CLEAN.npz)"
-        elif len(config.trusted) < MIN_TRUSTED:
+        if config.trusted is None and (n_samples is None or n_samples < MIN_SELF_CONFUSION):
+            out["confusion_training"] = (
+                "needs a trusted set (scan --trusted CLEAN.npz), or at least "
+                f"{MIN_SELF_CONFUSION} scanned samples to draw its confusion set from")
+        elif config.trusted is not None and len(config.trusted) < MIN_TRUSTED:
             out["confusion_training"] = (f"needs at least {MIN_TRUSTED} trusted samples, got "
                                          f"{len(config.trusted)}")
     return out
@@ -628,7 +635,7 @@ def scan(data: LabeledData, config: ScanConfig | None = None,
                       representations=first_out["representations"],
                       losses=first_out["losses"], config=config, final_classifier=final_clf,
                       final_train=final_train, timings=timings,
-                      skipped=skipped_detectors(config))
+                      skipped=skipped_detectors(config, len(data)))
 
 
 def sanitize(result: ScanResult) -> tuple[LabeledData, list[dict[str, Any]]]:
