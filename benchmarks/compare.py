@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from versioning import code_version
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -51,14 +52,6 @@ PAIRS: dict[str, tuple[str, int, dict[str, Any]] | None] = {
     "trojan-t3": ("trojan", 3, {}),
     **{f"clean-{i}": None for i in range(10)},
 }
-
-
-def code_version() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True, cwd=ROOT).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True,
-                           text=True, cwd=ROOT).stdout.strip()
-    return out + ("+dirty" if dirty else "")
 
 
 def _save(folder: Path, result: Any, arch: str, arch_kwargs: dict[str, Any]) -> Path:

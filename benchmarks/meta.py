@@ -39,12 +39,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from versioning import code_version
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results"
@@ -64,14 +64,6 @@ ATTACKS: dict[str, tuple[dict[str, Any], tuple[float, ...]]] = {
 FAMILY_SETS = {"all": ("weights", "projection", "queries"), "weights": ("weights",),
                "projection": ("projection",), "queries": ("queries",),
                "weights+queries": ("weights", "queries")}
-
-
-def code_version() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True, cwd=ROOT).stdout.strip() or "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True,
-                           text=True, cwd=ROOT).stdout.strip()
-    return out + ("+dirty" if dirty else "")
 
 
 def plan() -> list[dict[str, Any]]:
