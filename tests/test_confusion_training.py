@@ -124,3 +124,30 @@ def test_a_confusion_training_call_is_one_vote() -> None:
                                              result("spectral_signatures", second)], labels)
         assert combined.findings[0].evidence["verdict"] == expected
         assert combined.findings[1].evidence["verdict"] == "clean"
+
+
+def test_self_confusion_flags_only_fill_gaps() -> None:
+    """Without a trusted set, confusion training's flags are dropped in a class two other
+    detectors already call, and kept where it is the class's only representation vote."""
+    from poisonguard.detect.crossref import CrossReference
+    from poisonguard.types import ClassFinding, DetectorResult
+
+    labels = np.repeat([0, 1], 10)
+    ct_flags = np.zeros(20, dtype=bool)
+    ct_flags[[0, 1, 10, 11]] = True
+    other_flags = np.zeros(20, dtype=bool)
+    other_flags[[2, 3]] = True
+
+    def result(name: str, flags: np.ndarray, classes: list[int], filler: bool = False
+               ) -> DetectorResult:
+        return DetectorResult(name, flags.astype(float), flags, 0.5, {}, tuple(
+            ClassFinding(c, c in classes, 10, 0, {}) for c in (0, 1)), 0.0,
+            extras={"gap_filler": filler})
+
+    combined = CrossReference().combine([result("confusion_training", ct_flags, [0, 1], True),
+                                         result("activation_clustering", other_flags, [0]),
+                                         result("spectral_signatures", other_flags, [0])],
+                                        labels)
+    assert np.flatnonzero(combined.flags).tolist() == [2, 3]
+    assert not combined.extras["detector_flags"]["confusion_training"][:10].any()
+    assert combined.extras["detector_flags"]["confusion_training"][10:12].all()

@@ -182,7 +182,8 @@ class ConfusionTraining:
                               time.perf_counter() - t0, params=params,
                               extras={"clean_rate": clean_rate, "calibration_scores": p_cal,
                                       "calibration_history": history, "dataset_wide": wide,
-                                      "within_class_z": sample_z})
+                                      "within_class_z": sample_z,
+                                      "gap_filler": self.self_confusion})
 
     def _within_class(self, p_label: np.ndarray, p_cal: np.ndarray, labels: np.ndarray,
                       cal_labels: np.ndarray, classes: np.ndarray

@@ -45,9 +45,10 @@ class CrossReference:
         t0 = time.perf_counter()
         need_class = min(self.min_class_votes, len(results))
         need_sample = min(self.min_sample_votes, len(results))
-        votes = np.sum([r.flags for r in results], axis=0)
+        sample_flags = _gap_filler_flags(results, labels, need_class)
+        votes = np.sum([sample_flags[r.name] for r in results], axis=0)
         flags = votes >= need_sample
-        attributed = {r.name: r.flags.copy() for r in results}
+        attributed = {name: f.copy() for name, f in sample_flags.items()}
         findings = []
         for c in np.unique(labels):
             idx = labels == c
@@ -77,6 +78,21 @@ class CrossReference:
         return DetectorResult(self.name, votes / len(results), flags, None, rule,
                               tuple(findings), time.perf_counter() - t0,
                               extras={"votes": votes, "detector_flags": attributed})
+
+
+def _gap_filler_flags(results: list[DetectorResult], labels: np.ndarray, need_class: int
+                      ) -> dict[str, np.ndarray]:
+    """Each detector's sample flags, except that a gap filler's (``extras["gap_filler"]``:
+    confusion training without a trusted set) are dropped in classes at least ``need_class``
+    other detectors call: there it adds no verdict, only the clean samples its within-class
+    z picks when the poisons are most of the class (MNIST 5k blended 10%: 17% of poisons and
+    39 clean samples)."""
+    called_by_others = {
+        c: sum(c in r.suspicious_classes for r in results if not r.extras.get("gap_filler"))
+        for c in np.unique(labels)}
+    covered = [c for c, n in called_by_others.items() if n >= need_class]
+    return {r.name: (r.flags & ~np.isin(labels, covered)) if r.extras.get("gap_filler")
+            else r.flags for r in results}
 
 
 def cross_reference(results: list[DetectorResult], labels: np.ndarray,
