@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from poisonguard.attacks.base import PoisonedData
 from poisonguard.attacks.common import (
@@ -31,6 +30,7 @@ from poisonguard.attacks.common import (
 from poisonguard.attacks.generators import BadNetsTrigger, _cast_like, _max_value
 from poisonguard.data.labeled import LabeledData
 from poisonguard.errors import ConfigError
+from poisonguard.models.pgd import pgd_ascent
 
 CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 
@@ -83,14 +83,9 @@ def pgd_untargeted(classifier: Any, x: np.ndarray, y: np.ndarray, eps: float, st
         yb = torch.from_numpy(np.asarray(y[start:start + batch_size], dtype=np.int64))
         noise = rng.uniform(-radius, radius, xb.shape).astype(np.float32)
         adv = torch.clamp(x0 + torch.from_numpy(noise), 0, top)
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            logits = model(_model_input(adv, spec))
-            loss = F.cross_entropy(logits, yb)
-            (grad,) = torch.autograd.grad(loss, adv)
-            adv = adv.detach() + step * grad.sign()
-            adv = torch.clamp(torch.minimum(torch.maximum(adv, x0 - radius), x0 + radius), 0, top)
-        out[start:start + batch_size] = _cast_like(adv.detach().double().numpy(), x)
+        adv = pgd_ascent(lambda a: model(_model_input(a, spec)), x0, adv, yb, radius, step,
+                         steps, 0, top)
+        out[start:start + batch_size] = _cast_like(adv.double().numpy(), x)
     return out
 
 

@@ -19,6 +19,7 @@ from poisonguard.detect.common import robust_z
 from poisonguard.errors import ConfigError
 from poisonguard.models.adapter import TorchClassifier
 from poisonguard.models.architectures import DEFAULT_LAYER
+from poisonguard.models.pgd import pgd_ascent
 from poisonguard.models.training import TrainConfig, TrainResult, train_classifier
 from poisonguard.train.monitor import GradientNormMonitor
 from poisonguard.train.relabel import RELABEL_MODES, other_class_targets, relabelled_batches
@@ -257,14 +258,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: torc
         x = x.detach()
         start = torch.rand(x.shape, generator=generator, dtype=x.dtype) * 2 - 1
         adv = torch.max(torch.min(x + start * eps, hi_t), lo_t)
-        for _ in range(steps):
-            adv.requires_grad_(True)
-            loss = F.cross_entropy(model(adv), y)
-            (grad,) = torch.autograd.grad(loss, adv)
-            adv = adv.detach() + alpha * grad.sign()
-            adv = torch.max(torch.min(adv, x + eps), x - eps)
-            adv = torch.max(torch.min(adv, hi_t), lo_t)
-        return adv.detach()
+        return pgd_ascent(model, x, adv, y, eps, alpha, steps, lo_t, hi_t)
     finally:
         model.train(was_training)
 
