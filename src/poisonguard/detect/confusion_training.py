@@ -245,14 +245,13 @@ class ConfusionTraining:
                     & (stats["z"] > self.k))
 
         called = clears(tail)
+        cleared = [clears(stats) for _, _, stats in looks]
         sample_z = np.zeros(len(labels))
         for i, (c, j) in enumerate(zip(classes, best)):
             m = labels == c
-            sample_z[m] = looks[j][1][m]
-            if called[i]:
-                for _, z, stats in looks:
-                    if clears(stats)[i]:
-                        sample_z[m] = np.maximum(sample_z[m], z[m])
+            zs = [looks[j][1][m]] + [z[m] for (_, z, _), ok in zip(looks, cleared)
+                                     if called[i] and ok[i]]
+            sample_z[m] = np.max(zs, axis=0)
         return called, sample_z, tail, np.array([looks[j][0] for j in best])
 
     def _confuse(self, classifier: TorchClassifier, data: LabeledData, confusion: LabeledData,
