@@ -391,7 +391,7 @@ def train_meta(zoo_dir: str | Path, cfg: FeatureConfig | None = None, n_queries:
 
 def save_meta(out_dir: str | Path, meta: MetaModel) -> Path:
     """Write ``meta.json``, ``queries.safetensors`` (when there are queries) and ``zoo.json``."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     from poisonguard import __version__
     from poisonguard.io import atomic_write_bytes, atomic_write_json
@@ -399,10 +399,7 @@ def save_meta(out_dir: str | Path, meta: MetaModel) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if meta.queries is not None:
-        tmp = out / f".{QUERIES}.tmp"
-        save_file({"queries": np.ascontiguousarray(meta.queries)}, str(tmp))
-        atomic_write_bytes(out / QUERIES, tmp.read_bytes())
-        tmp.unlink()
+        atomic_write_bytes(out / QUERIES, save({"queries": np.ascontiguousarray(meta.queries)}))
     atomic_write_json(out / ZOO_JSON, meta.zoo)
     atomic_write_json(out / META_JSON, {
         "format": FORMAT, "format_version": FORMAT_VERSION, "poisonguard_version": __version__,

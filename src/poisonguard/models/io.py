@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from poisonguard import __version__
@@ -81,10 +81,7 @@ def save_model(out_dir: str | Path, model: nn.Module, arch: str, arch_kwargs: di
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    tmp = out / f".{WEIGHTS}.tmp"
-    save_file(state, str(tmp))
-    atomic_write_bytes(out / WEIGHTS, tmp.read_bytes())
-    tmp.unlink()
+    atomic_write_bytes(out / WEIGHTS, save(state))
     atomic_write_json(out / MODEL_JSON, {
         "format": FORMAT, "format_version": 1, "poisonguard_version": __version__,
         "arch": arch, "arch_kwargs": arch_kwargs, "input_spec": input_spec.to_dict(),
