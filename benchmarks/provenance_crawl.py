@@ -58,6 +58,9 @@ def body(n: int) -> bytes:
 # ----------------------------------------------------------------------------- server
 def _serve(sock: socket.socket, hits: Any) -> None:
     class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"   # keep-alive, as web servers and CDNs answer
+        disable_nagle_algorithm = True
+
         def do_GET(self) -> None:  # noqa: N802
             with hits.get_lock():
                 hits.value += 1
@@ -192,7 +195,8 @@ def bench_size(work: Path, n: int, server: LoopbackServer, args: argparse.Namesp
     pinned = run_cli(["pin", str(urls), "--out", str(manifest), "--quiet"], server)
     assert pinned["rc"] == 0 and pinned["server_requests"] == 0, pinned
     net = ["--timeout", str(args.timeout), "--retries", "2", "--fetch-workers",
-           str(args.fetch_workers), "--quiet"]
+           str(args.fetch_workers), "--quiet", *(["--no-keep-alive"] if args.no_keep_alive
+                                                 else [])]
     out.update(rows=n, generate_s=round(gen_s, 2), pin=pinned, runs={})
 
     def report_of(run: dict[str, Any], path: Path) -> None:
@@ -247,7 +251,8 @@ def _md(res: dict[str, Any]) -> str:
         "provenance_crawl.json.",
         "",
         f"Server: {res['server_procs']} processes on one loopback socket (ThreadingHTTPServer, "
-        "64-byte bodies), on the same 2 cores as the client. Verify: timeout "
+        "HTTP/1.1, 64-byte bodies), on the same 2 cores as the client. Client connections "
+        f"kept alive: {res.get('keep_alive', False)}. Verify: timeout "
         f"{res['timeout']} s, 2 retries, {res['fetch_workers']} fetch threads per process "
         f"(per Dask worker), Dask: LocalCluster {res['workers']} workers x "
         f"{res['memory_limit']}, parts of {res['part_rows']} rows. Peak RSS: the verify "
@@ -305,6 +310,8 @@ def main() -> None:
                     help="run the kill-and-resume pair only for sizes up to this")
     ap.add_argument("--work", default=None, help="scratch folder (default a temp folder)")
     ap.add_argument("--tag", default="", help="results file suffix")
+    ap.add_argument("--no-keep-alive", action="store_true",
+                    help="verify with a new connection per URL (the fetcher before keep-alive)")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                             capture_output=True, text=True).stdout.strip()
@@ -314,7 +321,8 @@ def main() -> None:
         "load_start": [round(x, 2) for x in os.getloadavg()],
         "server_procs": args.server_procs, "workers": args.workers,
         "memory_limit": args.memory_limit, "part_rows": args.part_rows,
-        "fetch_workers": args.fetch_workers, "timeout": args.timeout, "sizes": []}
+        "fetch_workers": args.fetch_workers, "timeout": args.timeout,
+        "keep_alive": not args.no_keep_alive, "sizes": []}
     server = LoopbackServer(args.server_procs)
     name = f"provenance_crawl{args.tag}"
     try:

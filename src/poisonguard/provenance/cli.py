@@ -35,6 +35,9 @@ def _add_fetch_args(p: argparse.ArgumentParser) -> None:
                         "exponential backoff (default 2)")
     p.add_argument("--max-bytes", type=int, default=256 << 20,
                    help="largest body fetched per URL (default 256 MiB)")
+    p.add_argument("--no-keep-alive", action="store_true",
+                   help="open a new connection for every URL (default: each fetch thread keeps "
+                        "one HTTP/1.1 connection per host)")
     p.add_argument("--quiet", action="store_true", help="print only the summary line")
     e = p.add_argument_group("crawl size (Parquet URL lists; see docs/scale.md)")
     e.add_argument("--engine", choices=["local", "dask"], default=None,
@@ -78,7 +81,7 @@ def _print_stats(stats: Any) -> None:
 
 def _fetch_options(args: argparse.Namespace) -> FetchOptions:
     return FetchOptions(timeout=args.timeout, retries=args.retries, max_bytes=args.max_bytes,
-                        workers=args.fetch_workers)
+                        workers=args.fetch_workers, keep_alive=not args.no_keep_alive)
 
 
 def register(sub: Any) -> None:
