@@ -1,6 +1,7 @@
 """Audit profiles: how much effort each layer gets, sized to what a compromise would cost.
 
-``quick``: one scan round with a short-trained sacrificial model and the three cheapest
+``quick``: one scan round with a short-trained sacrificial model (a fifth of the epochs, at
+least one) and the three cheapest
 detectors, Neural Cleanse's mask search only (no additive search), no dormant-unit scan, no
 runtime calibration.
 ``standard``: the defaults of ``scan``, ``audit-model`` and ``filter``.
@@ -46,7 +47,7 @@ class Profile:
 
 
 PROFILES: dict[str, Profile] = {
-    "quick": Profile("quick", scan_rounds=1, epoch_share=0.2, min_epochs=2,
+    "quick": Profile("quick", scan_rounds=1, epoch_share=0.2, min_epochs=1,
                      detectors=("activation_clustering", "spectral_signatures",
                                 "loss_outliers"),
                      loss_seed=False, final_model=False, seeds=(0,), recheck=False,

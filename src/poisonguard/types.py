@@ -79,6 +79,10 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_jsonable(v) for v in obj]
     if isinstance(obj, np.ndarray):
+        if obj.dtype.kind in "biu":   # ints and bools convert as they are
+            return obj.tolist()
+        if obj.dtype.kind == "f" and np.isfinite(obj).all():
+            return obj.astype(float).tolist()
         return _jsonable(obj.tolist())
     if isinstance(obj, np.bool_):
         return bool(obj)
