@@ -1,9 +1,8 @@
 """Audit profiles: how much effort each layer gets, sized to what a compromise would cost.
 
 ``quick``: one scan round with a short-trained sacrificial model (a fifth of the epochs, at
-least one) and the three cheapest
-detectors, Neural Cleanse's mask search only (no additive search), no dormant-unit scan, no
-runtime calibration.
+least one) and the three cheapest detectors, Neural Cleanse's mask search only (no additive
+search), no dormant-unit scan, no runtime calibration.
 ``standard``: the defaults of ``scan``, ``audit-model`` and ``filter``.
 ``paranoid``: every detector (SPECTRE too), the sacrificial model trained with three seeds
 and flags kept where at least two agree, an independent re-check of the flags by a model of
