@@ -6,8 +6,9 @@
 For each size N: a URL list in the img2dataset/LAION Parquet layout (``key``, ``url``,
 ``sha256``) is generated in row groups of 65,536 rows (never whole in memory); each URL is
 ``http://127.0.0.1:PORT/i/<n>`` and the server (``--server-procs`` processes sharing one
-listening socket, ThreadingHTTPServer each) answers it with deterministic bytes for ``n``. The
-list is pinned with its listed hashes (nothing fetched), then verified in fresh processes:
+listening socket, each a minimal asyncio HTTP/1.1 server with keep-alive) answers it with
+deterministic bytes for ``n``. The list is pinned with its listed hashes (nothing fetched),
+then verified in fresh processes:
 
 1. the single-process path (``poisonguard verify``, no ``--engine``);
 2. ``--engine dask --workers W`` (a LocalCluster);
@@ -23,8 +24,8 @@ and the report's counts. Writes benchmarks/results/provenance_crawl.{json,md}.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
-import http.server
 import json
 import multiprocessing as mp
 import os
@@ -56,39 +57,46 @@ def body(n: int) -> bytes:
 
 
 # ----------------------------------------------------------------------------- server
+class _Http11(asyncio.Protocol):
+    """A minimal HTTP/1.1 server connection: GET ``/i/<n>`` answers ``body(n)``, kept alive
+    (pipelined requests answered in order), anything else 404. Counts every request."""
+
+    def __init__(self, hits: Any) -> None:
+        self.hits = hits
+        self.buf = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        out = []
+        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
+            head, self.buf = self.buf[:end], self.buf[end + 4:]
+            parts = head.split(b"\r\n", 1)[0].split(b" ")
+            with self.hits.get_lock():
+                self.hits.value += 1
+            tail = parts[1].rsplit(b"/", 1)[-1] if len(parts) == 3 else b""
+            if parts[0] == b"GET" and parts[1].startswith(b"/i/") and tail.isdigit():
+                data_ = body(int(tail))
+                out.append(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                           % (len(data_), data_))
+            else:
+                out.append(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+        if out:
+            self.transport.write(b"".join(out))  # type: ignore[attr-defined]
+
+
 def _serve(sock: socket.socket, hits: Any) -> None:
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"   # keep-alive, as web servers and CDNs answer
-        disable_nagle_algorithm = True
-
-        def do_GET(self) -> None:  # noqa: N802
-            with hits.get_lock():
-                hits.value += 1
-            try:
-                n = int(self.path.rsplit("/", 1)[-1])
-            except ValueError:
-                self.send_error(404)
-                return
-            data = body(n)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            pass
-
-    class Server(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-        request_queue_size = 1024
-
-        def handle_error(self, request: object, client_address: object) -> None:
-            pass
-
-    srv = Server(sock.getsockname(), Handler, bind_and_activate=False)
-    srv.socket.close()
-    srv.socket = sock
-    srv.serve_forever(poll_interval=0.1)
+    loop = asyncio.new_event_loop()
+    server = loop.run_until_complete(
+        loop.create_server(lambda: _Http11(hits), sock=sock, backlog=1024))
+    try:
+        loop.run_forever()
+    finally:
+        server.close()
 
 
 class LoopbackServer:
@@ -250,9 +258,9 @@ def _md(res: dict[str, Any]) -> str:
         f"{res['platform']}, poisonguard {res['version']}. Raw numbers in "
         "provenance_crawl.json.",
         "",
-        f"Server: {res['server_procs']} processes on one loopback socket (ThreadingHTTPServer, "
-        "HTTP/1.1, 64-byte bodies), on the same 2 cores as the client. Client connections "
-        f"kept alive: {res.get('keep_alive', False)}. Verify: timeout "
+        f"Server: {res['server_procs']} processes on one loopback socket (asyncio, "
+        "HTTP/1.1 keep-alive, 64-byte bodies), on the same 2 cores as the client. Client "
+        f"connections kept alive: {res.get('keep_alive', False)}. Verify: timeout "
         f"{res['timeout']} s, 2 retries, {res['fetch_workers']} fetch threads per process "
         f"(per Dask worker), Dask: LocalCluster {res['workers']} workers x "
         f"{res['memory_limit']}, parts of {res['part_rows']} rows. Peak RSS: the verify "
