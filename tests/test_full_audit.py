@@ -224,6 +224,21 @@ def test_paranoid_votes_seeds_and_rechecks(files):
     assert any("re-check" in step for step in outcome.report["profile"]["ran"])
     removed = outcome.artifacts["removed"]
     assert all(r["seed_votes"] >= 2 or r["recheck_confirmed"] == 1 for r in removed)
+    dirty = set(vote["dirty_label_classes"])
+    assert all(r["recheck_confirmed"] == 1 for r in removed if int(r["label"]) in dirty)
+
+
+def test_dirty_label_classes_need_most_flags_confirmed():
+    from poisonguard.full_audit import dirty_label_classes
+
+    y = np.repeat([0, 1, 2], 20)
+    flags = np.zeros(60, bool)
+    flags[:15] = flags[20:35] = flags[40:45] = True
+    confirmed = np.zeros(60, bool)
+    confirmed[:14] = True        # class 0: 14 of 15 confirmed (dirty-label)
+    confirmed[20:22] = True      # class 1: 2 of 15 (clean-label: left as voted)
+    confirmed[40:45] = True      # class 2: 5 of 5, too few flags to read
+    assert dirty_label_classes(flags, confirmed, y) == [0]
 
 
 def test_test_keys_win_and_sparse_labels_refused(files, tmp_path, capsys):

@@ -231,11 +231,31 @@ def _scan_config(profile: Profile, inp: AuditInputs, seed: int, quiet: bool) -> 
                       progress=not quiet, trusted=inp.clean)
 
 
+DIRTY_SHARE = 0.5      # of a class's flags the re-check confirms: a dirty-label poisoning
+DIRTY_MIN_FLAGS = 10   # flags a class needs before its confirmation share is read
+
+
+def dirty_label_classes(flags: np.ndarray, confirmed: np.ndarray, y: np.ndarray
+                        ) -> list[int]:
+    """Classes whose flags the independent re-check mostly confirms (at least
+    ``DIRTY_SHARE`` of at least ``DIRTY_MIN_FLAGS``): their poisons carry labels the re-check
+    model disputes, so there a flag it does not dispute is taken for a false positive. A
+    clean-label poisoning (few confirmations) is left as the seeds voted it."""
+    out = []
+    for c in np.unique(y[flags]):
+        m = flags & (y == c)
+        if m.sum() >= DIRTY_MIN_FLAGS and (m & confirmed).sum() >= DIRTY_SHARE * m.sum():
+            out.append(int(c))
+    return out
+
+
 def _vote_seeds(results: list[Any], confirmed: np.ndarray | None = None) -> Any:
     """Keep the flags at least half of the seeds' scans agree on; a class is poisoned when at
     least half call it so. With ``confirmed`` (the independent re-check's verdict on every
     sample some seed flags), a flag fewer seeds agree on is also kept in a poisoned class when
-    the re-check confirms it. Returns the first result with the voted cross-reference."""
+    the re-check confirms it, and in a class whose flags it mostly confirms
+    (:func:`dirty_label_classes`) a flag it does not confirm is dropped. Returns the first
+    result with the voted cross-reference."""
     from dataclasses import replace
 
     from poisonguard.types import ClassFinding, DetectorResult
@@ -250,9 +270,14 @@ def _vote_seeds(results: list[Any], confirmed: np.ndarray | None = None) -> Any:
             by_class[c] = by_class.get(c, 0) + 1
     poisoned = np.array([by_class.get(int(c), 0) >= need for c in first.data.y])
     rule = f">= {need} of {len(results)}"
+    dirty: list[int] = []
     if confirmed is not None:
         flags |= (votes >= 1) & confirmed & poisoned
-        rule += ", or fewer and confirmed by the independent re-check in a poisoned class"
+        dirty = dirty_label_classes(flags, confirmed, first.data.y)
+        flags &= ~(np.isin(first.data.y, dirty) & ~confirmed)
+        rule += (", or fewer and confirmed by the independent re-check in a poisoned class; "
+                 f"in a class whose flags the re-check mostly confirms (>= {DIRTY_SHARE:.0%} "
+                 f"of >= {DIRTY_MIN_FLAGS}: a dirty-label poisoning) only confirmed flags")
     findings = []
     for f in first.combined.findings:
         is_poisoned = by_class.get(f.label, 0) >= need
@@ -268,7 +293,7 @@ def _vote_seeds(results: list[Any], confirmed: np.ndarray | None = None) -> Any:
                            {**c.threshold_rule, "seed_vote": rule},
                            tuple(findings), c.runtime_s,
                            extras={**c.extras, "detector_flags": det_flags,
-                                   "seed_votes": votes})
+                                   "seed_votes": votes, "dirty_label_classes": dirty})
     return replace(first, combined=voted)
 
 
@@ -309,8 +334,12 @@ def _quarantine(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
             "poisoned_classes_per_seed": [r.poisoned_classes for r in results],
             "rule": f"flag kept when at least {(len(results) + 1) // 2} of {len(results)} "
                     "seeds flag it" + (", or when fewer do and the independent re-check "
-                                       "confirms it in a class the seeds call poisoned"
-                                       if confirmed is not None else "")}
+                                       "confirms it in a class the seeds call poisoned; in a "
+                                       "class whose flags the re-check mostly confirms "
+                                       f"(>= {DIRTY_SHARE:.0%} of >= {DIRTY_MIN_FLAGS}, a "
+                                       "dirty-label poisoning) only the flags it confirms"
+                                       if confirmed is not None else ""),
+            "dirty_label_classes": result.combined.extras.get("dirty_label_classes", [])}
     if recheck is not None:
         if confirmed is not None:
             recheck.update(_recheck_tally(result, votes, confirmed, len(results)))
@@ -382,6 +411,7 @@ def _recheck_tally(result: Any, votes: np.ndarray, confirmed: np.ndarray, n_seed
             "n_confirmed": int((flags & confirmed).sum()),
             "confirmed_share": round(float((flags & confirmed).sum() / n), 4) if n else None,
             "n_kept_by_recheck": int((flags & ~majority).sum()),
+            "n_dropped_by_recheck": int(((votes >= need) & ~flags).sum()),
             "majority_confirmed_share": (round(float((majority & confirmed).sum()
                                                      / majority.sum()), 4)
                                          if majority.any() else None),
