@@ -162,8 +162,22 @@ def test_clean_inputs_read_clean_and_python_api(files, tmp_path):
                                 profile="quick")
     assert outcome.overall == "clean" and outcome.exit_code == 0 and outcome.out is None
     assert outcome.layers["model_audit"]["status"] == "skipped"
+    assert "needs a model" in outcome.layers["model_audit"]["reason"]
     assert "card clean" in outcome._repr_html_()
     assert poisonguard.run_audit is poisonguard.full_audit.run_audit
+
+
+def test_model_without_clean_data_gets_the_data_free_search(files, tmp_path):
+    out = tmp_path / "free"
+    rc = main(["audit", "--model", str(files["model"]), "--profile", "quick", "--quiet",
+               "--out", str(out)])
+    report = _report(out)
+    layer = report["layers"]["model_audit"]
+    status = report["verdict"]["layers"]["model_audit"]["status"]
+    assert status in ("clean", "suspicious", "compromised") and "max_margin" in layer
+    assert len(layer["max_margin"]["margins"]) == 10
+    assert any("data-free" in step for step in report["profile"]["ran"])
+    assert rc == (0 if report["verdict"]["overall"] == "clean" else 1)
 
 
 def _bad(argv: list[str], capsys) -> str:

@@ -445,10 +445,45 @@ def _model_audit(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
 
     cfg = _cleanse_config(profile, seed)
     _log(quiet, f"model audit: Neural Cleanse over {inp.model.n_outputs(inp.clean.x)} classes "
-                f"with {len(inp.clean)} clean samples ({cfg.max_steps} steps)")
-    result = audit_model(inp.model, inp.clean, cfg, dormant=profile.dormant)
-    rep = build_audit_report(result, inp.clean, inp.model, command="audit")
+                f"with {len(inp.clean)} clean samples ({cfg.max_steps} steps)"
+                + (", and the max-margin search" if profile.max_margin else ""))
+    margin = None
+    if profile.max_margin:
+        from poisonguard.audit.combined import combined_audit
+        from poisonguard.audit.mmbd import MarginConfig, infer_domain
+
+        domain = infer_domain(inp.model, clean_x=inp.clean.x)
+        result, margin = combined_audit(inp.model, inp.clean, cfg, MarginConfig(seed=seed),
+                                        domain)
+    else:
+        result = audit_model(inp.model, inp.clean, cfg, dormant=profile.dormant)
+    rep = build_audit_report(result, inp.clean, inp.model, command="audit", margin=margin)
     return rep["layers"]["model_audit"], rep["verdict"], result
+
+
+def _data_free_domain(inp: AuditInputs) -> Any:
+    """The input domain for the data-free search: the model's record, else the scanned data's
+    shape and range; None when neither says."""
+    from poisonguard.audit.mmbd import infer_domain
+
+    try:
+        return infer_domain(inp.model, clean_x=None if inp.data is None else inp.data.x)
+    except ConfigError:
+        return None
+
+
+def _data_free_audit(inp: AuditInputs, domain: Any, seed: int, quiet: bool
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The max-margin search alone (no clean data): the layer entry and its verdict."""
+    from poisonguard.audit.combined import data_free_report
+    from poisonguard.audit.mmbd import MarginConfig, check_classifier_output, max_margin_audit
+
+    k = check_classifier_output(inp.model, domain)
+    _log(quiet, f"model audit: no clean data; the max-margin search over {k} classes "
+                f"(input domain from {domain.source})")
+    rep = data_free_report(max_margin_audit(inp.model, domain, MarginConfig(seed=seed), k),
+                           inp.model)
+    return rep["layers"]["model_audit"], rep["verdict"]
 
 
 def _compare(inp: AuditInputs, profile: Profile, seed: int, quiet: bool, cleanse: Any = None
@@ -645,6 +680,7 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
                 audit_verdict, float(layers["model_audit"]["neural_cleanse"]["threshold"]))
             ran.append("model audit (Neural Cleanse"
                        + (", additive search" if prof.additive_search else "")
+                       + (", max-margin search" if prof.max_margin else "")
                        + (", dormant units" if prof.dormant else "") + ")")
         if inp.base_model is not None:
             failed: dict[str, Any] = {}
@@ -659,9 +695,19 @@ def _audit(data: Any, model: Any, clean: Any, manifest: Any, prof: Profile,
             if got is not None:
                 artifacts["comparison"] = got[2]
                 ran.append("model comparison with the base model")
+    elif inp.model is not None and (domain := _data_free_domain(inp)) is not None:
+        got = _run_layer("model_audit", statuses, timings, quiet, _data_free_audit, inp,
+                         domain, seed, quiet)
+        if got is not None:
+            layers["model_audit"], audit_verdict = got
+            layers["model_audit"]["verdict"] = audit_verdict
+            statuses["model_audit"] = model_audit_status(audit_verdict)
+            ran.append("model audit (data-free max-margin search: no clean data given)")
     else:
-        need = "a model (--model)" if inp.model is None else "clean data (--clean)"
-        statuses["model_audit"] = skipped(f"needs {need}")
+        statuses["model_audit"] = skipped(
+            "needs a model (--model)" if inp.model is None else
+            "needs clean data (--clean): the model records no input domain and no data was "
+            "given")
     if inp.meta is not None:
         failed_meta: dict[str, Any] = {}
         got = _run_layer("meta_classifier", failed_meta, timings, quiet, _meta_predict, inp,

@@ -6,8 +6,11 @@ search), no dormant-unit scan, no runtime calibration.
 ``standard``: the defaults of ``scan``, ``audit-model`` and ``filter``.
 ``paranoid``: every detector (SPECTRE too), the sacrificial model trained with three seeds
 and flags kept where at least two agree, an independent re-check of the flags by a model of
-another architecture, both trigger searches with twice the steps, the dormant-unit scan and
-runtime calibration.
+another architecture, both trigger searches with twice the steps, the max-margin search
+beside them, the dormant-unit scan and runtime calibration.
+
+A model given without clean data gets the data-free max-margin search (MM-BD) in every
+profile, on the input domain its ``model.json`` records (or the scanned data's shape and range).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class Profile:
     additive_search: bool
     dormant: bool
     runtime: bool
+    max_margin: bool = False    # with clean data, add the max-margin search to Neural Cleanse
 
     def scan_epochs(self, n_samples: int) -> int:
         return max(self.min_epochs, round(auto_epochs(n_samples) * self.epoch_share))
@@ -60,7 +64,7 @@ PROFILES: dict[str, Profile] = {
                         detectors=DETECTORS + OPTIONAL_DETECTORS, loss_seed=True,
                         final_model=True, seeds=(0, 1, 2), recheck=True, cleanse_steps=320,
                         cleanse_min_steps=60, additive_search=True, dormant=True,
-                        runtime=True),
+                        runtime=True, max_margin=True),
 }
 
 
