@@ -141,7 +141,29 @@ def audit(files: dict[str, Path], data: str, manifest: str, model: str, profile:
     rec["timings"] = report.get("timings", {})
     rec.update(flags_vs_truth(out, files["poisoned"]) if data == "poisoned" else
                {"n_flagged": _count(out / "flagged.csv")})
+    if data == "poisoned":
+        rec.update(recheck_vs_truth(report, files["poisoned"]))
     return rec
+
+
+def recheck_vs_truth(report: dict[str, Any], poisoned: Path) -> dict[str, Any]:
+    """The re-check's confirmation rates over every sample some seed flags (before the vote
+    and the dirty-label rule), when the report lists them."""
+    rc = report["layers"].get("quarantine", {}).get("independent_recheck") or {}
+    if "checked_index" not in rc:
+        return {}
+    with np.load(poisoned) as d:
+        truth = d["is_poison"].astype(bool)
+    checked = np.zeros(len(truth), bool)
+    checked[rc["checked_index"]] = True
+    conf = np.zeros(len(truth), bool)
+    conf[rc["confirmed_index"]] = True
+    out = {}
+    for name, part in (("true", checked & truth), ("false", checked & ~truth)):
+        out[f"recheck_checked_confirms_{name}"] = (float(conf[part].mean()) if part.any()
+                                                   else None)
+    out["recheck_checked"] = int(checked.sum())
+    return out
 
 
 def _count(path: Path) -> int | None:
@@ -209,6 +231,14 @@ def write(results: dict[str, Any], out: Path) -> None:
                           "and <= 20%); of the flags two or more seeds agree on (which do not "
                           f"depend on the re-check): {pct(r.get('recheck_confirms_true_majority'))}"
                           f" and {pct(r.get('recheck_confirms_false_majority'))}."]
+    for r in results["records"]:
+        if r.get("recheck_checked"):
+            def pct2(v: Any) -> str:
+                return "-" if v is None else f"{100 * v:.0f}%"
+            lines += ["", f"Re-check over all {r['recheck_checked']} samples some seed flags "
+                          f"({r['data']}, {r['profile']}, before the vote): confirms "
+                          f"{pct2(r.get('recheck_checked_confirms_true'))} of the poisons and "
+                          f"{pct2(r.get('recheck_checked_confirms_false'))} of the clean ones."]
     ratio = results.get("quick_over_standard")
     if ratio is not None:
         lines += ["", f"`quick` / `standard` wall time on the poisoned digits: {ratio:.2f} "

@@ -53,6 +53,14 @@ def audit_row(data: Any, truth: np.ndarray, profile: str, seed: int) -> dict[str
             "n_checked", "n_flagged", "n_confirmed", "n_kept_by_recheck",
             "n_dropped_by_recheck", "majority_confirmed_share")}
         rec["dirty_label_classes"] = q.get("seed_vote", {}).get("dirty_label_classes")
+        if "checked_index" in recheck:   # over every sample some seed flags, before any rule
+            checked = np.zeros(len(truth), bool)
+            checked[recheck["checked_index"]] = True
+            conf = np.zeros(len(truth), bool)
+            conf[recheck["confirmed_index"]] = True
+            for name, part in (("true", checked & truth), ("false", checked & ~truth)):
+                rec["recheck"][f"confirms_{name}"] = (round(float(conf[part].mean()), 4)
+                                                      if part.any() else None)
     return rec
 
 
@@ -62,19 +70,23 @@ def write(records: list[dict[str, Any]], path: Path) -> None:
              "`python benchmarks/paranoid_rows.py` (data alone, no model: the quarantine "
              "layer). Recall and clean samples flagged against the ground truth.", "",
              "| dataset | scenario | seed | code | profile | classes | recall | clean flagged "
-             "| false flags | re-check dropped / kept | wall s | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| false flags | re-check dropped / kept | re-check confirms true / false | wall s "
+             "| load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for p in r["profiles"]:
             rc = p.get("recheck") or {}
             moved = (f"{rc.get('n_dropped_by_recheck')} / {rc.get('n_kept_by_recheck')}"
                      if rc else "-")
+            rates = (f"{rc['confirms_true']} / {rc['confirms_false']}"
+                     if "confirms_true" in rc else "-")
             lines.append(f"| {r['dataset']} | {r['scenario']} | {r['seed']} | {r['code']} | "
                          f"{p['profile']} | {p['classes']} | {p['recall']} | "
-                         f"{100 * p['fp_rate']:.3f}% | {p['n_false']} | {moved} | "
+                         f"{100 * p['fp_rate']:.3f}% | {p['n_false']} | {moved} | {rates} | "
                          f"{p['wall_s']} | {r['load_avg']} |")
     lines += ["", "Paranoid meets the figure on a row when its clean flagged share is at most "
-              "standard's and its recall is no lower."]
+              "standard's and its recall is no lower. The re-check's confirmation rates are "
+              "over every sample some seed flags (before the vote), where recorded."]
     atomic_write_text(path.with_suffix(".md"), "\n".join(lines) + "\n")
 
 

@@ -143,3 +143,17 @@ def test_refused_connection_is_unreachable() -> None:
     with Fetcher(FetchOptions(workers=1, retries=0, timeout=2)) as f:
         r = f.fetch(f"http://127.0.0.1:{port}/x")
     assert r.status == "unreachable"
+
+
+def test_each_thread_keeps_a_bounded_number_of_hosts(base: str, monkeypatch) -> None:
+    from poisonguard.provenance import fetch
+
+    port = base.rsplit(":", 1)[1]
+    hosts = [f"http://127.0.0.1:{port}", f"http://localhost:{port}"]
+    urls = [f"{hosts[i % 2]}/img/{i}" for i in range(6)]
+    for kept, opened in ((1, 6), (2, 2)):
+        monkeypatch.setattr(fetch, "KEPT_PER_THREAD", kept)
+        with Fetcher(FetchOptions(workers=1, retries=0)) as f:
+            results = [f.fetch(u) for u in urls]
+            assert f.connections_opened == opened and len(f._opened) <= kept
+        assert all(r.ok for r in results)

@@ -343,6 +343,9 @@ def _quarantine(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
     if recheck is not None:
         if confirmed is not None:
             recheck.update(_recheck_tally(result, votes, confirmed, len(results)))
+            # every sample the re-check looked at, and those it confirmed (row indices)
+            recheck["checked_index"] = np.flatnonzero(votes > 0).tolist()
+            recheck["confirmed_index"] = np.flatnonzero(confirmed).tolist()
         q["independent_recheck"] = recheck
     return report, result, {"sanitized": sanitized, "removed": removed}
 

@@ -15,8 +15,10 @@ missing), never clean.
 
 Connections are kept alive: each fetch thread holds one HTTP/1.1 connection per host and
 reuses it for that host's next URL (a stale one, closed by the server while idle, is replaced
-once without counting as an attempt). URLs that go through a proxy from the environment, and
-redirects, are fetched with :mod:`urllib` (a new connection each).
+once without counting as an attempt); it keeps the connections of the ``KEPT_PER_THREAD`` hosts
+it used last, so a crawl over millions of hosts holds a bounded number of sockets. URLs that
+go through a proxy from the environment, and redirects, are fetched with :mod:`urllib` (a new
+connection each).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +46,7 @@ from poisonguard.provenance.util import ordered_map
 RETRY_STATUSES = {"timeout", "unreachable"}
 RETRY_HTTP = {408, 425, 429, 500, 502, 503, 504}
 READ_CHUNK = 1 << 16
+KEPT_PER_THREAD = 4      # open connections a fetch thread keeps (the hosts it used last)
 REDIRECTS = {301, 302, 303, 307, 308}
 DRAIN_BYTES = 1 << 16   # an error or redirect body up to this is read so the connection stays
 
@@ -123,7 +127,8 @@ class Fetcher:
         self._headers = {"User-Agent": f"poisonguard/{__version__} (provenance check)",
                          "Accept-Encoding": "identity"}
         self._local = threading.local()
-        self._opened: list[http.client.HTTPConnection] = []
+        self._opened: set[http.client.HTTPConnection] = set()
+        self._proxied_hosts: dict[tuple[str, str], bool] = {}
         self._lock = threading.Lock()
         self._ssl: ssl.SSLContext | None = None
         self.connections_opened = 0   # new TCP connections made by the kept-alive path
@@ -181,19 +186,27 @@ class Fetcher:
         return self._attempt_urllib(url, self._direct if loopback else self._env)
 
     def _proxied(self, parts: urllib.parse.SplitResult) -> bool:
-        """Whether the environment sends this URL through a proxy."""
+        """Whether the environment sends this URL through a proxy (cached per host)."""
         if parts.scheme not in self._proxies:
             return False
-        return not urllib.request.proxy_bypass(parts.netloc)
+        key = (parts.scheme, parts.netloc)
+        hit = self._proxied_hosts.get(key)
+        if hit is None:
+            hit = self._proxied_hosts[key] = not urllib.request.proxy_bypass(parts.netloc)
+        return hit
 
     def _connection(self, key: Key) -> tuple[http.client.HTTPConnection, bool]:
         """This thread's connection to ``key`` and whether it is already open (reused)."""
-        conns: dict[Key, http.client.HTTPConnection] | None = getattr(self._local, "conns",
-                                                                      None)
+        conns: OrderedDict[Key, http.client.HTTPConnection] | None = getattr(
+            self._local, "conns", None)
         if conns is None:
-            conns = self._local.conns = {}
+            conns = self._local.conns = OrderedDict()
         conn = conns.get(key)
-        if conn is None:
+        if conn is not None:
+            conns.move_to_end(key)
+        else:
+            while len(conns) >= KEPT_PER_THREAD:   # the host used least recently
+                self._drop(next(iter(conns)))
             scheme, host, port = key
             if scheme == "https":
                 if self._ssl is None:
@@ -204,7 +217,7 @@ class Fetcher:
                 conn = http.client.HTTPConnection(host, port, timeout=self.options.timeout)
             conns[key] = conn
             with self._lock:
-                self._opened.append(conn)
+                self._opened.add(conn)
         return conn, conn.sock is not None
 
     def _drop(self, key: Key) -> None:
@@ -212,7 +225,7 @@ class Fetcher:
         if conn is not None:
             conn.close()
             with self._lock:
-                self._opened.remove(conn)
+                self._opened.discard(conn)
 
     def _attempt_kept(self, url: str, parts: urllib.parse.SplitResult,
                       port: int | None) -> FetchResult:
