@@ -256,7 +256,7 @@ def _md(res: dict[str, Any]) -> str:
         f"{res['code_commit']}) on {res['cpus']} CPU cores shared with other jobs (load "
         f"average {res['load_start']} at start, {res['load_end']} at the end), "
         f"{res['platform']}, poisonguard {res['version']}. Raw numbers in "
-        "provenance_crawl.json.",
+        f"{res.get('results_name', 'provenance_crawl')}.json.",
         "",
         f"Server: {res['server_procs']} processes on one loopback socket (asyncio, "
         "HTTP/1.1 keep-alive, 64-byte bodies), on the same 2 cores as the client. Client "
@@ -333,6 +333,7 @@ def main() -> None:
         "keep_alive": not args.no_keep_alive, "sizes": []}
     server = LoopbackServer(args.server_procs)
     name = f"provenance_crawl{args.tag}"
+    res["results_name"] = name
     try:
         with tempfile.TemporaryDirectory(dir=args.work) as tmp:
             def save() -> None:
