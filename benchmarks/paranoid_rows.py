@@ -33,12 +33,45 @@ from poisonguard.io import atomic_write_json, atomic_write_text
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def audit_row(data: Any, truth: np.ndarray, profile: str, seed: int) -> dict[str, Any]:
+_CAPTURED: dict[str, Any] = {}
+
+
+def _capture_votes() -> None:
+    """Wrap the audit's seed vote so that each seed's flags and classes, and the re-check's
+    confirmations, land in ``_CAPTURED`` for ``--dump`` (a diagnostic: the audit itself is
+    unchanged)."""
+    import poisonguard.full_audit as fa
+
+    if getattr(fa._vote_seeds, "captures", False):
+        return
+    inner = fa._vote_seeds
+
+    def wrapped(results: list[Any], confirmed: np.ndarray | None = None) -> Any:
+        _CAPTURED["seed_flags"] = np.stack([r.flags for r in results])
+        _CAPTURED["seed_classes"] = np.array(json.dumps(
+            [sorted(set(map(int, r.poisoned_classes))) for r in results]))
+        if confirmed is not None:
+            _CAPTURED["confirmed"] = confirmed.copy()
+        return inner(results, confirmed)
+
+    wrapped.captures = True  # type: ignore[attr-defined]
+    fa._vote_seeds = wrapped
+
+
+def audit_row(data: Any, truth: np.ndarray, profile: str, seed: int,
+              dump: dict[str, Any] | None = None) -> dict[str, Any]:
+    _CAPTURED.clear()
+    if dump is not None:
+        _capture_votes()
     t0 = time.perf_counter()
     outcome = poisonguard.audit(data=data, profile=profile, seed=seed)
     wall = time.perf_counter() - t0
     flags = np.zeros(len(truth), bool)
     flags[np.asarray(outcome.report["samples"]["flagged"], dtype=bool)] = True
+    if dump is not None:
+        dump[f"{profile}_flags"] = flags
+        for k, v in _CAPTURED.items():
+            dump[f"{profile}_{k}"] = v
     q = outcome.report["layers"]["quarantine"]
     rec: dict[str, Any] = {
         "profile": profile, "wall_s": round(wall, 1), "n_flagged": int(flags.sum()),
@@ -98,6 +131,8 @@ def main() -> None:
     ap.add_argument("--profiles", nargs="+", default=["standard", "paranoid"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(RESULTS / "paranoid_rows.json"))
+    ap.add_argument("--dump", help="folder for each row's per-sample flags, seed flags and "
+                    "re-check confirmations (.npz; a diagnostic, not committed)")
     args = ap.parse_args()
     import torch
 
@@ -114,11 +149,18 @@ def main() -> None:
             rec = {"dataset": args.dataset, "scenario": scenario, "seed": seed, "code": code,
                    "threads": args.threads, "n_train": len(poisoned.data),
                    "n_poison": int(poisoned.is_poison.sum()), "profiles": []}
+            dump: dict[str, Any] | None = None if args.dump is None else {
+                "truth": poisoned.is_poison.astype(bool), "y": poisoned.data.y}
             for profile in args.profiles:
-                row = audit_row(poisoned.data, poisoned.is_poison.astype(bool), profile, seed)
+                row = audit_row(poisoned.data, poisoned.is_poison.astype(bool), profile, seed,
+                                dump)
                 print(json.dumps({"scenario": scenario, "seed": seed, **row}), flush=True)
                 rec["profiles"].append(row)
             rec["load_avg"] = round(os.getloadavg()[0], 1)
+            if dump is not None:
+                Path(args.dump).mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(Path(args.dump) / f"{args.dataset}_{scenario}_s{seed}.npz",
+                                    **dump)
             records = [r for r in records if (r["dataset"], r["scenario"], r["seed"])
                        != (args.dataset, scenario, seed)] + [rec]
             write(records, out)
