@@ -83,8 +83,8 @@ def audit_row(data: Any, truth: np.ndarray, profile: str, seed: int,
     recheck = q.get("independent_recheck")
     if recheck:
         rec["recheck"] = {k: recheck.get(k) for k in (
-            "n_checked", "n_flagged", "n_confirmed", "n_kept_by_recheck",
-            "n_dropped_by_recheck", "majority_confirmed_share")}
+            "n_checked", "n_flagged", "n_confirmed", "n_left_out_by_vote",
+            "left_out_confirmed_share", "rounds")}
         rec["dirty_label_classes"] = q.get("seed_vote", {}).get("dirty_label_classes")
         if "checked_index" in recheck:   # over every sample some seed flags, before any rule
             checked = np.zeros(len(truth), bool)
@@ -103,14 +103,13 @@ def write(records: list[dict[str, Any]], path: Path) -> None:
              "`python benchmarks/paranoid_rows.py` (data alone, no model: the quarantine "
              "layer). Recall and clean samples flagged against the ground truth.", "",
              "| dataset | scenario | seed | code | profile | classes | recall | clean flagged "
-             "| false flags | re-check dropped / kept | re-check confirms true / false | wall s "
+             "| false flags | flags left out by the vote | re-check confirms true / false | wall s "
              "| load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         for p in r["profiles"]:
             rc = p.get("recheck") or {}
-            moved = (f"{rc.get('n_dropped_by_recheck')} / {rc.get('n_kept_by_recheck')}"
-                     if rc else "-")
+            moved = rc.get("n_left_out_by_vote", "-")
             rates = (f"{rc['confirms_true']} / {rc['confirms_false']}"
                      if "confirms_true" in rc else "-")
             lines.append(f"| {r['dataset']} | {r['scenario']} | {r['seed']} | {r['code']} | "

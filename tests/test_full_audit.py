@@ -229,9 +229,8 @@ def test_paranoid_votes_seeds_and_rechecks(files):
     flagged = sum(outcome.report["samples"]["flagged"])
     recheck = q["independent_recheck"]
     assert "error" not in recheck, recheck
-    # each flag had >= 2 votes; the re-check only drops
-    assert recheck.get("n_kept_by_recheck", 0) == 0
-    assert 2 * flagged <= sum(vote["n_flagged_per_seed"])
+    # each flag had every seed's vote; the re-check is evidence beside it
+    assert 3 * flagged <= sum(vote["n_flagged_per_seed"])
     assert all(r["n_confirmed"] <= prev["n_confirmed"]
                for prev, r in zip(recheck.get("rounds", []), recheck.get("rounds", [])[1:]))
     assert recheck.get("n_flagged", 0) == flagged and recheck["n_checked"] >= flagged
@@ -239,9 +238,8 @@ def test_paranoid_votes_seeds_and_rechecks(files):
         assert 0 <= recheck["n_confirmed"] <= flagged and recheck["per_class"]
     assert any("re-check" in step for step in outcome.report["profile"]["ran"])
     removed = outcome.artifacts["removed"]
-    assert all(r["seed_votes"] >= 2 for r in removed)
-    dirty = set(vote["dirty_label_classes"])
-    assert all(r["recheck_confirmed"] == 1 for r in removed if int(r["label"]) in dirty)
+    assert all(r["seed_votes"] == 3 and r["recheck_confirmed"] in (0, 1) for r in removed)
+    assert set(vote["dirty_label_classes"]) <= {int(r["label"]) for r in removed}
 
 
 def test_dirty_label_classes_need_most_flags_confirmed():

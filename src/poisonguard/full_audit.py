@@ -239,9 +239,9 @@ RECHECK_ROUNDS = 3     # fits of the re-check model, the unconfirmed flags rejoi
 def dirty_label_classes(flags: np.ndarray, confirmed: np.ndarray, y: np.ndarray
                         ) -> list[int]:
     """Classes whose flags the independent re-check mostly confirms (at least
-    ``DIRTY_SHARE`` of at least ``DIRTY_MIN_FLAGS``): their poisons carry labels the re-check
-    model disputes, so there a flag it does not dispute is taken for a false positive. A
-    clean-label poisoning (few confirmations) is left as the seeds voted it."""
+    ``DIRTY_SHARE`` of at least ``DIRTY_MIN_FLAGS``): their flagged samples carry labels the
+    re-check model disputes, as a dirty-label poisoning's do. A flagged class not named reads
+    as a clean-label poisoning (its poisons keep their true labels) or as false flags."""
     out = []
     for c in np.unique(y[flags]):
         m = flags & (y == c)
@@ -251,32 +251,30 @@ def dirty_label_classes(flags: np.ndarray, confirmed: np.ndarray, y: np.ndarray
 
 
 def _vote_seeds(results: list[Any], confirmed: np.ndarray | None = None) -> Any:
-    """Keep the flags at least half of the seeds' scans agree on; a class is poisoned when at
-    least half call it so. With ``confirmed`` (the independent re-check's verdict on every
-    sample some seed flags), in a class whose flags it mostly confirms
-    (:func:`dirty_label_classes`) a flag it does not confirm is dropped. A flag fewer seeds
-    agree on is never kept: on MNIST 60k the re-check confirmed 15-30% of those (every one a
-    clean sample), so rescuing them added false positives and no poison. Returns the first
-    result with the voted cross-reference."""
+    """Keep the flags every seed's scan makes; a class is poisoned when at least half the
+    seeds call it so. ``confirmed`` (the independent re-check's verdict on every sample some
+    seed flags) is evidence beside the vote, not part of it: the classes whose flags it mostly
+    confirms are named (:func:`dirty_label_classes`). Measured on three MNIST 60k rows (BadNets
+    1% and 10%, blended 10%), every poison was flagged by all three seeds, while a majority
+    vote kept 40-431 clean samples, and the re-check confirmed 15-35% of the clean samples some
+    seed flags (atypical digits the scans and any independent model find odd), too many to
+    keep or drop flags by. Returns the first result with the voted cross-reference."""
     from dataclasses import replace
 
     from poisonguard.types import ClassFinding, DetectorResult
 
     need = (len(results) + 1) // 2
     votes = np.sum([r.flags for r in results], axis=0)
-    flags = votes >= need
+    flags = votes >= len(results)
     first = results[0]
     by_class: dict[int, int] = {}
     for r in results:
         for c in r.poisoned_classes:
             by_class[c] = by_class.get(c, 0) + 1
-    rule = f">= {need} of {len(results)}"
+    rule = f"flagged by all {len(results)} seeds; a class poisoned by >= {need}"
     dirty: list[int] = []
     if confirmed is not None:
         dirty = dirty_label_classes(flags, confirmed, first.data.y)
-        flags &= ~(np.isin(first.data.y, dirty) & ~confirmed)
-        rule += (f"; in a class whose flags the re-check mostly confirms (>= {DIRTY_SHARE:.0%} "
-                 f"of >= {DIRTY_MIN_FLAGS}: a dirty-label poisoning) only confirmed flags")
     findings = []
     for f in first.combined.findings:
         is_poisoned = by_class.get(f.label, 0) >= need
@@ -331,15 +329,12 @@ def _quarantine(inp: AuditInputs, profile: Profile, seed: int, quiet: bool
             "seeds": [seed + s for s in profile.seeds],
             "n_flagged_per_seed": [int(r.flags.sum()) for r in results],
             "poisoned_classes_per_seed": [r.poisoned_classes for r in results],
-            "rule": f"flag kept when at least {(len(results) + 1) // 2} of {len(results)} "
-                    "seeds flag it" + ("; in a class whose flags the independent re-check "
-                                       f"mostly confirms (>= {DIRTY_SHARE:.0%} of >= "
-                                       f"{DIRTY_MIN_FLAGS}, a dirty-label poisoning) only the "
-                                       "flags it confirms" if confirmed is not None else ""),
+            "rule": f"flag kept when all {len(results)} seeds flag it; a class is poisoned "
+                    f"when at least {(len(results) + 1) // 2} call it so",
             "dirty_label_classes": result.combined.extras.get("dirty_label_classes", [])}
     if recheck is not None:
         if confirmed is not None:
-            recheck.update(_recheck_tally(result, votes, confirmed, len(results)))
+            recheck.update(_recheck_tally(result, votes, confirmed))
             # every sample the re-check looked at, and those it confirmed (row indices)
             recheck["checked_index"] = np.flatnonzero(votes > 0).tolist()
             recheck["confirmed_index"] = np.flatnonzero(confirmed).tolist()
@@ -372,7 +367,7 @@ def _recheck(data: Any, flags: np.ndarray, scan_config: Any, seed: int, quiet: b
     the confirmations stop changing). A poison it confirmed never rejoins. Returns the report
     entry and the per-sample confirmations (None: nothing to check)."""
     from poisonguard.models.adapter import InputSpec
-    from poisonguard.models.architectures import build_model, fit_normalization
+    from poisonguard.models.architectures import build_model
     from poisonguard.models.training import TrainConfig, train_classifier
 
     if not flags.any() or flags.all():
@@ -390,7 +385,7 @@ def _recheck(data: Any, flags: np.ndarray, scan_config: Any, seed: int, quiet: b
         n_in = int(np.prod(spec.sample_shape(kept.x)))
         mlp = build_model("mlp", in_features=n_in, n_classes=data.n_classes)
         flat = InputSpec(layout="flat", scale=spec.scale)
-        fit_normalization(mlp, flat.prepare(kept.x[:5000]))
+        _fit_recheck_normalization(mlp, flat.prepare(kept.x[:5000]), spec.layout)
         train = train_classifier(kept, cfg, model=mlp, input_spec=flat, arch="mlp",
                                  n_classes=data.n_classes)
         now = np.zeros(len(data), bool)
@@ -409,27 +404,41 @@ def _recheck(data: Any, flags: np.ndarray, scan_config: Any, seed: int, quiet: b
                     "another class than the label at every fit"}, confirmed
 
 
-def _recheck_tally(result: Any, votes: np.ndarray, confirmed: np.ndarray, n_seeds: int
-                   ) -> dict[str, Any]:
-    """Confirmations of the final flags, per class, and of the flags the seeds' majority
-    kept on its own (the share that does not depend on the re-check)."""
+def _fit_recheck_normalization(mlp: Any, x: Any, layout: str) -> None:
+    """Per-feature standardisation for vectors; one mean and scale over every pixel for
+    images. Per-pixel scales of pixels that never vary in clean data (MNIST's border) are
+    near zero, so a patch there reached the MLP a million times amplified and it answered
+    noise, which read as a confirmation."""
+    import torch
+
+    from poisonguard.models.architectures import fit_normalization
+
+    if layout == "flat":
+        fit_normalization(mlp, x)
+        return
+    with torch.no_grad():
+        mlp.normalize.mean.fill_(float(x.mean()))
+        mlp.normalize.std.fill_(max(float(x.std()), 1e-6))
+
+
+def _recheck_tally(result: Any, votes: np.ndarray, confirmed: np.ndarray) -> dict[str, Any]:
+    """Confirmations of the final flags, per class, and of the flags some seed made that the
+    vote left out."""
     flags, y = result.flags, result.data.y
-    need = (n_seeds + 1) // 2
     per_class = {}
     for c in np.unique(y[flags]):
         m = flags & (y == c)
         per_class[str(int(c))] = {"n_flagged": int(m.sum()),
                                   "n_confirmed": int((m & confirmed).sum())}
-    majority = flags & (votes >= need)
+    left_out = (votes > 0) & ~flags
     n = int(flags.sum())
     return {"n_checked": int((votes > 0).sum()), "n_flagged": n,
             "n_confirmed": int((flags & confirmed).sum()),
             "confirmed_share": round(float((flags & confirmed).sum() / n), 4) if n else None,
-            "n_kept_by_recheck": int((flags & ~majority).sum()),
-            "n_dropped_by_recheck": int(((votes >= need) & ~flags).sum()),
-            "majority_confirmed_share": (round(float((majority & confirmed).sum()
-                                                     / majority.sum()), 4)
-                                         if majority.any() else None),
+            "n_left_out_by_vote": int(left_out.sum()),
+            "left_out_confirmed_share": (round(float((left_out & confirmed).sum()
+                                                     / left_out.sum()), 4)
+                                         if left_out.any() else None),
             "per_class": per_class}
 
 
